@@ -1,0 +1,5 @@
+import sys
+
+from safeedit.cli import main
+
+sys.exit(main())

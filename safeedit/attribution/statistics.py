@@ -1,0 +1,143 @@
+"""Streaming per-parameter statistics: what score functions are computed from.
+
+Each statistic reads one data role ("forget", "retain", "calibration", "data"), keeps fp32 states whatever the
+model's dtype, adds into them batch after batch, and declares its reduction across processes: all of them are
+sums, so a distributed pass is the same code followed by one all-reduce. Memory is one state set per statistic,
+nothing proportional to the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from safeedit.errors import SafeEditError
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class BatchContext:
+    """What a forward hook may need to know about the current batch (the padding mask, for token inputs)."""
+
+    token_mask: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """A streaming statistic over one data role; subclasses say how states start and how a batch adds in."""
+
+    role: str
+    needs_backward: ClassVar[bool] = True
+    kind: ClassVar[str] = ""
+
+    def init_states(self, model: nn.Module, params: Mapping[str, nn.Parameter], device: torch.device | None) -> Tensors:
+        return {
+            name: torch.zeros(p.shape, dtype=torch.float32, device=device or p.device) for name, p in params.items()
+        }
+
+    def after_backward(self, states: Tensors, params: Mapping[str, nn.Parameter]) -> None:
+        """Add this batch's contribution, read from `param.grad`."""
+
+    def attach(self, model: nn.Module, states: Tensors, context: BatchContext) -> list:
+        """Register forward hooks (for statistics of activations); return their handles."""
+        return []
+
+
+def _batch_gradients(states: Tensors, params: Mapping[str, nn.Parameter]) -> tuple[list, list]:
+    """Pairs (state, fp32 gradient on the state's device) for parameters that received a gradient."""
+    state_list, grad_list = [], []
+    for name, state in states.items():
+        grad = params[name].grad
+        if grad is not None:  # a parameter the loss does not reach contributes zero
+            state_list.append(state)
+            grad_list.append(grad.to(device=state.device, dtype=torch.float32))
+    return state_list, grad_list
+
+
+@dataclass(frozen=True)
+class GradientSum(Statistic):
+    """g = Σ_batches ∇θ ℓ(batch)."""
+
+    kind: ClassVar[str] = "gradient"
+
+    def after_backward(self, states: Tensors, params: Mapping[str, nn.Parameter]) -> None:
+        state_list, grad_list = _batch_gradients(states, params)
+        if state_list:
+            torch._foreach_add_(state_list, grad_list)
+
+
+@dataclass(frozen=True)
+class SquaredGradientSum(Statistic):
+    """F = Σ_batches (∇θ ℓ(batch))², the empirical diagonal Fisher."""
+
+    kind: ClassVar[str] = "squared_gradient"
+
+    def after_backward(self, states: Tensors, params: Mapping[str, nn.Parameter]) -> None:
+        state_list, grad_list = _batch_gradients(states, params)
+        if state_list:
+            torch._foreach_addcmul_(state_list, grad_list, grad_list)
+
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def linear_weight_owners(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """Map each selected parameter that is the weight of a linear layer (nn.Linear or GPT-2's Conv1D) to it."""
+    modules = dict(model.named_modules())
+    owners = {}
+    for name in names:
+        module_name, _, leaf = name.rpartition(".")
+        module = modules.get(module_name)
+        if leaf == "weight" and isinstance(module, LINEAR_TYPES):
+            owners[name] = module
+    return owners
+
+
+@dataclass(frozen=True)
+class InputSquareSum(Statistic):
+    """Σ over tokens of X_j² for every input feature j of each selected linear layer (padding excluded)."""
+
+    needs_backward: ClassVar[bool] = False
+    kind: ClassVar[str] = "input_square"
+
+    def init_states(self, model: nn.Module, params: Mapping[str, nn.Parameter], device: torch.device | None) -> Tensors:
+        owners = linear_weight_owners(model, list(params))
+        check_linear_owners(owners)
+        # Shaped to broadcast against the weight: [1, in] for nn.Linear ([out, in]), [in, 1] for Conv1D.
+        return {
+            name: torch.zeros(
+                (1, module.in_features) if isinstance(module, nn.Linear) else (module.weight.shape[0], 1),
+                dtype=torch.float32,
+                device=device or params[name].device,
+            )
+            for name, module in owners.items()
+        }
+
+    def attach(self, model: nn.Module, states: Tensors, context: BatchContext) -> list:
+        def make_hook(state: torch.Tensor):
+            def hook(module: nn.Module, inputs: tuple) -> None:
+                x = inputs[0].detach()
+                mask = context.token_mask
+                if mask is not None and x.shape[:-1] == mask.shape:
+                    x = x * mask.unsqueeze(-1).to(x.dtype)
+                x = x.reshape(-1, x.shape[-1]).to(device=state.device, dtype=torch.float32)
+                state.add_(x.square().sum(dim=0).view_as(state))
+
+            return hook
+
+        owners = linear_weight_owners(model, list(states))
+        return [owners[name].register_forward_pre_hook(make_hook(state)) for name, state in states.items()]
+
+
+def check_linear_owners(owners: Mapping[str, nn.Module]) -> None:
+    if not owners:
+        raise SafeEditError(
+            "activation scores need the weights of linear layers, and the parameter patterns select none; "
+            r"select some, e.g. --include '\.weight$' or a pattern matching attention/MLP projections"
+        )

@@ -1,0 +1,137 @@
+"""The driver: stream each data role through the model once and turn the accumulated statistics into scores."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from safeedit.attribution.distributed import all_reduce_sum, rank_and_world, shard_batches
+from safeedit.attribution.params import select_parameters
+from safeedit.attribution.registry import get_score
+from safeedit.attribution.statistics import BatchContext, Tensors
+from safeedit.batches import default_forward, default_loss, to_device
+from safeedit.errors import SafeEditError
+
+LossFunction = Callable[[nn.Module, Any], torch.Tensor]
+
+
+@contextlib.contextmanager
+def attribution_mode(model: nn.Module, params: Mapping[str, nn.Parameter]) -> Iterator[None]:
+    """Eval mode, gradients only for `params`, and the model's own state (modes, requires_grad, .grad) restored."""
+    training = {module: module.training for module in model.modules()}
+    all_params = dict(model.named_parameters())
+    requires = {name: p.requires_grad for name, p in all_params.items()}
+    grads = {name: p.grad for name, p in all_params.items()}
+    try:
+        model.eval()
+        for name, p in all_params.items():
+            p.requires_grad_(name in params)
+            p.grad = None
+        yield
+    finally:
+        for module, was_training in training.items():
+            module.train(was_training)
+        for name, p in all_params.items():
+            p.requires_grad_(requires[name])
+            p.grad = grads[name]
+
+
+def _progress(batches: Iterable, description: str, show: bool) -> Iterable:
+    total = len(batches) if hasattr(batches, "__len__") else None
+    return tqdm(batches, desc=description, total=total, unit="batch", disable=not show, leave=False)
+
+
+def compute_scores(
+    model: nn.Module,
+    score: str,
+    data: Mapping[str, Iterable] | None = None,
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    options: Mapping[str, Any] | None = None,
+    loss_fn: LossFunction = default_loss,
+    forward_fn: Callable[[nn.Module, Any], Any] = default_forward,
+    state_device: str | torch.device | None = None,
+    shard: bool = True,
+    progress: bool = True,
+) -> Tensors:
+    """Per-parameter fp32 scores of `score` for the parameters selected by `include`/`exclude` patterns.
+
+    `data` maps each role the score needs ("forget", "retain", "calibration" or "data") to an iterable of
+    batches: dicts of tensors for Hugging Face models (``labels`` included), or ``(inputs, targets)`` pairs.
+    Each role is streamed once; the model is put in eval mode and left exactly as it was found.
+    Under `torch.distributed`, each process takes every world-th batch of the same loader (set `shard=False`
+    if the loaders are already split per process) and the statistics are summed across processes once at the end.
+    `state_device="cpu"` keeps the accumulators off the accelerator for models too large for two copies.
+    """
+    spec = get_score(score)
+    score_options = spec.validate_options(options)
+    data = dict(data or {})
+    missing = [role for role in spec.roles if role not in data]
+    if missing:
+        raise SafeEditError(f"score '{score}' needs data for role(s) {missing}; it reads {list(spec.roles)}")
+    unused = [role for role in data if role not in spec.roles]
+    if unused:
+        raise SafeEditError(
+            f"score '{score}' does not read data role(s) {unused}; it reads {list(spec.roles) or 'none'}"
+        )
+
+    params = select_parameters(model, include, exclude)
+    for name, p in params.items():
+        if not torch.isfinite(p).all():
+            raise SafeEditError(f"parameter {name!r} holds NaN or infinite values; the model is corrupt, reload it")
+    device = next(iter(params.values())).device
+    rank, world = rank_and_world()
+
+    states: dict[str, Tensors] = {}
+    with attribution_mode(model, params):
+        for arg, stat in spec.statistics.items():
+            states[arg] = stat.init_states(model, params, torch.device(state_device) if state_device else None)
+        for role in spec.roles:
+            role_stats = {arg: (stat, states[arg]) for arg, stat in spec.statistics.items() if stat.role == role}
+            batches = shard_batches(data[role], rank, world) if shard else data[role]
+            batches = _progress(batches, f"{score}: {role}", progress and rank == 0)
+            seen = torch.tensor([_stream(model, batches, role, role_stats, params, loss_fn, forward_fn, device)])
+            all_reduce_sum([seen])
+            if seen.item() == 0:
+                raise SafeEditError(f"the {role} data is empty; give at least one example")
+    for role_states in states.values():
+        all_reduce_sum(role_states.values())
+    weights = {name: p.detach() for name, p in params.items()}
+    return spec.function(weights, **states, **score_options)
+
+
+def _stream(model, batches, role, role_stats, params, loss_fn, forward_fn, device) -> int:
+    """Add every batch into the role's statistics; return the number of batches this process saw."""
+    context = BatchContext()
+    hooks = [h for stat, state in role_stats.values() for h in stat.attach(model, state, context)]
+    needs_backward = any(stat.needs_backward for stat, _ in role_stats.values())
+    seen = 0
+    try:
+        for index, batch in enumerate(batches):
+            batch = to_device(batch, device)
+            context.token_mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            if needs_backward:
+                loss = loss_fn(model, batch)
+                if not torch.isfinite(loss):
+                    raise SafeEditError(
+                        f"the {role} loss is {loss.item()} at batch {index}; check the weights and inputs for NaN"
+                    )
+                loss.backward()
+                for stat, state in role_stats.values():
+                    stat.after_backward(state, params)
+                for p in params.values():
+                    p.grad = None
+            else:
+                with torch.no_grad():
+                    forward_fn(model, batch)
+            seen += 1
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return seen

@@ -1,0 +1,81 @@
+"""How a batch meets a model: device moves, and the default loss for Hugging Face and plain PyTorch models.
+
+Two batch shapes are understood everywhere in safeedit:
+- a dict of tensors, as `datasets` and Hugging Face collators make them (``labels`` or ``label`` included);
+  keys the model's forward does not accept (``id``, raw text) are dropped, as the HF Trainer does;
+- an ``(inputs, targets)`` pair for plain classifiers, scored with cross-entropy.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from safeedit.errors import SafeEditError
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(to_device(value, device) for value in batch)
+    return batch
+
+
+@lru_cache(maxsize=64)
+def _accepted_keys(forward) -> frozenset[str] | None:
+    parameters = inspect.signature(forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return frozenset(p.name for p in parameters)
+
+
+def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of `model.forward` found in `batch` (``label`` renamed ``labels``)."""
+    inputs = dict(batch)
+    if "label" in inputs and "labels" not in inputs:
+        inputs["labels"] = inputs.pop("label")
+    accepted = _accepted_keys(model.forward)
+    if accepted is not None:
+        inputs = {key: value for key, value in inputs.items() if key in accepted}
+    return inputs
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        inputs = model_inputs(model, batch)
+        inputs.pop("labels", None)
+        return model(**inputs)
+    inputs, _targets = batch
+    return model(inputs)
+
+
+def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Mean loss of a batch: the model's own loss for dict batches, cross-entropy for (inputs, targets) pairs."""
+    if isinstance(batch, Mapping):
+        output = model(**model_inputs(model, batch))
+        loss = getattr(output, "loss", None)
+        if loss is None and isinstance(output, Mapping):
+            loss = output.get("loss")
+        if loss is None:
+            raise SafeEditError(
+                f"{type(model).__name__} returned no loss for a batch with keys {sorted(batch)}; "
+                "include 'labels' in the data or pass a loss_fn"
+            )
+        return loss
+    if not isinstance(batch, list | tuple) or len(batch) != 2:
+        raise SafeEditError("a batch must be a dict of tensors or an (inputs, targets) pair; pass a loss_fn otherwise")
+    inputs, targets = batch
+    return F.cross_entropy(logits_of(model(inputs)), targets)

@@ -1,0 +1,285 @@
+"""`safeedit` command line: compute attribution scores and masks from files, inspect and compare masks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import torch
+import yaml
+
+from safeedit.attribution import SCORES, compute_scores, get_score
+from safeedit.errors import SafeEditError
+from safeedit.io import load_safetensors, save_safetensors, sha256_file
+from safeedit.masks import SCOPES, Mask
+
+ROLE_HELP = {
+    "forget": "data to forget (saliency, wagle)",
+    "retain": "data to keep, paired with the forget data (wagle)",
+    "calibration": "calibration data whose activations are measured (wanda)",
+    "data": "data for the Fisher information (fisher)",
+}
+DATA_SPEC_HELP = (
+    "Data specs: SOURCE[:SPLIT][[COLUMN=VALUE,COLUMN!=VALUE]] where SOURCE is an embedded set (digits), a "
+    ".jsonl/.csv/.parquet file, a saved data set folder or a hub id; quote specs with brackets in a shell, "
+    'e.g. "digits:train[label=3]".'
+)
+
+
+def _score_list() -> str:
+    lines = []
+    for name, spec in SCORES.items():
+        roles = ", ".join(f"--{r}" for r in spec.roles) or "no data"
+        options = ", ".join(f"{k}={f.default!r}" for k, f in spec.options.model_fields.items())
+        lines.append(f"  {name:10s} {spec.summary} [needs: {roles}{'; options: ' + options if options else ''}]")
+    return "scores:\n" + "\n".join(lines)
+
+
+def _add_attribution_arguments(parser: argparse.ArgumentParser, scores_optional: bool = False) -> None:
+    group = parser.add_argument_group("model and data")
+    group.add_argument(
+        "--model", help="embedded model (digits-cnn), a folder with config.json + safetensors, or a hub id"
+    )
+    group.add_argument("--weights", help="safetensors weights for an embedded model (default: its cached weights)")
+    group.add_argument("--score", choices=sorted(SCORES), help="score function (see the list below)")
+    for role, text in ROLE_HELP.items():
+        group.add_argument(f"--{role}", metavar="SPEC", help=text)
+    group.add_argument(
+        "--include",
+        action="append",
+        metavar="REGEX",
+        help="only parameters whose name matches (repeatable; default: all)",
+    )
+    group.add_argument("--exclude", action="append", metavar="REGEX", help="skip parameters whose name matches")
+    group.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="score option, e.g. --option gamma=0.5 (repeatable)",
+    )
+    run = parser.add_argument_group("execution")
+    run.add_argument("--batch-size", type=int, default=64)
+    run.add_argument("--max-length", type=int, default=256, help="token limit for text data")
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    run.add_argument("--threads", type=int, help="torch CPU threads (small models run fastest with 1)")
+    run.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code (off by default)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="safeedit",
+        description="Find the weights responsible for data, concepts or behaviour, and edit only those.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    scores = commands.add_parser(
+        "scores",
+        help="compute per-parameter attribution scores and save them (safetensors)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"{_score_list()}\n\n{DATA_SPEC_HELP}\n\nexample:\n  safeedit scores --model digits-cnn "
+        '--score saliency --forget "digits:train[label=3]" --out scores.safetensors',
+    )
+    _add_attribution_arguments(scores)
+    scores.add_argument("--out", required=True, help="where to write the scores (.safetensors)")
+    scores.set_defaults(func=cmd_scores)
+
+    mask = commands.add_parser(
+        "mask",
+        help="select a top-k mask from scores (computed now, or read with --scores) and save it",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"{_score_list()}\n\n{DATA_SPEC_HELP}\n\nexamples:\n"
+        '  safeedit mask --model digits-cnn --score saliency --forget "digits:train[label=3]" '
+        "--ratio 0.5 --out mask.safetensors\n"
+        "  safeedit mask --scores scores.safetensors --ratio 0.1 --scope row --out mask.safetensors",
+    )
+    _add_attribution_arguments(mask)
+    mask.add_argument("--scores", help="read scores written by `safeedit scores` instead of computing them")
+    mask.add_argument("--ratio", type=float, default=0.5, help="share of entries to select, in (0, 1] (default 0.5)")
+    mask.add_argument(
+        "--scope",
+        choices=SCOPES,
+        default="global",
+        help="count the top-k over all parameters, per tensor, or per output row (default global)",
+    )
+    mask.add_argument("--out", required=True, help="where to write the mask (.safetensors)")
+    mask.set_defaults(func=cmd_mask)
+
+    inspect = commands.add_parser("inspect", help="summarise a mask, check it against a model, compare two masks")
+    inspect.add_argument("mask", help="a mask written by `safeedit mask`")
+    inspect.add_argument("--model", help="check that every entry names a parameter of this model with the same shape")
+    inspect.add_argument("--weights", help="safetensors weights for an embedded --model")
+    inspect.add_argument(
+        "--compare", metavar="MASK", help="another mask: report overlap (Jaccard) per layer and overall"
+    )
+    inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
+    inspect.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise SafeEditError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+
+
+def _options(pairs: Sequence[str]) -> dict:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SafeEditError(f"--option {pair!r} should look like KEY=VALUE, e.g. gamma=0.5")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def _compute(args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safeedit.data import load_data, make_loader
+    from safeedit.models import load_model
+
+    if not args.model or not args.score:
+        raise SafeEditError("give --model and --score (or, for `mask`, --scores FILE)")
+    spec = get_score(args.score)
+    options = spec.validate_options(_options(args.option))
+    given = {role: getattr(args, role) for role in ROLE_HELP if getattr(args, role)}
+    missing = [role for role in spec.roles if role not in given]
+    if missing:
+        raise SafeEditError(f"score '{args.score}' needs " + " and ".join(f"--{r} SPEC" for r in missing))
+    extra = [role for role in given if role not in spec.roles]
+    if extra:
+        raise SafeEditError(f"score '{args.score}' does not read " + ", ".join(f"--{r}" for r in extra))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model, args.weights, trust_remote_code=args.trust_remote_code, progress=not args.quiet)
+    model = loaded.model.to(_device(args.device))
+    datasets_by_role = {role: load_data(text) for role, text in given.items()}
+    if "forget" in datasets_by_role and "retain" in datasets_by_role:
+        _check_disjoint(datasets_by_role["forget"], datasets_by_role["retain"])
+    loaders = {
+        role: make_loader(ds, model, loaded.tokenizer, args.batch_size, args.max_length)
+        for role, ds in datasets_by_role.items()
+    }
+    scores = compute_scores(
+        model, args.score, loaders, include=args.include, exclude=args.exclude, options=options, progress=not args.quiet
+    )
+    metadata = {
+        "score": args.score,
+        "options": json.dumps(options, sort_keys=True),
+        "model": args.model,
+        "source_weights_sha256": loaded.weights_sha256,
+        **{f"data_{role}": text for role, text in given.items()},
+        **{f"examples_{role}": str(len(ds)) for role, ds in datasets_by_role.items()},
+    }
+    return scores, metadata
+
+
+def _check_disjoint(forget, retain) -> None:
+    if "id" in forget.column_names and "id" in retain.column_names:
+        overlap = set(forget["id"]) & set(retain["id"])
+        if overlap:
+            raise SafeEditError(
+                f"forget and retain data share {len(overlap)} example id(s) (e.g. {sorted(overlap)[0]!r}); "
+                "make them disjoint, e.g. with [label=3] and [label!=3]"
+            )
+
+
+def cmd_scores(args: argparse.Namespace) -> None:
+    scores, metadata = _compute(args)
+    save_safetensors(scores, args.out, {"format": "safeedit.scores/1", **metadata})
+    count = sum(t.numel() for t in scores.values())
+    print(
+        f"wrote {args.out}: {args.score} scores for {count:,} weights in {len(scores)} tensors "
+        f"(sha256 {sha256_file(args.out)[:16]}…)"
+    )
+
+
+def _read_scores(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors, metadata = load_safetensors(path)
+    if metadata.get("format") != "safeedit.scores/1":
+        raise SafeEditError(f"{path}: not a scores file written by `safeedit scores`")
+    metadata.pop("format")
+    return tensors, metadata
+
+
+def cmd_mask(args: argparse.Namespace) -> None:
+    if args.scores:
+        scores, metadata = _read_scores(args.scores)
+        metadata["scores_sha256"] = sha256_file(args.scores)
+        if args.model:
+            from safeedit.models import load_model
+
+            loaded = load_model(args.model, args.weights, progress=not args.quiet)
+            Mask({n: torch.zeros(t.shape, dtype=torch.bool) for n, t in scores.items()}).check_matches(loaded.model)
+    else:
+        scores, metadata = _compute(args)
+    mask = Mask.top_k(scores, args.ratio, args.scope, metadata)
+    mask.save(args.out)
+    _print_summary(mask, args.out)
+
+
+def _print_summary(mask: Mask, path: str, limit: int = 12) -> None:
+    meta = mask.metadata
+    print(f"mask {path}")
+    print(
+        f"  score {meta.get('score', '?')}, ratio {meta.get('ratio')}, scope {meta.get('scope')}: "
+        f"{mask.selected:,} of {mask.total:,} weights selected ({mask.density:.1%})"
+    )
+    if "source_weights_sha256" in meta:
+        print(f"  source weights sha256 {meta['source_weights_sha256']}")
+    print(f"  file sha256 {sha256_file(path)}")
+    stats = mask.layer_stats()
+    width = max(len(s["name"]) for s in stats)
+    print(f"  {'tensor':{width}s}  {'selected':>10s}  {'of':>10s}  density")
+    for s in stats[:limit]:
+        print(f"  {s['name']:{width}s}  {s['selected']:>10,}  {s['total']:>10,}  {s['density']:7.1%}")
+    if len(stats) > limit:
+        print(f"  ... {len(stats) - limit} more tensors (safeedit inspect {path})")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    mask = Mask.load(args.mask)
+    result = mask.summary()
+    if args.model:
+        from safeedit.models import load_model
+
+        mask.check_matches(load_model(args.model, args.weights).model)
+        result["model_check"] = f"every entry matches a parameter of {args.model}"
+    if args.compare:
+        other = Mask.load(args.compare)
+        result["jaccard"] = mask.jaccard(other)
+        result["jaccard_per_tensor"] = {
+            name: Mask({name: t}).jaccard(Mask({name: other.tensors[name]}))
+            for name, t in mask.tensors.items()
+            if name in other.tensors
+        }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    _print_summary(mask, args.mask, limit=10_000)
+    if "model_check" in result:
+        print(f"  {result['model_check']}")
+    if args.compare:
+        print(f"  overlap with {args.compare}: Jaccard {result['jaccard']:.3f}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SafeEditError as error:
+        print(f"safeedit: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("safeedit: interrupted; nothing partial was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Safe file I/O: atomic writes, SHA-256 hashes, and safetensors loading that never unpickles."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from safeedit.errors import SafeEditError
+
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds.
+
+    Readers never see a half-written file and an existing file is never clobbered by a failed write.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Content hash of named tensors (names sorted; dtype, shape and bytes of each).
+
+    Independent of file layout and device, so the same weights hash the same whether they came from a file,
+    a hub id or memory.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def check_not_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise SafeEditError(
+            f"{path}: refusing to load a pickled checkpoint ({path.suffix}) because unpickling can run code; "
+            "convert it to safetensors where you trust it (safetensors.torch.save_file) and pass that file"
+        )
+
+
+def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load all tensors and the metadata of a safetensors file, with a clear error for anything else."""
+    path = Path(path)
+    check_not_pickle(path)
+    if not path.is_file():
+        raise SafeEditError(f"{path}: no such file; check the path")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as error:
+        raise SafeEditError(
+            f"{path}: not a readable safetensors file ({str(error).splitlines()[0]}); "
+            "re-export it with safetensors.torch.save_file"
+        ) from None
+    return tensors, metadata
+
+
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write tensors atomically (temporary file, then rename)."""
+    contiguous = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata=dict(metadata or {}))

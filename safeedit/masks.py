@@ -1,0 +1,271 @@
+"""Masks: a bool tensor per parameter name, chosen from scores, combined, summarised and saved as safetensors.
+
+Selection takes exactly round(ratio · count) entries. The global and per-tensor scopes never concatenate or sort
+the scores: a two-pass radix select over the order-preserving integer image of the float32 scores (16 high
+bits, then 16 low bits, counted with `torch.bincount` chunk by chunk) finds the exact k-th largest value, so
+the extra memory is a few chunk-sized buffers whatever the model size. The row scope sorts one block of rows at
+a time with a stable sort.
+
+Ties are broken deterministically: among equal scores, the entry that comes first wins, where entries are
+ordered by parameter name, then by flat (row-major) index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from safeedit.errors import SafeEditError
+from safeedit.io import load_safetensors, save_safetensors
+
+Scope = Literal["global", "tensor", "row"]
+SCOPES: tuple[str, ...] = ("global", "tensor", "row")
+CHUNK = 1 << 22  # elements per working buffer (16 MiB of int32 keys)
+MASK_FORMAT = "safeedit.mask/1"
+
+
+def target_count(ratio: float, total: int) -> int:
+    """round(ratio · total), halves rounded up."""
+    return math.floor(ratio * total + 0.5)
+
+
+def _check_ratio(ratio: float) -> None:
+    if not (isinstance(ratio, int | float) and 0.0 < ratio <= 1.0):
+        raise SafeEditError(f"ratio must be in (0, 1], got {ratio!r}; e.g. 0.5 keeps the top half of the scores")
+
+
+def _sortable(values: torch.Tensor) -> torch.Tensor:
+    """int32 keys with the same order as the float32 values (−0.0 just below +0.0)."""
+    bits = values.to(torch.float32).contiguous().view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _chunks(tensor: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), CHUNK):
+        yield start, flat[start : start + CHUNK]
+
+
+def _kth_largest_key(tensors: list[torch.Tensor], k: int) -> tuple[int, int]:
+    """The k-th largest sortable key over all `tensors` and how many keys are strictly larger."""
+    device = tensors[0].device
+    high_counts = torch.zeros(1 << 16, dtype=torch.int64, device=device)
+    for tensor in tensors:
+        for _, chunk in _chunks(tensor):
+            high_counts += torch.bincount((_sortable(chunk) >> 16) + 32768, minlength=1 << 16)
+    high, above = _bucket_holding(high_counts, k)
+    low_counts = torch.zeros(1 << 16, dtype=torch.int64, device=device)
+    for tensor in tensors:
+        for _, chunk in _chunks(tensor):
+            keys = _sortable(chunk)
+            in_bucket = keys[(keys >> 16) == high - 32768]
+            if in_bucket.numel():
+                low_counts += torch.bincount(in_bucket & 0xFFFF, minlength=1 << 16)
+    low, above_low = _bucket_holding(low_counts, k - above)
+    key = ((high - 32768) << 16) | low
+    return key, above + above_low
+
+
+def _bucket_holding(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """Index of the bucket holding the k-th largest element, and the count in buckets above it."""
+    from_top = counts.flip(0).cumsum(0)
+    position = int(torch.searchsorted(from_top, torch.tensor([k], device=counts.device)).item())
+    bucket = counts.numel() - 1 - position
+    above = int(from_top[position - 1].item()) if position > 0 else 0
+    return bucket, above
+
+
+def _select_top_k(named: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Exactly k entries with the largest scores over all tensors in `named` (ties: name, then flat index)."""
+    names = sorted(named)
+    masks = {name: torch.zeros(named[name].shape, dtype=torch.bool, device=named[name].device) for name in names}
+    total = sum(named[name].numel() for name in names)
+    if k == 0:
+        return masks
+    if k == total:
+        return {name: ~mask for name, mask in masks.items()}
+    threshold, greater = _kth_largest_key([named[name] for name in names], k)
+    ties_left = k - greater
+    for name in names:
+        flat_mask = masks[name].view(-1)
+        for start, chunk in _chunks(named[name]):
+            keys = _sortable(chunk)
+            selected = keys > threshold
+            equal = keys == threshold
+            n_equal = int(equal.sum().item())
+            if n_equal <= ties_left:
+                selected |= equal
+                ties_left -= n_equal
+            elif ties_left > 0:
+                selected[equal.nonzero().view(-1)[:ties_left]] = True
+                ties_left = 0
+            flat_mask[start : start + chunk.numel()] = selected
+    return masks
+
+
+def _select_rows(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Per output row (dim 0) the top round(ratio · row length) entries; 1-D tensors count as one row."""
+    rows = scores.reshape(1, -1) if scores.dim() < 2 else scores.reshape(scores.shape[0], -1)
+    k = target_count(ratio, rows.shape[1])
+    mask = torch.zeros(rows.shape, dtype=torch.bool, device=scores.device)
+    block = max(1, CHUNK // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], block):
+        keys = _sortable(rows[start : start + block])
+        order = torch.sort(keys, dim=1, descending=True, stable=True).indices[:, :k]
+        mask[start : start + block].scatter_(1, order, True)
+    return mask.view(scores.shape)
+
+
+@dataclass
+class Mask:
+    """A bool tensor per parameter name: True marks the weights an edit may change (or, for pruning, remove)."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, tensor in self.tensors.items():
+            if tensor.dtype != torch.bool:
+                raise SafeEditError(f"mask entry {name!r} has dtype {tensor.dtype}; masks hold bool tensors")
+        self.metadata = {str(k): str(v) for k, v in self.metadata.items()}
+
+    # --- selection -------------------------------------------------------------------------------------
+    @classmethod
+    def top_k(
+        cls,
+        scores: Mapping[str, torch.Tensor],
+        ratio: float,
+        scope: Scope = "global",
+        metadata: Mapping[str, str] | None = None,
+    ) -> Mask:
+        """Select the highest-scoring round(ratio · count) entries, counted over all tensors (`global`), per
+        tensor (`tensor`) or per output row (`row`)."""
+        _check_ratio(ratio)
+        if scope not in SCOPES:
+            raise SafeEditError(f"unknown mask scope {scope!r}; choose one of: {', '.join(SCOPES)}")
+        if not scores:
+            raise SafeEditError("no scores to select from; check the parameter patterns")
+        for name, tensor in scores.items():
+            if not torch.is_floating_point(tensor):
+                raise SafeEditError(f"scores for {name!r} have dtype {tensor.dtype}; scores must be floating point")
+            if torch.isnan(tensor).any():
+                raise SafeEditError(f"scores for {name!r} contain NaN; check the model weights and the data")
+        if scope == "global":
+            total = sum(t.numel() for t in scores.values())
+            selected = _select_top_k(scores, target_count(ratio, total))
+        elif scope == "tensor":
+            selected = {
+                name: _select_top_k({name: t}, target_count(ratio, t.numel()))[name] for name, t in scores.items()
+            }
+        else:
+            selected = {name: _select_rows(t, ratio) for name, t in scores.items()}
+        info = {"ratio": repr(float(ratio)), "scope": scope, **(metadata or {})}
+        return cls({name: selected[name] for name in scores}, info)
+
+    @classmethod
+    def full(cls, shapes: Mapping[str, torch.Tensor | torch.Size], value: bool = True) -> Mask:
+        """All-True (or all-False) mask over the given tensors or shapes: 'no mask' in the same code path."""
+        return cls(
+            {name: torch.full(tuple(getattr(s, "shape", s)), value, dtype=torch.bool) for name, s in shapes.items()}
+        )
+
+    # --- set operations (a name missing on one side counts as all False) ------------------------------
+    def _aligned(self, other: Mask) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        for name in dict.fromkeys([*self.tensors, *other.tensors]):
+            a, b = self.tensors.get(name), other.tensors.get(name)
+            if a is not None and b is not None and a.shape != b.shape:
+                raise SafeEditError(f"masks disagree on the shape of {name!r}: {tuple(a.shape)} vs {tuple(b.shape)}")
+            a = a if a is not None else torch.zeros_like(b)
+            b = b if b is not None else torch.zeros_like(a)
+            yield name, a, b.to(a.device)
+
+    def __or__(self, other: Mask) -> Mask:
+        return Mask({name: a | b for name, a, b in self._aligned(other)}, {"op": "union"})
+
+    def __and__(self, other: Mask) -> Mask:
+        return Mask({name: a & b for name, a, b in self._aligned(other)}, {"op": "intersection"})
+
+    def __sub__(self, other: Mask) -> Mask:
+        return Mask({name: a & ~b for name, a, b in self._aligned(other)}, {"op": "difference"})
+
+    def __invert__(self) -> Mask:
+        return Mask({name: ~t for name, t in self.tensors.items()}, {"op": "complement"})
+
+    def jaccard(self, other: Mask) -> float:
+        """|A ∩ B| / |A ∪ B| (1.0 when both are empty)."""
+        inter = union = 0
+        for _, a, b in self._aligned(other):
+            inter += int((a & b).sum().item())
+            union += int((a | b).sum().item())
+        return inter / union if union else 1.0
+
+    # --- summaries ------------------------------------------------------------------------------------
+    @property
+    def selected(self) -> int:
+        return sum(int(t.sum().item()) for t in self.tensors.values())
+
+    @property
+    def total(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+    @property
+    def density(self) -> float:
+        return self.selected / self.total if self.total else 0.0
+
+    def layer_stats(self) -> list[dict]:
+        """Per tensor: selected count, size and density (share selected); sparsity is 1 − density."""
+        stats = []
+        for name, t in self.tensors.items():
+            chosen = int(t.sum().item())
+            stats.append({"name": name, "selected": chosen, "total": t.numel(), "density": chosen / max(1, t.numel())})
+        return stats
+
+    def summary(self) -> dict:
+        return {
+            "selected": self.selected,
+            "total": self.total,
+            "density": self.density,
+            "metadata": dict(self.metadata),
+            "layers": self.layer_stats(),
+        }
+
+    # --- compatibility and I/O ------------------------------------------------------------------------
+    def check_matches(self, model: nn.Module | Mapping[str, torch.Tensor]) -> None:
+        """Raise a clear error unless every mask entry names a parameter of the same shape."""
+        shapes = {n: p.shape for n, p in (model.named_parameters() if isinstance(model, nn.Module) else model.items())}
+        for name, tensor in self.tensors.items():
+            if name not in shapes:
+                raise SafeEditError(
+                    f"mask entry {name!r} names no parameter of the model; was it made for another model?"
+                )
+            if tuple(shapes[name]) != tuple(tensor.shape):
+                raise SafeEditError(
+                    f"mask entry {name!r} has shape {tuple(tensor.shape)} but the model's parameter has "
+                    f"{tuple(shapes[name])}; the mask was made for another architecture"
+                )
+
+    def to(self, device: str | torch.device) -> Mask:
+        return Mask({name: t.to(device) for name, t in self.tensors.items()}, dict(self.metadata))
+
+    def save(self, path: str | os.PathLike) -> None:
+        metadata = {**self.metadata, "format": MASK_FORMAT, "selected": str(self.selected), "total": str(self.total)}
+        save_safetensors(self.tensors, path, metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Mask:
+        tensors, metadata = load_safetensors(path)
+        if metadata.get("format") != MASK_FORMAT:
+            raise SafeEditError(f"{path}: not a safeedit mask (metadata format is {metadata.get('format')!r})")
+        metadata = {k: v for k, v in metadata.items() if k not in ("format", "selected", "total")}
+        return cls(tensors, metadata)
+
+    def __repr__(self) -> str:
+        info = json.dumps({k: self.metadata[k] for k in sorted(self.metadata)})
+        return f"Mask({len(self.tensors)} tensors, {self.selected}/{self.total} selected, {info})"

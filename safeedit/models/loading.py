@@ -1,0 +1,109 @@
+"""Load a model from what a user names: an embedded model, or a Hugging Face folder or hub id.
+
+Weights are read from safetensors only; pickled checkpoints are refused, `trust_remote_code` is off unless the
+caller turns it on, and missing or mismatched weights are an error rather than silently random.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from safeedit.errors import SafeEditError
+from safeedit.io import check_not_pickle, load_safetensors, sha256_file, tensors_sha256
+from safeedit.models.state import check_finite, load_state_dict_strict
+from safeedit.models.zoo import EMBEDDED_MODELS
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    source: str
+    tokenizer: Any = None
+    files: dict[str, str] = field(default_factory=dict)  # weight file path -> SHA-256 of its bytes
+
+    @property
+    def weights_sha256(self) -> str:
+        """Content hash of the weights (independent of file layout)."""
+        return tensors_sha256(self.model.state_dict())
+
+
+def load_model(
+    spec: str,
+    weights: str | None = None,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> LoadedModel:
+    """`spec` is an embedded model name (`digits-cnn`), a folder with `config.json` and safetensors weights, or a
+    hub id. `weights` replaces an embedded model's weights with a safetensors file of the same architecture."""
+    if spec in EMBEDDED_MODELS:
+        entry = EMBEDDED_MODELS[spec]
+        if weights is None:
+            model, path = entry.load(progress)
+        else:
+            path = Path(weights)
+            model = entry.build()
+            tensors, _ = load_safetensors(path)
+            load_state_dict_strict(model, tensors, str(path))
+        return LoadedModel(model.eval(), spec, files={str(path): sha256_file(path)})
+    if weights is not None:
+        raise SafeEditError(
+            f"--weights applies to embedded models ({', '.join(EMBEDDED_MODELS)}); "
+            f"for {spec!r} put the weights in its folder"
+        )
+    path = Path(spec)
+    if path.is_file():
+        check_not_pickle(path)
+        raise SafeEditError(
+            f"{path}: a bare weights file has no architecture; pass a folder with config.json and the weights, "
+            f"or an embedded model name ({', '.join(EMBEDDED_MODELS)}) with --weights {path}"
+        )
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise SafeEditError(f"{path}: no config.json; save the model with save_pretrained() first")
+        if not list(path.glob("*.safetensors")):
+            pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+            raise SafeEditError(
+                f"{path}: no safetensors weights{' (only pickled ' + ', '.join(pickles) + ')' if pickles else ''}; "
+                "re-save with model.save_pretrained(..., safe_serialization=True) where you trust the files"
+            )
+    return _load_transformers(spec, dtype, trust_remote_code)
+
+
+def _load_transformers(spec: str, dtype: torch.dtype | None, trust_remote_code: bool) -> LoadedModel:
+    try:
+        config = transformers.AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    except Exception as error:
+        raise SafeEditError(
+            f"{spec!r} is not an embedded model ({', '.join(EMBEDDED_MODELS)}), a model folder, or a reachable hub id "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+        ) from None
+    architecture = (config.architectures or [None])[0]
+    model_class = getattr(transformers, architecture, None) if architecture else None
+    if model_class is None:
+        raise SafeEditError(
+            f"{spec}: config.json names no architecture this transformers version knows ({architecture})"
+        )
+    model, info = model_class.from_pretrained(
+        spec, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True
+    )
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
+    if problems:
+        kind, names = next(iter(problems.items()))
+        raise SafeEditError(
+            f"{spec}: {kind.replace('_', ' ')} when loading {architecture} (first: {sorted(names)[0]!r}); "
+            "the weights do not belong to this architecture"
+        )
+    check_finite(model, spec)
+    tokenizer = None
+    with contextlib.suppress(Exception):  # a model without a tokenizer is fine: image models have none
+        tokenizer = transformers.AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    files = {str(p): sha256_file(p) for p in sorted(Path(spec).glob("*.safetensors"))} if Path(spec).is_dir() else {}
+    return LoadedModel(model.eval(), spec, tokenizer, files)

@@ -1,0 +1,37 @@
+"""Putting weights into a model: strict (no silently random weights) and checked for NaN."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from safeedit.errors import SafeEditError
+
+
+def load_state_dict_strict(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copy `tensors` into `model`, refusing missing, unexpected or wrongly shaped entries."""
+    expected = model.state_dict()
+    missing = [name for name in expected if name not in tensors]
+    unexpected = [name for name in tensors if name not in expected]
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
+        raise SafeEditError(
+            f"{source}: weights do not fit {type(model).__name__} ({len(missing)} missing, {len(unexpected)} "
+            f"unexpected, first {first!r}); they belong to another architecture"
+        )
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise SafeEditError(
+                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)} but the model expects "
+                f"{tuple(expected[name].shape)}; the weights belong to another architecture"
+            )
+    model.load_state_dict(dict(tensors), strict=True)
+    check_finite(model, source)
+
+
+def check_finite(model: nn.Module, source: str) -> None:
+    for name, tensor in model.state_dict().items():
+        if torch.is_floating_point(tensor) and not torch.isfinite(tensor).all():
+            raise SafeEditError(f"{source}: tensor {name!r} holds NaN or infinite values; the checkpoint is corrupt")

@@ -1,0 +1,126 @@
+"""Train only the masked weights, with any torch optimizer, and leave every other weight bit-identical.
+
+Two mechanisms, both installed as hooks so the training loop itself stays plain PyTorch:
+
+1. A gradient hook on each masked parameter zeroes the masked-out entries of its gradient as backward
+   produces it. Anything that reads gradients afterwards (gradient clipping, DDP's all-reduce, the optimizer)
+   sees masked gradients only, so clipping is computed on the masked gradients alone.
+2. An optimizer step post-hook writes the masked-out entries back from a copy taken on entry. Zero gradients
+   are not enough: decoupled weight decay (AdamW), coupled weight decay fed into momentum (SGD) and any
+   optimizer state left from earlier steps all move weights whose gradient is zero. Restoring after every step
+   makes "masked-out weights never change" a guarantee rather than a property of one optimizer.
+
+Parameters with no mask entry are frozen (requires_grad=False while the context is active; torch optimizers
+skip parameters without gradients). Buffers, such as batch-norm running statistics, are not weights and are
+not covered by the mask: with ``buffers="update"`` (the default, as in SalUn's reference training) the forward
+pass in train mode updates them; ``buffers="freeze"`` restores every floating-point buffer after each step and
+on exit, for edits that must not touch anything outside the mask. Element-wise optimizers (SGD, Adam, AdamW,
+RMSprop, Adagrad...) leave the masked-in updates exactly as they would be without the mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from torch import nn
+
+from safeedit.masks import Mask
+
+
+class MaskedTraining:
+    """The installed hooks and the saved masked-out values; use through `masked_training`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mask: Mask,
+        optimizer: torch.optim.Optimizer | None = None,
+        buffers: Literal["update", "freeze"] = "update",
+    ) -> None:
+        mask.check_matches(model)
+        if buffers not in ("update", "freeze"):
+            raise ValueError(f"buffers must be 'update' or 'freeze', got {buffers!r}")
+        self.model = model
+        params = dict(model.named_parameters())
+        self._requires_grad = {name: p.requires_grad for name, p in params.items()}
+        self._keep: dict[str, torch.Tensor] = {}  # True where the weight may change
+        self._frozen_values: dict[str, torch.Tensor] = {}  # the masked-out entries, in row-major order
+        self._handles: list = []
+        for name, p in params.items():
+            p.grad = None  # gradients from before the block would bypass the mask
+            keep = mask.tensors.get(name)
+            if keep is None or not keep.any():
+                p.requires_grad_(False)
+                continue
+            keep = keep.to(p.device)
+            self._keep[name] = keep
+            p.requires_grad_(True)
+            if not keep.all():
+                self._frozen_values[name] = p.detach().masked_select(~keep)
+                self._handles.append(p.register_hook(_zero_masked_out(keep)))
+        self._params = params
+        self._buffers = (
+            {name: b.detach().clone() for name, b in model.named_buffers() if torch.is_floating_point(b)}
+            if buffers == "freeze"
+            else {}
+        )
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_post_hook(lambda *_: self.restore()))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Write the masked-out weights (and frozen buffers) back to their values on entry."""
+        for name, values in self._frozen_values.items():
+            self._params[name].masked_scatter_(~self._keep[name], values)
+        if self._buffers:
+            live = dict(self.model.named_buffers())
+            for name, value in self._buffers.items():
+                live[name].copy_(value)
+
+    def close(self) -> None:
+        self.restore()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for name, p in self._params.items():
+            p.requires_grad_(self._requires_grad[name])
+
+    @property
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters with at least one masked-in entry: pass these to the optimizer."""
+        return [self._params[name] for name in self._keep]
+
+
+def _zero_masked_out(keep: torch.Tensor):
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return grad.masked_fill(~keep, 0)
+
+    return hook
+
+
+@contextlib.contextmanager
+def masked_training(
+    model: nn.Module,
+    mask: Mask,
+    optimizer: torch.optim.Optimizer | None = None,
+    buffers: Literal["update", "freeze"] = "update",
+) -> Iterator[MaskedTraining]:
+    """Within this block, only weights where `mask` is True can change, whatever the optimizer does.
+
+    ``optimizer`` gets a step post-hook that restores masked-out weights after each ``step()``; without one,
+    call ``.restore()`` yourself after each step. On exit the hooks are removed, masked-out weights are
+    restored a last time and ``requires_grad`` flags are put back.
+
+        with masked_training(model, mask, optimizer) as masked:
+            loss.backward()                     # masked-out gradient entries are already zero here
+            clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()                    # masked-out weights written back right after
+    """
+    session = MaskedTraining(model, mask, optimizer, buffers)
+    try:
+        yield session
+    finally:
+        session.close()
