@@ -42,8 +42,8 @@ def _check_ratio(ratio: float) -> None:
 
 
 def _sortable(values: torch.Tensor) -> torch.Tensor:
-    """int32 keys with the same order as the float32 values (−0.0 just below +0.0)."""
-    bits = values.to(torch.float32).contiguous().view(torch.int32)
+    """int32 keys with the same order as the float32 values (−0.0 and +0.0 tie, as they compare equal)."""
+    bits = (values.to(torch.float32) + 0.0).view(torch.int32)  # x + 0.0 turns −0.0 into +0.0
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
@@ -59,7 +59,7 @@ def _kth_largest_key(tensors: list[torch.Tensor], k: int) -> tuple[int, int]:
     high_counts = torch.zeros(1 << 16, dtype=torch.int64, device=device)
     for tensor in tensors:
         for _, chunk in _chunks(tensor):
-            high_counts += torch.bincount((_sortable(chunk) >> 16) + 32768, minlength=1 << 16)
+            high_counts += torch.bincount((_sortable(chunk) >> 16) + 32768, minlength=1 << 16).to(device)
     high, above = _bucket_holding(high_counts, k)
     low_counts = torch.zeros(1 << 16, dtype=torch.int64, device=device)
     for tensor in tensors:
@@ -67,7 +67,7 @@ def _kth_largest_key(tensors: list[torch.Tensor], k: int) -> tuple[int, int]:
             keys = _sortable(chunk)
             in_bucket = keys[(keys >> 16) == high - 32768]
             if in_bucket.numel():
-                low_counts += torch.bincount(in_bucket & 0xFFFF, minlength=1 << 16)
+                low_counts += torch.bincount(in_bucket & 0xFFFF, minlength=1 << 16).to(device)
     low, above_low = _bucket_holding(low_counts, k - above)
     key = ((high - 32768) << 16) | low
     return key, above + above_low

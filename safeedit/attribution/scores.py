@@ -6,7 +6,7 @@ retain losses, all in fp32.
 
 from __future__ import annotations
 
-import zlib
+import hashlib
 from typing import Annotated
 
 import torch
@@ -65,6 +65,7 @@ def random(weights: Tensors, seed: int = 0) -> Tensors:
     """Uniform noise, seeded per tensor name (the control for every ablation; same on any device)."""
     scores = {}
     for name, w in weights.items():
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
         scores[name] = torch.rand(w.shape, generator=generator).to(w.device)
     return scores

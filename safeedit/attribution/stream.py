@@ -42,7 +42,10 @@ def attribution_mode(model: nn.Module, params: Mapping[str, nn.Parameter]) -> It
 
 
 def _progress(batches: Iterable, description: str, show: bool) -> Iterable:
-    total = len(batches) if hasattr(batches, "__len__") else None
+    try:
+        total = len(batches)
+    except TypeError:  # streaming data sets have no length
+        total = None
     return tqdm(batches, desc=description, total=total, unit="batch", disable=not show, leave=False)
 
 
@@ -69,6 +72,8 @@ def compute_scores(
     if the loaders are already split per process) and the statistics are summed across processes once at the end.
     `state_device="cpu"` keeps the accumulators off the accelerator for models too large for two copies.
     """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module  # DDP would average gradients per batch; we sum once at the end instead
     spec = get_score(score)
     score_options = spec.validate_options(options)
     data = dict(data or {})

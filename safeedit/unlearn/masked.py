@@ -13,7 +13,7 @@ Two mechanisms, both installed as hooks so the training loop itself stays plain 
 Parameters with no mask entry are frozen (requires_grad=False while the context is active; torch optimizers
 skip parameters without gradients). Buffers, such as batch-norm running statistics, are not weights and are
 not covered by the mask: with ``buffers="update"`` (the default, as in SalUn's reference training) the forward
-pass in train mode updates them; ``buffers="freeze"`` restores every floating-point buffer after each step and
+pass in train mode updates them; ``buffers="freeze"`` restores every buffer (counters included) after each step and
 on exit, for edits that must not touch anything outside the mask. Element-wise optimizers (SGD, Adam, AdamW,
 RMSprop, Adagrad...) leave the masked-in updates exactly as they would be without the mask.
 """
@@ -63,7 +63,7 @@ class MaskedTraining:
                 self._handles.append(p.register_hook(_zero_masked_out(keep)))
         self._params = params
         self._buffers = (
-            {name: b.detach().clone() for name, b in model.named_buffers() if torch.is_floating_point(b)}
+            {name: b.detach().clone() for name, b in model.named_buffers()}
             if buffers == "freeze"
             else {}
         )

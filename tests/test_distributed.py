@@ -1,0 +1,105 @@
+"""Scores computed across 2 CPU processes (gloo) equal the single-process scores; batch sharding is a partition."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import helpers as H
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, TensorDataset
+
+from safeedit.attribution.distributed import rank_and_world, shard_batches
+
+WORLD = 2
+TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def distributed_results(tmp_path_factory):
+    """Run every case of helpers.DISTRIBUTED_CASES once in 2 spawned processes; per rank, scores and errors."""
+    out = tmp_path_factory.mktemp("distributed")
+    context = mp.start_processes(
+        H.distributed_worker,
+        args=(WORLD, str(out / "init"), str(out)),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"distributed workers still running after {TIMEOUT_S} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    ranks = []
+    for rank in range(WORLD):
+        flat = load_file(str(out / f"rank{rank}.safetensors"))
+        errors = json.loads((out / f"rank{rank}.json").read_text())
+        scores: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in flat.items():
+            case, _, name = key.partition("/")
+            scores.setdefault(case, {})[name] = value
+        ranks.append((scores, errors))
+    return ranks
+
+
+@pytest.mark.parametrize("case", H.DISTRIBUTED_CASES)
+def test_two_processes_match_one(distributed_results, case):
+    assert rank_and_world() == (0, 1)  # the test process itself is not distributed
+    expected = H.run_case(case)
+    for rank, (scores, errors) in enumerate(distributed_results):
+        assert case not in errors, f"rank {rank}: {errors[case]}"
+        got = scores[case]
+        assert got.keys() == expected.keys()
+        for name, value in expected.items():
+            assert got[name].dtype == torch.float32
+            torch.testing.assert_close(
+                got[name], value, rtol=1e-5, atol=1e-7, msg=lambda m, n=name, r=rank: f"rank {r}, {n}: {m}"
+            )
+    # every process ends with the same (all-reduced) scores
+    first, second = (scores[case] for scores, _ in distributed_results)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+# --- sharding without a process group: every batch exactly once ---------------------------------------------------
+
+
+def _ids(batch) -> list[int]:
+    inputs = batch[0] if isinstance(batch, list | tuple) else batch
+    return inputs.reshape(-1).long().tolist()
+
+
+def _loaders() -> dict[str, object]:
+    data = TensorDataset(torch.arange(20.0))
+    return {
+        "list": [torch.arange(i * 4, i * 4 + 4) for i in range(5)],
+        "loader": DataLoader(data, batch_size=4),
+        "loader_partial_last": DataLoader(TensorDataset(torch.arange(18.0)), batch_size=4),
+        "loader_drop_last": DataLoader(data, batch_size=4, drop_last=True),
+        "loader_drop_last_partial": DataLoader(TensorDataset(torch.arange(23.0)), batch_size=4, drop_last=True),
+        "iterable_loader": DataLoader(H._Stream(torch.arange(18.0), torch.zeros(18)), batch_size=4),
+    }
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("kind", sorted(_loaders()))
+def test_shard_batches_is_a_partition(kind, world):
+    loader = _loaders()[kind]
+    everything = [_ids(b) for b in loader]
+    shards = [[_ids(b) for b in shard_batches(_loaders()[kind], rank, world)] for rank in range(world)]
+    # round robin: process r takes batches r, r + world, ... of the single-process order, unchanged
+    for rank in range(world):
+        assert shards[rank] == everything[rank::world], f"rank {rank} of {world}"
+
+
+def test_shard_batches_single_process_is_identity():
+    batches = [1, 2, 3]
+    assert shard_batches(batches, 0, 1) is batches
