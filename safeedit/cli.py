@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 import yaml
 
 from safeedit.attribution import SCORES, compute_scores, get_score
@@ -157,7 +160,10 @@ def _compute(args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], dict[st
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model, args.weights, trust_remote_code=args.trust_remote_code, progress=not args.quiet)
-    model = loaded.model.to(_device(args.device))
+    device = _device(args.device)
+    if device.type == "cuda" and dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device())
+    model = loaded.model.to(device)
     datasets_by_role = {role: load_data(text) for role, text in given.items()}
     if "forget" in datasets_by_role and "retain" in datasets_by_role:
         _check_disjoint(datasets_by_role["forget"], datasets_by_role["retain"])
@@ -189,8 +195,33 @@ def _check_disjoint(forget, retain) -> None:
             )
 
 
+@contextlib.contextmanager
+def _process_group(device: torch.device) -> Iterator[bool]:
+    """Join the process group that `torchrun` / `accelerate launch` describe in the environment, if any.
+
+    Yields whether this process writes outputs (rank 0, or the only process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or dist.is_initialized():
+        yield not dist.is_initialized() or dist.get_rank() == 0
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield dist.get_rank() == 0
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def cmd_scores(args: argparse.Namespace) -> None:
-    scores, metadata = _compute(args)
+    with _process_group(_device(args.device)) as writes:
+        scores, metadata = _compute(args)
+        if writes:
+            _write_scores(scores, metadata, args)
+
+
+def _write_scores(scores: dict[str, torch.Tensor], metadata: dict[str, str], args: argparse.Namespace) -> None:
     save_safetensors(scores, args.out, {"format": "safeedit.scores/1", **metadata})
     count = sum(t.numel() for t in scores.values())
     print(
@@ -217,7 +248,10 @@ def cmd_mask(args: argparse.Namespace) -> None:
             loaded = load_model(args.model, args.weights, progress=not args.quiet)
             Mask({n: torch.zeros(t.shape, dtype=torch.bool) for n, t in scores.items()}).check_matches(loaded.model)
     else:
-        scores, metadata = _compute(args)
+        with _process_group(_device(args.device)) as writes:
+            scores, metadata = _compute(args)
+        if not writes:
+            return
     mask = Mask.top_k(scores, args.ratio, args.scope, metadata)
     mask.save(args.out)
     _print_summary(mask, args.out)

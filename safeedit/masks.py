@@ -155,7 +155,7 @@ class Mask:
         for name, tensor in scores.items():
             if not torch.is_floating_point(tensor):
                 raise SafeEditError(f"scores for {name!r} have dtype {tensor.dtype}; scores must be floating point")
-            if torch.isnan(tensor).any():
+            if any(torch.isnan(chunk).any() for _, chunk in _chunks(tensor)):  # chunked: no full-size temporary
                 raise SafeEditError(f"scores for {name!r} contain NaN; check the model weights and the data")
         if scope == "global":
             total = sum(t.numel() for t in scores.values())

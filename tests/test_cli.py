@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -220,3 +221,28 @@ def test_entry_point_exit_code_and_help():
                          env={"HF_HUB_OFFLINE": "1", "PATH": ""})
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("safeedit: error:")
+
+
+def test_scores_under_torchrun_equal_single_process(cache, tmp_path, capsys):
+    """`torchrun --nproc_per_node=2 -m safeedit scores ...` on gloo gives the single-process scores."""
+    common = ["scores", "--model", "digits-cnn", "--score", "fisher", "--data", "digits:test", "--batch-size", "32",
+              "--quiet", "--threads", "1"]
+    single = tmp_path / "single.safetensors"
+    assert run([*common, "--out", single], capsys)[0] == 0
+    double = tmp_path / "double.safetensors"
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={port}", "-m", "safeedit",
+         *common, "--out", str(double)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    assert launched.stdout.count("wrote ") == 1  # rank 0 alone writes
+    expected, _ = load_safetensors(single)
+    got, _ = load_safetensors(double)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-8)
