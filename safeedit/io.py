@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import shutil
+import struct
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -92,7 +95,29 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
 def save_safetensors(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> None:
-    """Write tensors atomically (temporary file, then rename)."""
+    """Write tensors atomically (temporary file, then rename), byte-for-byte reproducible.
+
+    safetensors serialises its JSON header from a hash map, so the same tensors and metadata give different
+    bytes (and SHA-256) from one process to the next. The header is rewritten with sorted keys, so equal
+    content always hashes equal, which the run records and `verify` rely on.
+    """
     contiguous = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(contiguous, str(tmp), metadata=dict(metadata or {}))
+        raw = tmp.with_name(tmp.name + ".raw")
+        try:
+            save_file(contiguous, str(raw), metadata=dict(metadata or {}))
+            _write_canonical_header(raw, tmp)
+        finally:
+            raw.unlink(missing_ok=True)
+
+
+def _write_canonical_header(source: Path, target: Path) -> None:
+    """Copy a safetensors file with its JSON header re-serialised with sorted keys (8-byte aligned)."""
+    with open(source, "rb") as reader, open(target, "wb") as writer:
+        (length,) = struct.unpack("<Q", reader.read(8))
+        header = json.loads(reader.read(length))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        writer.write(struct.pack("<Q", len(text)))
+        writer.write(text)
+        shutil.copyfileobj(reader, writer, 1 << 24)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from safeedit.cli import main
-from safeedit.io import load_safetensors
+from safeedit.io import load_safetensors, sha256_file
 from safeedit.masks import Mask, target_count
 
 
@@ -51,6 +51,7 @@ def test_mask_on_embedded_digits(cache, tmp_path, capsys):
     run(["mask", "--model", "digits-cnn", "--score", "saliency", "--forget", "digits:train[label=3]",
          "--ratio", "0.25", "--out", again, "--quiet"], capsys)
     assert all(torch.equal(mask.tensors[n], Mask.load(again).tensors[n]) for n in mask.tensors)
+    assert sha256_file(again) == sha256_file(out)  # same bytes, so the same hash in any record
 
 
 def test_scores_then_mask_from_file_and_inspect(cache, tmp_path, capsys):

@@ -42,6 +42,16 @@ class EmbeddedModel:
         return cache_dir() / "models" / f"{self.name}-seed{self.seed}.safetensors"
 
     def train(self, progress: bool = True) -> tuple[nn.Module, dict[str, str]]:
+        """Train from the seed. One intra-op thread: float sums then happen in one order on every machine, so the
+        same seed gives bit-identical weights (and tiny models train fastest that way)."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._train(progress)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _train(self, progress: bool) -> tuple[nn.Module, dict[str, str]]:
         torch.manual_seed(self.seed)
         model = self.build()
         train = load_data(f"{self.data}:train")
