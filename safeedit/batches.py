@@ -49,6 +49,16 @@ def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
     return inputs
 
 
+def labels_of(batch: Any) -> torch.Tensor:
+    """The labels of a dict batch ('labels' or 'label') or of an (inputs, targets) pair."""
+    if isinstance(batch, Mapping):
+        for key in ("labels", "label"):
+            if key in batch:
+                return batch[key]
+        raise SafeEditError(f"the batch has no 'label' or 'labels' (keys: {sorted(batch)})")
+    return batch[1]
+
+
 def logits_of(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output
 

@@ -25,8 +25,9 @@ ROLE_HELP = {
     "data": "data for the Fisher information (fisher)",
 }
 DATA_SPEC_HELP = (
-    "Data specs: SOURCE[:SPLIT][[COLUMN=VALUE,COLUMN!=VALUE]] where SOURCE is an embedded set (digits), a "
-    ".jsonl/.csv/.parquet file, a saved data set folder or a hub id; quote specs with brackets in a shell, "
+    "Data specs: SOURCE[:SPLIT][[COLUMN=VALUE,COLUMN!=VALUE]] where SOURCE is an embedded set (digits, "
+    "fashion-mnist), a .jsonl/.csv/.parquet file, a saved data set folder or a hub id; quote specs with "
+    "brackets in a shell, "
     'e.g. "digits:train[label=3]".'
 )
 
@@ -110,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mask.add_argument("--out", required=True, help="where to write the mask (.safetensors)")
     mask.set_defaults(func=cmd_mask)
+
+    run = commands.add_parser(
+        "run",
+        help="run a scenario: forget request, methods, retrain reference, metrics, record",
+        description="Run a scenario file (see scenarios/): train or load the original model, split forget and "
+        "retain data, retrain the reference, run each method, evaluate, and write weights, masks and record.json.",
+    )
+    run.add_argument("scenario", help="a scenario YAML file, e.g. scenarios/digits-forget-class.yaml")
+    run.add_argument("--out", help="output folder (default runs/<scenario name>)")
+    run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.set_defaults(func=cmd_run)
 
     inspect = commands.add_parser("inspect", help="summarise a mask, check it against a model, compare two masks")
     inspect.add_argument("mask", help="a mask written by `safeedit mask`")
@@ -274,6 +286,25 @@ def _print_summary(mask: Mask, path: str, limit: int = 12) -> None:
         print(f"  {s['name']:{width}s}  {s['selected']:>10,}  {s['total']:>10,}  {s['density']:7.1%}")
     if len(stats) > limit:
         print(f"  ... {len(stats) - limit} more tensors (safeedit inspect {path})")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from safeedit.scenario import run_scenario
+
+    record = run_scenario(args.scenario, args.out, progress=not args.quiet)
+    results = json.loads(record.read_text())["results"]
+    _print_results(results)
+    print(f"record: {record}")
+
+
+def _print_results(results: dict) -> None:
+    columns = ("ua", "ra", "ta", "mia_efficacy", "gap_to_retrain", "time_vs_retrain")
+    print(f"{'method':12s}" + "".join(f"{c:>16s}" for c in columns) + f"{'wall s':>9s}")
+    for name, entry in results.items():
+        after = entry["metrics"]["after"]
+        cells = "".join(f"{after[c]:16.3f}" if c in after else f"{'-':>16s}" for c in columns)
+        wall = entry.get("wall_time_s")
+        print(f"{name:12s}{cells}{wall if wall is None else round(wall, 1)!s:>9}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:

@@ -18,4 +18,15 @@ if ! .venv/bin/python -c "import safeedit, pytest, ruff" 2>/dev/null \
   .venv/bin/pip install -q -e ".[test]"
   touch .venv/.safeedit-installed
 fi
+# Fashion-MNIST (for the fashion-* scenarios and benchmarks) comes from Debian's dataset-fashion-mnist package.
+if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z "${SAFEEDIT_FASHION_MNIST_DIR:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing Fashion-MNIST (apt-get install dataset-fashion-mnist)" >&2
+    (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; }) \
+      || echo "[setup] Fashion-MNIST not installed; the digits scenarios work without it" >&2
+  else
+    echo "[setup] for the fashion-* scenarios: sudo apt-get install dataset-fashion-mnist" >&2
+  fi
+fi
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, safeedit; print("safeedit", safeedit.__version__, "torch", torch.__version__)')" >&2

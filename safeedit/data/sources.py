@@ -2,8 +2,8 @@
 
     SOURCE[:SPLIT][[COLUMN=VALUE,COLUMN!=VALUE,...]]
 
-- SOURCE: an embedded name (`digits`), a local file (`.jsonl`, `.json`, `.csv`, `.parquet`), a folder written by
-  `Dataset.save_to_disk` or holding data files, or a Hugging Face hub id.
+- SOURCE: an embedded name (`digits`, `fashion-mnist`), a local file (`.jsonl`, `.json`, `.csv`, `.parquet`), a
+  folder written by `Dataset.save_to_disk` or holding data files, or a Hugging Face hub id.
 - SPLIT: defaults to `train`.
 - the bracket filter keeps rows where every condition holds (`digits:train[label=3]`, `[label!=3]`).
   Quote the spec in a shell: brackets are glob characters.
@@ -38,6 +38,13 @@ def _digits() -> DatasetDict:
     from safeedit.data.digits import digits_dataset
 
     return digits_dataset()
+
+
+@embedded("fashion-mnist")
+def _fashion_mnist() -> DatasetDict:
+    from safeedit.data.fashion import fashion_mnist_dataset
+
+    return fashion_mnist_dataset()
 
 
 SPEC = re.compile(r"(?P<source>[^\[\]]+?)(?::(?P<split>[\w.\-]+))?(?:\[(?P<filter>[^\]]*)\])?")

@@ -26,6 +26,7 @@ class LoadedModel:
     model: nn.Module
     source: str
     tokenizer: Any = None
+    image_processor: Any = None
     files: dict[str, str] = field(default_factory=dict)  # weight file path -> SHA-256 of its bytes
 
     @property
@@ -105,5 +106,9 @@ def _load_transformers(spec: str, dtype: torch.dtype | None, trust_remote_code: 
     tokenizer = None
     with contextlib.suppress(Exception):  # a model without a tokenizer is fine: image models have none
         tokenizer = transformers.AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    image_processor = None
+    if (Path(spec) / "preprocessor_config.json").exists() or not Path(spec).is_dir():
+        with contextlib.suppress(Exception):
+            image_processor = transformers.AutoImageProcessor.from_pretrained(spec)
     files = {str(p): sha256_file(p) for p in sorted(Path(spec).glob("*.safetensors"))} if Path(spec).is_dir() else {}
-    return LoadedModel(model.eval(), spec, tokenizer, files)
+    return LoadedModel(model.eval(), spec, tokenizer, image_processor, files)

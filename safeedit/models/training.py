@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from safeedit.batches import default_loss, logits_of, model_inputs, to_device
+from safeedit.batches import default_forward, default_loss, labels_of, logits_of, to_device
 
 
 def train_classifier(
@@ -40,9 +40,9 @@ def accuracy(model: nn.Module, loader: DataLoader) -> float:
     model.eval()
     correct = total = 0
     for batch in loader:
-        batch = model_inputs(model, to_device(batch, device))
-        labels = batch.pop("labels")
-        predictions = logits_of(model(**batch)).argmax(dim=-1)
+        batch = to_device(batch, device)
+        labels = labels_of(batch)
+        predictions = logits_of(default_forward(model, batch)).argmax(dim=-1)
         correct += int((predictions == labels).sum())
         total += labels.numel()
     model.train(was_training)

@@ -62,11 +62,7 @@ class MaskedTraining:
                 self._frozen_values[name] = p.detach().masked_select(~keep)
                 self._handles.append(p.register_hook(_zero_masked_out(keep)))
         self._params = params
-        self._buffers = (
-            {name: b.detach().clone() for name, b in model.named_buffers()}
-            if buffers == "freeze"
-            else {}
-        )
+        self._buffers = {name: b.detach().clone() for name, b in model.named_buffers()} if buffers == "freeze" else {}
         if optimizer is not None:
             self._handles.append(optimizer.register_step_post_hook(lambda *_: self.restore()))
 

@@ -1,0 +1,228 @@
+"""Scenarios: a YAML file that states a forget request and how to answer it, validated, then run.
+
+    safeedit run scenarios/digits-forget-class.yaml [--out DIR]
+
+The runner loads (or trains, for embedded models) the original model, splits the training data into forget and
+retain sets, trains the retrain reference, runs each named method, evaluates all of them with the same metrics,
+and writes the edited weights, the masks and `record.json` into the output folder.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from safeedit.data import load_data, make_loader
+from safeedit.data.forget import ForgetRequest, fingerprint, split_forget
+from safeedit.errors import SafeEditError
+from safeedit.eval.classification import classification_metrics, gap_to_retrain, mia_is_informative
+from safeedit.io import save_safetensors
+from safeedit.models import EMBEDDED_MODELS, load_model
+from safeedit.record import environment, file_entry, write_record
+from safeedit.unlearn.methods import METHODS, RetrainOptions, UnlearnTask, retrain
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Request(Strict):
+    what: str = Field(description="what must be removed, in the requester's words")
+    requested_by: str = "unspecified"
+    reason: str = ""
+    date: dt.date | str | None = None
+
+
+class Recipe(Strict):
+    epochs: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    batch_size: int = Field(default=64, ge=1)
+
+
+class ModelSection(Strict):
+    name: str = Field(description="embedded model, a folder with config.json + safetensors, or a hub id")
+    weights: str | None = None
+    recipe: Recipe | None = Field(default=None, description="training recipe, needed to retrain non-embedded models")
+    trust_remote_code: bool = False
+
+
+class DataSection(Strict):
+    source: str = Field(description="embedded data set, local file or folder, or hub id")
+    train_split: str = "train"
+    test_split: str = "test"
+
+
+class Evaluation(Strict):
+    batch_size: int = Field(default=256, ge=1)
+    max_mia_examples: int = Field(default=5000, ge=10)
+
+
+class Scenario(Strict):
+    name: str = Field(pattern=r"^[\w.\-]+$")
+    description: str = ""
+    request: Request
+    model: ModelSection
+    data: DataSection
+    forget: ForgetRequest
+    methods: dict[str, dict[str, Any]] = Field(min_length=1)
+    retrain: RetrainOptions | None = RetrainOptions()
+    evaluation: Evaluation = Evaluation()
+    seed: int = 0
+    threads: int | None = Field(default=None, ge=1, description="torch CPU threads (tiny models: 1 is fastest)")
+
+    def method_options(self) -> dict[str, BaseModel]:
+        options = {}
+        for name, given in self.methods.items():
+            if name not in METHODS:
+                choices = ", ".join(METHODS)
+                raise SafeEditError(f"scenario '{self.name}': unknown method {name!r}; choose from {choices}")
+            try:
+                options[name] = METHODS[name].options(**(given or {}))
+            except pydantic.ValidationError as error:
+                raise SafeEditError(f"scenario '{self.name}': methods.{name}: {_first_problem(error)}") from None
+        return options
+
+
+def _first_problem(error: pydantic.ValidationError) -> str:
+    problem = error.errors()[0]
+    where = ".".join(str(part) for part in problem["loc"])
+    return f"{where}: {problem['msg']}" if where else problem["msg"]
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    path = Path(path)
+    if not path.is_file():
+        raise SafeEditError(f"{path}: no such scenario file; see scenarios/ for ready-made ones")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise SafeEditError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise SafeEditError(f"{path}: a scenario is a YAML mapping with keys name, request, model, data, ...")
+    try:
+        scenario = Scenario(**raw)
+    except pydantic.ValidationError as error:
+        raise SafeEditError(f"{path}: {_first_problem(error)}") from None
+    scenario.method_options()
+    return scenario
+
+
+def _say(message: str, progress: bool) -> None:
+    if progress:
+        print(f"[safeedit] {message}", file=sys.stderr, flush=True)
+
+
+def run_scenario(path: str | Path, out_dir: str | Path | None = None, progress: bool = True) -> Path:
+    """Run the scenario at `path`; return the path of the record it wrote."""
+    path = Path(path)
+    scenario = load_scenario(path)
+    options = scenario.method_options()
+    out = Path(out_dir) if out_dir else Path("runs") / scenario.name
+    out.mkdir(parents=True, exist_ok=True)
+    if scenario.threads:
+        torch.set_num_threads(scenario.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    _say(f"scenario {scenario.name}: loading model {scenario.model.name}", progress)
+    loaded = load_model(scenario.model.name, scenario.model.weights, trust_remote_code=scenario.model.trust_remote_code,
+                        progress=progress)
+    original = loaded.model.to(device)
+    train = load_data(f"{scenario.data.source}:{scenario.data.train_split}")
+    test = load_data(f"{scenario.data.source}:{scenario.data.test_split}")
+    split = split_forget(train, scenario.forget)
+    _say(f"forget {len(split.forget)} / retain {len(split.retain)} / test {len(test)} examples", progress)
+
+    def loader(data, batch_size: int, shuffle: bool = False, seed: int = 0):
+        return make_loader(data, original, loaded.tokenizer, batch_size, shuffle=shuffle, seed=seed,
+                           image_processor=loaded.image_processor)
+
+    eval_loaders = {name: loader(data, scenario.evaluation.batch_size) for name, data in
+                    (("forget", split.forget), ("retain", split.retain), ("test", test))}
+
+    def evaluate(model) -> dict[str, float]:
+        return classification_metrics(model, eval_loaders["forget"], eval_loaders["retain"], eval_loaders["test"],
+                                      seed=scenario.seed, max_mia_examples=scenario.evaluation.max_mia_examples)
+
+    entry = EMBEDDED_MODELS.get(scenario.model.name)
+    recipe = (scenario.model.recipe.model_dump() if scenario.model.recipe else
+              {"epochs": entry.epochs, "lr": entry.lr, "batch_size": entry.batch_size} if entry else {})
+    task = UnlearnTask(
+        model=original, forget=split.forget, retain=split.retain, num_classes=_num_classes(original),
+        loader=loader, build_fresh=entry.build if entry else lambda: type(original)(original.config),
+        seed=scenario.seed, progress=progress,
+    )
+
+    outputs: list[dict[str, str]] = []
+    results: dict[str, dict[str, Any]] = {}
+    original_metrics = evaluate(original)
+    results["original"] = {"metrics": {"after": original_metrics}, "wall_time_s": None}
+
+    def save(name: str, model, mask) -> dict | None:
+        weights = out / f"{name}.safetensors"
+        save_safetensors(model.state_dict(), weights, {"method": name, "scenario": scenario.name})
+        outputs.append(file_entry(weights, "edited weights" if name != "retrain" else "reference weights", out))
+        if mask is None:
+            return None
+        mask_path = out / f"{name}.mask.safetensors"
+        mask.metadata.update(source_weights_sha256=loaded.weights_sha256, method=name)
+        mask.save(mask_path)
+        outputs.append(file_entry(mask_path, "mask", out))
+        return {"path": mask_path.name, **{k: v for k, v in mask.summary().items() if k != "metadata"}}
+
+    retrain_time = None
+    if scenario.retrain is not None:
+        _say("retraining from scratch on the retain set (the reference)", progress)
+        start = time.perf_counter()
+        reference = retrain(task, scenario.retrain, recipe).model
+        retrain_time = time.perf_counter() - start
+        retrain_metrics = evaluate(reference)
+        results["retrain"] = {"metrics": {"after": retrain_metrics}, "wall_time_s": retrain_time,
+                              "seed": scenario.seed + scenario.retrain.seed_offset}
+        save("retrain", reference, None)
+
+    for index, (name, method_options) in enumerate(options.items(), 1):
+        _say(f"method {index}/{len(options)}: {name} ({METHODS[name].summary})", progress)
+        start = time.perf_counter()
+        output = METHODS[name].run(task, method_options)
+        wall = time.perf_counter() - start
+        after = evaluate(output.model)
+        if "retrain" in results:
+            after["gap_to_retrain"] = gap_to_retrain(after, results["retrain"]["metrics"]["after"])
+            after["time_vs_retrain"] = wall / retrain_time
+        results[name] = {"metrics": {"before": original_metrics, "after": after}, "wall_time_s": wall,
+                         "options": method_options.model_dump(), "mask": save(name, output.model, output.mask)}
+
+    inputs = [file_entry(path, "scenario")] + [file_entry(p, "model weights") for p in loaded.files]
+    record_path = out / "record.json"
+    write_record({
+        "request": scenario.request.model_dump(mode="json"),
+        "scenario": scenario.model_dump(mode="json"),
+        "command": shlex.join(["safeedit", "run", str(path), "--out", str(out)]),
+        "inputs": inputs,
+        "outputs": outputs,
+        "data": {"forget": split.fingerprints()["forget"], "retain": split.fingerprints()["retain"],
+                 "test": fingerprint(test)},
+        "model": {"source": scenario.model.name, "weights_sha256": loaded.weights_sha256},
+        "seeds": {"scenario": scenario.seed, "forget_split": scenario.forget.seed},
+        "environment": environment(device),
+        "mia_informative": mia_is_informative(original_metrics),
+        "results": results,
+    }, record_path)
+    return record_path
+
+
+def _num_classes(model) -> int:
+    config = getattr(model, "config", None)
+    for attribute in ("num_classes", "num_labels"):
+        if isinstance(getattr(config, attribute, None), int):
+            return getattr(config, attribute)
+    raise SafeEditError("cannot tell the number of classes; give the model a config with num_labels")

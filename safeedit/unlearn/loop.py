@@ -1,0 +1,70 @@
+"""The one masked training loop every unlearning method runs."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from tqdm.auto import tqdm
+
+from safeedit.batches import to_device
+from safeedit.errors import SafeEditError
+from safeedit.masks import Mask
+from safeedit.unlearn.masked import masked_training
+from safeedit.unlearn.objectives import Objective
+
+
+class TrainingOptions(BaseModel):
+    """SGD with momentum, as in the SalUn reference; shared by every unlearning method."""
+
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(default=5, ge=1)
+    lr: float = Field(default=0.01, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    batch_size: int = Field(default=64, ge=1)
+    grad_clip: float | None = Field(default=None, gt=0)
+
+
+def unlearn(
+    model: nn.Module,
+    objective: Objective,
+    options: TrainingOptions,
+    mask: Mask | None = None,
+    progress: bool = True,
+    description: str = "unlearning",
+) -> nn.Module:
+    """Run `objective` for `options.epochs` on a copy of `model`, changing only weights inside `mask`.
+
+    The input model is never modified. Gradients outside the mask are zeroed before clipping and masked-out
+    weights are written back after every step (see `masked_training`); batch-norm statistics follow the
+    forward passes in train mode, as in the reference implementations.
+    """
+    edited = copy.deepcopy(model)
+    mask = mask if mask is not None else Mask.full(dict(edited.named_parameters()))
+    device = next(edited.parameters()).device
+    optimizer = torch.optim.SGD(
+        [p for p in edited.parameters() if p.is_floating_point()],
+        lr=options.lr,
+        momentum=options.momentum,
+        weight_decay=options.weight_decay,
+    )
+    edited.train()
+    with masked_training(edited, mask.to(device), optimizer):
+        for epoch in tqdm(range(options.epochs), desc=description, unit="epoch", disable=not progress, leave=False):
+            for phase in objective(epoch):
+                for batch in phase.loader:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = phase.loss(edited, to_device(batch, device))
+                    if not torch.isfinite(loss):
+                        raise SafeEditError(
+                            f"{description}: the {phase.name} loss diverged to {loss.item()} in epoch {epoch}; "
+                            "lower the learning rate"
+                        )
+                    loss.backward()
+                    if options.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(edited.parameters(), options.grad_clip)
+                    optimizer.step()
+    return edited.eval()

@@ -1,0 +1,130 @@
+"""The classifier unlearning methods a scenario can name, each with its validated options.
+
+Every method gets the same task (the original model, forget and retain data, a loader factory) and returns the
+edited model and, where it used one, its mask. `retrain` (from scratch on the retain set, with the original
+recipe) is the reference the approximate methods are measured against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from datasets import Dataset
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.utils.data import DataLoader
+
+from safeedit.attribution import compute_scores, get_score
+from safeedit.errors import SafeEditError
+from safeedit.masks import Mask
+from safeedit.models.training import train_classifier
+from safeedit.unlearn.loop import TrainingOptions, unlearn
+from safeedit.unlearn.objectives import OBJECTIVES, Loaders
+from safeedit.unlearn.salun import SalUnOptions, salun
+
+
+@dataclass
+class UnlearnTask:
+    model: nn.Module  # the original, trained on forget ∪ retain
+    forget: Dataset
+    retain: Dataset
+    num_classes: int
+    loader: Callable[[Dataset, int, bool, int], DataLoader]  # (data, batch size, shuffle, seed)
+    build_fresh: Callable[[], nn.Module]  # a newly initialised model of the same architecture
+    seed: int = 0
+    progress: bool = True
+
+    def loaders(self, batch_size: int) -> Loaders:
+        return Loaders(
+            self.loader(self.forget, batch_size, True, self.seed),
+            self.loader(self.retain, batch_size, True, self.seed + 1),
+            self.num_classes,
+        )
+
+
+@dataclass
+class MethodOutput:
+    model: nn.Module
+    mask: Mask | None = None
+
+
+class ObjectiveOptions(TrainingOptions):
+    mask_score: str | None = Field(default=None, description="restrict the edit to a mask from this score")
+    mask_ratio: float = Field(default=0.5, gt=0, le=1)
+
+
+class L1SparseOptions(ObjectiveOptions):
+    alpha: float = Field(default=5e-4, ge=0, description="initial l1 weight, decayed linearly to 0")
+
+
+class RetrainOptions(BaseModel):
+    """Training from scratch on the retain set; defaults come from the original model's recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+    epochs: int | None = Field(default=None, ge=1)
+    lr: float | None = Field(default=None, gt=0)
+    batch_size: int | None = Field(default=None, ge=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    seed_offset: int = Field(default=1000, description="retrain initialisation seed = scenario seed + offset")
+
+
+def _objective_method(name: str) -> Callable[[UnlearnTask, ObjectiveOptions], MethodOutput]:
+    def run(task: UnlearnTask, options: ObjectiveOptions) -> MethodOutput:
+        loaders = task.loaders(options.batch_size)
+        mask = _mask_from(task, loaders, options) if options.mask_score else None
+        extra = {"alpha": options.alpha} if isinstance(options, L1SparseOptions) else {}
+        objective = OBJECTIVES[name](loaders, options.epochs, task.seed, **extra)
+        return MethodOutput(unlearn(task.model, objective, options, mask, task.progress, name), mask)
+
+    return run
+
+
+def _mask_from(task: UnlearnTask, loaders: Loaders, options: ObjectiveOptions) -> Mask:
+    spec = get_score(options.mask_score)
+    by_role = {
+        "forget": loaders.forget,
+        "retain": loaders.retain,
+        "data": loaders.forget,
+        "calibration": loaders.forget,
+    }
+    scores = compute_scores(task.model, spec.name, {role: by_role[role] for role in spec.roles}, progress=task.progress)
+    return Mask.top_k(scores, options.mask_ratio, "global", {"score": spec.name})
+
+
+def _salun(task: UnlearnTask, options: SalUnOptions) -> MethodOutput:
+    loaders = task.loaders(options.batch_size)
+    model, mask = salun(task.model, loaders.forget, loaders.retain, task.num_classes, options, task.seed, task.progress)
+    return MethodOutput(model, mask)
+
+
+def retrain(task: UnlearnTask, options: RetrainOptions, recipe: dict) -> MethodOutput:
+    """A model trained from scratch on the retain set only: what exact unlearning would produce."""
+    epochs = options.epochs or recipe.get("epochs")
+    lr = options.lr or recipe.get("lr")
+    batch_size = options.batch_size or recipe.get("batch_size", 64)
+    if epochs is None or lr is None:
+        raise SafeEditError("retrain needs a recipe: set retrain.epochs and retrain.lr in the scenario")
+    seed = task.seed + options.seed_offset
+    torch.manual_seed(seed)
+    model = task.build_fresh().to(next(task.model.parameters()).device)
+    loader = task.loader(task.retain, batch_size, True, seed)
+    train_classifier(model, loader, epochs, lr, options.weight_decay, task.progress, "retrain")
+    return MethodOutput(model)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    options: type[BaseModel]
+    run: Callable[[UnlearnTask, BaseModel], MethodOutput]
+    summary: str
+
+
+METHODS: dict[str, MethodSpec] = {
+    "ft": MethodSpec(ObjectiveOptions, _objective_method("ft"), "fine-tune on the retain set"),
+    "ga": MethodSpec(ObjectiveOptions, _objective_method("ga"), "gradient ascent on the forget set"),
+    "rl": MethodSpec(ObjectiveOptions, _objective_method("rl"), "random labels on forget, then retain"),
+    "l1_sparse": MethodSpec(L1SparseOptions, _objective_method("l1_sparse"), "retain fine-tune with decaying l1"),
+    "salun": MethodSpec(SalUnOptions, _salun, "saliency mask + random labels (Fan et al. 2024)"),
+}
