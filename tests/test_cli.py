@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -234,14 +236,19 @@ def test_scores_under_torchrun_equal_single_process(cache, tmp_path, capsys):
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={port}", "-m", "safeedit",
-         *common, "--out", str(double)],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert launched.returncode == 0, launched.stderr[-2000:]
-    assert launched.stdout.count("wrote ") == 1  # rank 0 alone writes
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={port}", "-m", "safeedit", *common, "--out", str(double)]
+    # Own process group, so a hang kills the workers too, not only the launcher.
+    launched = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    try:
+        stdout, stderr = launched.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(launched.pid, signal.SIGKILL)
+        launched.communicate()
+        raise
+    assert launched.returncode == 0, stderr[-2000:]
+    assert stdout.count("wrote ") == 1  # rank 0 alone writes
     expected, _ = load_safetensors(single)
     got, _ = load_safetensors(double)
     assert expected.keys() == got.keys()
