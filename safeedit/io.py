@@ -18,6 +18,12 @@ from safetensors.torch import save_file
 
 from safeedit.errors import SafeEditError
 
+
+def cache_dir() -> Path:
+    """Where trained embedded models and built data sets are cached: `$SAFEEDIT_CACHE`, else ~/.cache/safeedit."""
+    return Path(os.environ.get("SAFEEDIT_CACHE", Path.home() / ".cache" / "safeedit"))
+
+
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 
 

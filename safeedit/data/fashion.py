@@ -38,8 +38,7 @@ import pyarrow as pa
 from datasets import Array3D, ClassLabel, Dataset, DatasetDict, Features, Value
 
 from safeedit.errors import SafeEditError
-from safeedit.io import sha256_file
-from safeedit.models.zoo import cache_dir
+from safeedit.io import cache_dir, sha256_file
 
 ENV_DIR = "SAFEEDIT_FASHION_MNIST_DIR"
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")

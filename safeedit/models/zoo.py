@@ -8,7 +8,6 @@ same seed gives the same weights.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +17,10 @@ from torch import nn
 
 from safeedit.data.loaders import make_loader
 from safeedit.data.sources import load_data
-from safeedit.io import load_safetensors, save_safetensors
+from safeedit.io import cache_dir, load_safetensors, save_safetensors
 from safeedit.models.classifiers import SmallCNN, SmallCNNConfig
 from safeedit.models.state import load_state_dict_strict
 from safeedit.models.training import accuracy, train_classifier
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SAFEEDIT_CACHE", Path.home() / ".cache" / "safeedit"))
 
 
 @dataclass(frozen=True)
