@@ -17,10 +17,15 @@ status is 0 when every target is met, 1 otherwise.
 
 from __future__ import annotations
 
+import os
+
+# OpenMP threads that spin-wait make torch 10-20x slower whenever another process competes for the 2 cores (measured:
+# a digits retrain 7.7 s alone, 75 s beside a second one; with PASSIVE 9.5 s and 13 s). Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -30,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from safeedit.data import load_data, make_loader
 from safeedit.data.forget import ForgetRequest, split_forget
@@ -71,22 +77,23 @@ class Bench:
 
 
 _SGD_EXPLORE = (0.003, 0.01, 0.03, 0.1)
-_GA_EXPLORE = (3e-5, 1e-4, 3e-4, 1e-3)
-# The grids were fixed after `--explore` on the first tune seed (100); see benchmarks/README.md for what it showed.
+_GA_EXPLORE = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4)  # fashion: 1e-4..1e-2 tried first, all too strong
+# The grids were fixed by `--explore` on the first tune seed (100) with the rule it prints: per method, the best lr
+# on the class request and the best on the random request (see benchmarks/README.md and results/*-explore.txt).
 BENCHES = {
     "fashion": Bench(
         "fashion-cnn", "fashion-mnist", 128,
-        lrs={"ft": (0.01, 0.03), "ga": (1e-4, 5e-4), "rl": (0.01, 0.03), "l1_sparse": (0.01, 0.03),
+        lrs={"ft": (0.01, 0.03), "ga": (3e-6, 1e-5), "rl": (0.003, 0.01), "l1_sparse": (0.01, 0.03),
              "salun": (0.01, 0.03)},
         explore_lrs={"ft": _SGD_EXPLORE, "ga": _GA_EXPLORE, "rl": _SGD_EXPLORE, "l1_sparse": _SGD_EXPLORE,
                      "salun": _SGD_EXPLORE},
     ),
     "digits": Bench(
         "digits-cnn", "digits", 64,
-        lrs={"ft": (0.01, 0.03), "ga": (1e-4, 5e-4), "rl": (0.01, 0.03), "l1_sparse": (0.01, 0.03),
-             "salun": (0.01, 0.03)},
-        explore_lrs={"ft": _SGD_EXPLORE, "ga": _GA_EXPLORE, "rl": _SGD_EXPLORE, "l1_sparse": _SGD_EXPLORE,
-                     "salun": _SGD_EXPLORE},
+        lrs={"ft": (0.03, 0.1), "ga": (0.01, 0.03), "rl": (0.003, 0.03), "l1_sparse": (0.03, 0.1),
+             "salun": (0.003, 0.03)},
+        explore_lrs={"ft": _SGD_EXPLORE, "ga": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2), "rl": _SGD_EXPLORE,
+                     "l1_sparse": _SGD_EXPLORE, "salun": _SGD_EXPLORE},  # 146 forget images: 3 GA steps an epoch
     ),
 }
 
@@ -122,8 +129,35 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+COLUMNS = ["pixel_values", "label"]  # the columns make_loader batches for these data sets, in its order
+
+
+class _Slices:
+    """Collate a list of row indices into a dict of tensor slices, as make_loader's in-memory path does."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(indices)
+        return {name: tensor[index] for name, tensor in self.tensors.items()}
+
+
+def batches(tensors: dict[str, torch.Tensor], batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    """The same batches, in the same order, as `make_loader` gives for the rows in `tensors` (checked at start)."""
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(range(len(tensors["label"])), batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      collate_fn=_Slices(tensors))
+
+
 class Context:
-    """What every run shares: the original model, the data, the loaders, the retrain recipe."""
+    """What every run shares: the original model, the data and its tensors, the retrain recipe.
+
+    Loaders: `make_loader` on a `select`ed subset re-reads every Arrow row through the indices mapping (~6 s for the
+    54k Fashion retain set, each time a method builds its loaders: more than one epoch of training). Here the train
+    and test tensors are read once and each forget/retain set is sliced from them by id; the batches are the same
+    as make_loader's (same sampler, same seeded order), which `check_loaders` verifies before any run.
+    """
 
     def __init__(self, bench: Bench) -> None:
         self.bench = bench
@@ -133,11 +167,39 @@ class Context:
         self.weights_sha256 = loaded.weights_sha256
         self.train = load_data(f"{bench.data}:train")
         self.test = load_data(f"{bench.data}:test")
-        self.test_loader = self.loader(self.test, 256)
+        parts = [data.with_format("torch", columns=COLUMNS)[:] for data in (self.train, self.test)]
+        self.rows = {name: torch.cat([part[name] for part in parts]) for name in COLUMNS}
+        ids = np.concatenate([np.asarray(self.train["id"]), np.asarray(self.test["id"])])
+        if len(np.unique(ids)) != len(ids):
+            raise SafeEditError("train and test ids overlap; cannot slice subsets by id")
+        self.position = np.full(int(ids.max()) + 1, -1, dtype=np.int64)
+        self.position[ids] = np.arange(len(ids))
+        self.test_tensors = self.tensors_of(self.test)
+        self.test_loader = batches(self.test_tensors, 256, False, 0)
         self.recipe = {"epochs": self.entry.epochs, "lr": self.entry.lr, "batch_size": self.entry.batch_size}
 
-    def loader(self, data, batch_size: int, shuffle: bool = False, seed: int = 0):
+    def tensors_of(self, data) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(self.position[np.asarray(data["id"])])
+        return {name: tensor[index] for name, tensor in self.rows.items()}
+
+    def make_loader(self, data, batch_size: int, shuffle: bool = False, seed: int = 0):
         return make_loader(data, self.original, None, batch_size, shuffle=shuffle, seed=seed)
+
+
+def check_loaders(ctx: Context) -> str:
+    """Every batch of the sliced loader equals make_loader's, shuffled and not, on a forget and the test set."""
+    split = split_forget(ctx.train, forget_request("random", 0))
+    checked = 0
+    for data in (split.forget, ctx.test):
+        tensors = ctx.tensors_of(data)
+        for batch_size, shuffle, seed in ((ctx.bench.batch_size, True, 7), (256, False, 0)):
+            ours = list(batches(tensors, batch_size, shuffle, seed))
+            theirs = list(ctx.make_loader(data, batch_size, shuffle, seed))
+            if len(ours) != len(theirs) or any(set(a) != set(b) or any(not torch.equal(a[k], b[k]) for k in a)
+                                               for a, b in zip(ours, theirs, strict=True)):
+                raise SafeEditError("the sliced loader differs from make_loader; the benchmark would not be faithful")
+            checked += len(ours)
+    return f"loader check: {checked} batches identical to safeedit.data.make_loader (shuffled and not)"
 
 
 class Setting:
@@ -147,13 +209,20 @@ class Setting:
         self.ctx, self.request, self.seed = ctx, request, seed
         split = split_forget(ctx.train, forget_request(request, seed))
         self.fingerprints = split.fingerprints()
+        self.tensors = {id(data): ctx.tensors_of(data) for data in (split.forget, split.retain)}
         self.task = UnlearnTask(
-            model=ctx.original, forget=split.forget, retain=split.retain, num_classes=10, loader=ctx.loader,
+            model=ctx.original, forget=split.forget, retain=split.retain, num_classes=10, loader=self.loader,
             build_fresh=ctx.entry.build, seed=seed, progress=False,
         )
-        self.forget_loader = ctx.loader(split.forget, 256)
-        self.retain_loader = ctx.loader(split.retain, 256)
+        self.forget_loader = self.loader(split.forget, 256)
+        self.retain_loader = self.loader(split.retain, 256)
         self.reference: dict[str, Any] | None = None
+
+    def loader(self, data, batch_size: int, shuffle: bool = False, seed: int = 0):
+        tensors = self.tensors.get(id(data))  # the task holds both sets, so their ids stay theirs
+        if tensors is None:
+            return self.ctx.make_loader(data, batch_size, shuffle, seed)
+        return batches(tensors, batch_size, shuffle, seed)
 
     def where(self) -> str:
         return f"{self.request:6s} seed={self.seed:<3d}"
@@ -170,16 +239,17 @@ class Setting:
         return {"metrics": metrics}
 
     def retrain(self, offset: int) -> dict[str, Any]:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         model = retrain(self.task, RetrainOptions(seed_offset=offset), self.ctx.recipe).model
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         metrics = self.evaluate(model)
-        run = {"metrics": metrics, "wall_time_s": wall, "init_seed": self.seed + offset}
+        run = {"metrics": metrics, "wall_time_s": wall, "cpu_time_s": cpu, "init_seed": self.seed + offset}
         if self.reference is None:
             self.reference = run
         else:
             metrics["gap"] = gap_to_retrain(metrics, self.reference["metrics"])
             run["time_vs_retrain"] = wall / self.reference["wall_time_s"]
+            run["cpu_time_vs_retrain"] = cpu / self.reference["cpu_time_s"]
         label = "retrain A" if offset == RETRAIN_A else f"retrain +{offset}"
         gap = f"gap={100 * metrics['gap']:6.2f}" if "gap" in metrics else "(reference)"
         progress(f"{self.where()} {label:12s} {wall:6.1f}s {gap} UA={100 * metrics['ua']:6.2f} "
@@ -188,7 +258,7 @@ class Setting:
 
     def run(self, method: str, config: dict[str, Any], tag: str = "") -> dict[str, Any]:
         options = METHODS[method].options(**config)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             output = METHODS[method].run(self.task, options)
         except SafeEditError as error:  # a diverged loss: the config is out, not the benchmark
@@ -196,14 +266,15 @@ class Setting:
             progress(f"{self.where()} {method:9s} {_short(config)} FAILED: {error}")
             return {"config": config, "metrics": None, "error": str(error), "wall_time_s": wall,
                     "time_vs_retrain": wall / self.reference["wall_time_s"]}
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         metrics = self.evaluate(output.model)
         metrics["gap"] = gap_to_retrain(metrics, self.reference["metrics"])
         ratio = wall / self.reference["wall_time_s"]
         progress(f"{self.where()} {tag}{method:9s} {_short(config)} {wall:6.1f}s (x{ratio:.3f} retrain) "
                  f"gap={100 * metrics['gap']:6.2f} UA={100 * metrics['ua']:6.2f} TA={100 * metrics['ta']:6.2f} "
                  f"MIA={100 * metrics['mia_efficacy']:6.2f}")
-        return {"config": config, "metrics": metrics, "wall_time_s": wall, "time_vs_retrain": ratio}
+        return {"config": config, "metrics": metrics, "wall_time_s": wall, "time_vs_retrain": ratio, "cpu_time_s": cpu,
+                "cpu_time_vs_retrain": cpu / self.reference["cpu_time_s"]}
 
 
 def _short(config: dict[str, Any]) -> str:
@@ -220,7 +291,7 @@ def _gap(run: dict[str, Any]) -> float:
 # ----------------------------------------------------------------------------------------------------- phases
 
 
-def explore(ctx: Context, seed: int) -> dict[str, Any]:
+def explore(ctx: Context, seed: int, methods: list[str]) -> dict[str, Any]:
     """Wide learning-rate range, epochs 2, on one tune seed: how the grids of BENCHES were chosen."""
     found: dict[str, Any] = {}
     for request in REQUESTS:
@@ -228,7 +299,7 @@ def explore(ctx: Context, seed: int) -> dict[str, Any]:
         setting.retrain(RETRAIN_A)
         found[request] = {"retrain": setting.reference, "runs": {}}
         say(f"\nExploration, {request} request, tune seed {seed}, epochs 2 (gap to retrain / UA / TA, %):")
-        for method in METHOD_ORDER:
+        for method in methods:
             runs = []
             for lr in ctx.bench.explore_lrs[method]:
                 config = {"lr": lr, "epochs": 2, "batch_size": ctx.bench.batch_size, **FIXED.get(method, {})}
@@ -240,6 +311,22 @@ def explore(ctx: Context, seed: int) -> dict[str, Any]:
                 cells.append(f"lr={run['config']['lr']:g}: " + (
                     f"{100 * m['gap']:.2f}/{100 * m['ua']:.1f}/{100 * m['ta']:.1f}" if m else "diverged"))
             say(f"  {LABELS[method]:10s} " + "   ".join(cells))
+    say("\nSuggested grid (rule: each request's best lr; ties -> the larger lr; one lr best on both -> add its "
+        "neighbour with the smaller mean gap):")
+    suggested = {}
+    for method in methods:
+        lrs = ctx.bench.explore_lrs[method]
+        gaps = {request: [round(_gap(r), 9) for r in found[request]["runs"][method]] for request in REQUESTS}
+        best = {request: min(range(len(lrs)), key=lambda i, g=gaps[request]: (g[i], -i)) for request in REQUESTS}
+        pair = sorted(set(best.values()))
+        if len(pair) == 1:
+            i = pair[0]
+            neighbours = [j for j in (i - 1, i + 1) if 0 <= j < len(lrs)]
+            pair = sorted({i, min(neighbours, key=lambda j: sum(gaps[r][j] for r in REQUESTS))})
+        suggested[method] = [lrs[i] for i in pair]
+        say(f"  {LABELS[method]:10s} lr {' / '.join(f'{lrs[i]:g}' for i in pair)}  (best: "
+            + ", ".join(f"{r} {lrs[best[r]]:g}" for r in REQUESTS) + ")")
+    found["suggested_lrs"] = suggested
     return found
 
 
@@ -307,8 +394,8 @@ def report_runs(ctx: Context, seeds: list[int], chosen, sweep_seeds: list[int], 
 def row_values(runs: list[dict[str, Any]], key: str) -> list[float]:
     values = []
     for run in runs:
-        if key == "time":
-            values.append(run.get("time_vs_retrain", math.nan))
+        if key in ("time", "cpu_time"):
+            values.append(run.get(f"{key}_vs_retrain", math.nan))
         elif run.get("metrics") is None:
             values.append(math.nan)
         else:
@@ -330,8 +417,8 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
         for row, runs in data["rows"].items():
             summary[request][row] = {
                 key: dict(zip(("mean", "std"), mean_std(row_values(runs, key)), strict=True))
-                for key in ("ua", "ra", "ta", "mia_efficacy", "gap", "time", "mia_attack_accuracy", "mia_auc",
-                            "mia_auc_retain_vs_test")
+                for key in ("ua", "ra", "ta", "mia_efficacy", "gap", "time", "cpu_time", "mia_attack_accuracy",
+                            "mia_auc", "mia_auc_retain_vs_test")
             }
     return summary
 
@@ -355,6 +442,9 @@ def print_main_table(raw: dict[str, Any], seeds: list[int]) -> None:
         retrain_s = mean_std([r["wall_time_s"] for r in data["rows"]["retrain"]])
         say(f"(retrain A wall time {retrain_s[0]:.1f} ± {retrain_s[1]:.1f} s; Retrain (2nd init) gap = noise floor; "
             "the Original row is for reference, not a method)")
+        say("process CPU-time / retrain CPU-time (less sensitive to other load): " + "; ".join(
+            f"{LABELS[row]} {cell(row_values(data['rows'][row], 'cpu_time'), 1.0, 3)}"
+            for row in ("retrain_b", *METHOD_ORDER)))
         say("MIA attack power (means, %): " + "; ".join(
             f"{LABELS[row]} acc {100 * mean_std(row_values(data['rows'][row], 'mia_attack_accuracy'))[0]:.1f}"
             f" / AUC f-vs-t {100 * mean_std(row_values(data['rows'][row], 'mia_auc'))[0]:.1f}"
@@ -464,7 +554,8 @@ def plot(path: Path, summary: dict[str, Any], sweep: dict[str, Any], dataset: st
         means = [100 * s[m]["gap"]["mean"] for m in METHOD_ORDER]
         stds = [100 * s[m]["gap"]["std"] for m in METHOD_ORDER]
         colors = ["tab:orange" if m == "salun" else "tab:blue" for m in METHOD_ORDER]
-        ax.bar([LABELS[m] for m in METHOD_ORDER], means, yerr=stds, capsize=4, color=colors)
+        bars = ax.bar([LABELS[m] for m in METHOD_ORDER], means, yerr=stds, capsize=4, color=colors)
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in means], padding=2, fontsize=8)
         noise = 100 * s["retrain_b"]["gap"]["mean"]
         ax.axhline(noise, color="black", linestyle="--", label=f"noise floor (2nd retrain) {noise:.2f}")
         ax.set_title(f"{dataset}: {request} request ({_request_words(request)})")
@@ -495,6 +586,7 @@ def machine(threads: int) -> dict[str, Any]:
     return {
         "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
         "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "requested_threads": threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_average_start": os.getloadavg(),
     }
 
@@ -514,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 seeds, 1 tune seed, 3-ratio sweep on 1 seed")
     parser.add_argument("--explore", action="store_true",
                         help="only the wide learning-rate exploration, on the first tune seed")
+    parser.add_argument("--explore-methods", default=",".join(METHOD_ORDER), help="methods --explore tries")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -529,9 +622,11 @@ def main(argv: list[str] | None = None) -> int:
     info = machine(args.threads)
     say(f"SalUn benchmark, dataset {args.dataset} ({bench.model} on {bench.data}){' [quick]' if args.quick else ''}")
     say(f"machine: {info['cpu']} x{info['cpu_count']}, {info['platform']}, python {info['python']}, "
-        f"torch {info['torch']}; torch threads {info['torch_threads']}; load average {info['load_average_start']}")
+        f"torch {info['torch']}; torch threads {info['torch_threads']} (OMP_WAIT_POLICY={info['omp_wait_policy']}); "
+        f"load average {tuple(round(x, 2) for x in info['load_average_start'])}")
 
     ctx = Context(bench)
+    say(check_loaders(ctx))
     say(f"original model: {bench.model} (embedded, seed {ctx.entry.seed}, recipe {ctx.recipe}), "
         f"{sum(p.numel() for p in ctx.original.parameters())} parameters, weights sha256 {ctx.weights_sha256[:16]}…; "
         f"train {len(ctx.train)} / test {len(ctx.test)}")
@@ -539,9 +634,11 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"salun-{args.dataset}{'-quick' if args.quick else ''}"
 
     if args.explore:
-        found = explore(ctx, tune_seeds[0])
-        _write(args.out / f"salun-{args.dataset}-explore.json", {"machine": info, "exploration": found})
-        (args.out / f"salun-{args.dataset}-explore.txt").write_text("\n".join(REPORT) + "\n", encoding="utf-8")
+        methods = [m for m in METHOD_ORDER if m in args.explore_methods.split(",")]
+        found = explore(ctx, tune_seeds[0], methods)
+        name = f"salun-{args.dataset}-explore{'' if methods == list(METHOD_ORDER) else '-' + '-'.join(methods)}"
+        _write(args.out / f"{name}.json", {"machine": info, "explore_lrs": ctx.bench.explore_lrs, "exploration": found})
+        (args.out / f"{name}.txt").write_text("\n".join(REPORT) + "\n", encoding="utf-8")
         return 0
 
     say(f"reported seeds {seeds}; tune seeds {tune_seeds}; sweep seeds {sweep_seeds}, ratios {list(ratios)}")
@@ -559,7 +656,8 @@ def main(argv: list[str] | None = None) -> int:
     checks = targets(summary)
     total = time.perf_counter() - START
     info["load_average_end"] = os.getloadavg()
-    say(f"\ntotal wall time {total:.0f} s ({total / 60:.1f} min); load average at the end {info['load_average_end']}")
+    say(f"\ntotal wall time {total:.0f} s ({total / 60:.1f} min); load average at the end "
+        f"{tuple(round(x, 2) for x in info['load_average_end'])}")
 
     _write(args.out / f"{stem}.json", {
         "dataset": args.dataset, "model": bench.model, "data": bench.data, "quick": args.quick,
