@@ -16,8 +16,8 @@ import transformers
 from torch import nn
 
 from safeedit.errors import SafeEditError
-from safeedit.io import check_not_pickle, load_safetensors, sha256_file, tensors_sha256
-from safeedit.models.state import check_finite, load_state_dict_strict
+from safeedit.io import check_not_pickle, sha256_file, tensors_sha256
+from safeedit.models.state import check_finite
 from safeedit.models.zoo import EMBEDDED_MODELS
 
 
@@ -45,14 +45,7 @@ def load_model(
     """`spec` is an embedded model name (`digits-cnn`), a folder with `config.json` and safetensors weights, or a
     hub id. `weights` replaces an embedded model's weights with a safetensors file of the same architecture."""
     if spec in EMBEDDED_MODELS:
-        entry = EMBEDDED_MODELS[spec]
-        if weights is None:
-            model, path = entry.load(progress)
-        else:
-            path = Path(weights)
-            model = entry.build()
-            tensors, _ = load_safetensors(path)
-            load_state_dict_strict(model, tensors, str(path))
+        model, path = EMBEDDED_MODELS[spec].load(progress, Path(weights) if weights is not None else None)
         return LoadedModel(model.eval(), spec, files={str(path): sha256_file(path)})
     if weights is not None:
         raise SafeEditError(

@@ -63,10 +63,10 @@ class EmbeddedModel:
         }
         return model, {"recipe": json.dumps(recipe), "test_accuracy": f"{test_accuracy:.4f}"}
 
-    def load(self, progress: bool = True) -> tuple[nn.Module, Path]:
-        """The cached model, trained first if no cache exists."""
-        path = self.weights_path()
-        if not path.exists():
+    def load(self, progress: bool = True, weights: Path | None = None) -> tuple[nn.Module, Path]:
+        """The model with `weights` (a safetensors file), else the cached weights, trained first if not cached."""
+        path = weights or self.weights_path()
+        if weights is None and not path.exists():
             model, metadata = self.train(progress)
             save_safetensors(model.state_dict(), path, {"model": self.name, **metadata})
         model = self.build()
