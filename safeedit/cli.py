@@ -121,7 +121,35 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("scenario", help="a scenario YAML file, e.g. scenarios/digits-forget-class.yaml")
     run.add_argument("--out", help="output folder (default runs/<scenario name>)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.add_argument("--no-pdf", action="store_true", help="write the HTML report only (no Chromium needed)")
     run.set_defaults(func=cmd_run)
+
+    report = commands.add_parser(
+        "report",
+        help="render a run's record as a compliance report (HTML, PDF, JSON)",
+        description="Render RUN (a run folder or its record.json) into report.html (self-contained, offline), "
+        "report.pdf (headless Chromium) and the record JSON (schema: safeedit/report/schema.json).",
+    )
+    report.add_argument("run", help="a run folder written by `safeedit run`, or its record.json")
+    report.add_argument("--out", help="where to write the report (default: next to the record)")
+    report.add_argument("--sign", metavar="KEY", help="sign the record with this Ed25519 private key (PEM) first")
+    report.add_argument("--no-pdf", action="store_true", help="write the HTML report only")
+    report.set_defaults(func=cmd_report)
+
+    verify = commands.add_parser(
+        "verify",
+        help="check a run's files against the SHA-256 in its record, the record's integrity and signature",
+        description="Recompute the SHA-256 of every file RUN's record names and check the record's integrity hash, "
+        "its verdict and (if signed, or with --pubkey) its Ed25519 signature. Exit 0 only if all match; otherwise "
+        "one line per mismatch and exit 1.",
+    )
+    verify.add_argument("run", help="a run folder, or a record.json")
+    verify.add_argument("--pubkey", metavar="KEY.pub", help="require a signature by this Ed25519 public key (PEM)")
+    verify.set_defaults(func=cmd_verify)
+
+    keygen = commands.add_parser("keygen", help="make an Ed25519 key pair for signing records")
+    keygen.add_argument("key", help="private key path (PEM, owner-only); the public key goes to KEY.pub")
+    keygen.set_defaults(func=cmd_keygen)
 
     inspect = commands.add_parser("inspect", help="summarise a mask, check it against a model, compare two masks")
     inspect.add_argument("mask", help="a mask written by `safeedit mask`")
@@ -289,12 +317,60 @@ def _print_summary(mask: Mask, path: str, limit: int = 12) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    from safeedit.report import find_chromium, write_report
     from safeedit.scenario import run_scenario
 
-    record = run_scenario(args.scenario, args.out, progress=not args.quiet)
-    results = json.loads(record.read_text())["results"]
-    _print_results(results)
-    print(f"record: {record}")
+    record_path = run_scenario(args.scenario, args.out, progress=not args.quiet)
+    record = json.loads(record_path.read_text())
+    _print_results(record["results"])
+    pdf = not args.no_pdf and find_chromium() is not None
+    if not args.no_pdf and not pdf:
+        print("no Chromium found, so no PDF (sudo apt-get install chromium); the HTML report has the same content",
+              file=sys.stderr)
+    files = write_report(record_path, pdf=pdf)
+    print(_verdict_line(record["verdict"]))
+    print(f"record: {record_path}")
+    if files.pdf:
+        print(f"report (PDF): {files.pdf}")
+    print(f"report: {files.html}")
+
+
+def _verdict_line(verdict: dict) -> str:
+    if verdict["passed"] is None:
+        return "verdict: none (the scenario declares no criteria)"
+    failed = [row["check"] for row in verdict["criteria"] if not row["passed"]]
+    total = len(verdict["criteria"])
+    return "verdict: PASS" + f" ({total} criteria)" if not failed else f"verdict: FAIL ({len(failed)} of {total}: " \
+        + "; ".join(failed) + ")"
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from safeedit.report import write_report
+
+    files = write_report(args.run, args.out, pdf=not args.no_pdf, sign_key=args.sign)
+    for label, path in (("record", files.record), ("signature", files.signature), ("report (PDF)", files.pdf),
+                        ("report", files.html)):
+        if path is not None:
+            print(f"{label}: {path}")
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from safeedit.report import verify_run
+
+    result = verify_run(args.run, args.pubkey)
+    for problem in result.problems:
+        print(f"MISMATCH {problem}")
+    if not result.ok:
+        raise SystemExit(1)
+    print(f"verified {result.record_path}: " + ", ".join(result.checked))
+
+
+def cmd_keygen(args: argparse.Namespace) -> None:
+    from safeedit.report.signing import generate_key, key_fingerprint, load_public_key
+
+    private, public = generate_key(args.key)
+    print(f"private key: {private} (keep it secret)\npublic key: {public} (fingerprint "
+          f"{key_fingerprint(load_public_key(public))})")
 
 
 def _print_results(results: dict) -> None:

@@ -1,21 +1,188 @@
-"""The run record: what was asked, which files went in and came out (with SHA-256), the environment, and every
-result. Reports are rendered from the record alone (DESIGN.md sections 6-7 name the keys)."""
+"""The run record: what was asked, which files went in and came out (with SHA-256), the environment, every
+result and the verdict of the scenario's criteria. Reports are rendered from the record alone (DESIGN.md
+sections 6-7 name the keys); `Record` is its schema, published as `safeedit/report/schema.json`.
+
+Integrity: ``integrity.sha256`` is the SHA-256 of the record's canonical bytes (`canonical_bytes`: every key
+except ``integrity``, keys sorted, no whitespace, UTF-8). Editing any value without recomputing it is detected by
+`safeedit verify`; a detached Ed25519 signature over the same bytes (`safeedit report --sign`) also detects
+an edit that recomputed it.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import math
 import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import pydantic
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
+from safeedit.errors import SafeEditError
 from safeedit.io import sha256_file, write_text_atomic
 
-SCHEMA = "safeedit.record/1"
+SCHEMA = "safeedit.record/2"
+SHA256 = r"^[0-9a-f]{64}$"
+
+# DESIGN.md section 7, plus the attack-power companions the classification metrics report.
+METRIC_LABELS: dict[str, str] = {
+    "ua": "Unlearning accuracy (1 − forget accuracy)",
+    "ra": "Retain accuracy",
+    "ta": "Test accuracy",
+    "mia_efficacy": "MIA-efficacy (forget set judged unseen)",
+    "mia_attack_accuracy": "Membership attack's own accuracy",
+    "mia_auc": "Membership attack AUC, forget vs test",
+    "mia_auc_retain_vs_test": "Membership attack AUC, retain vs test",
+    "gap_to_retrain": "Gap to retrain (mean |Δ| of UA, RA, TA, MIA-efficacy)",
+    "time_vs_retrain": "Run time relative to retraining",
+    "forget_quality": "Forget quality (KS p-value vs retrain)",
+    "truth_ratio_forget": "Truth ratio on the forget set",
+    "rouge_l_forget": "ROUGE-L recall, forget",
+    "rouge_l_retain": "ROUGE-L recall, retain",
+    "model_utility": "Model utility",
+    "perplexity": "Perplexity",
+    "forget_accuracy": "Forget accuracy",
+    "retain_accuracy": "Retain accuracy",
+    "harmful_score": "Harmful score",
+    "finetune_accuracy": "Fine-tune accuracy",
+    "avg_accuracy": "Average task accuracy",
+    "backdoor_asr": "Attack success rate, backdoored task",
+    "forgetting_accuracy": "Forgetting accuracy",
+    "frechet_distance": "Fréchet distance",
+}
+COUNT_METRICS = frozenset({"n_forget", "n_retain", "n_test", "mia_train_size"})
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FileEntry(Strict):
+    path: str = Field(description="outputs: relative to the record's folder; inputs: as given to the run")
+    role: str
+    sha256: str = Field(pattern=SHA256)
+
+
+class Fingerprint(Strict):
+    count: int = Field(ge=0)
+    ids_sha256: str = Field(pattern=SHA256)
+
+
+class RequestText(Strict):
+    what: str
+    requested_by: str
+    reason: str
+    date: str | None
+
+
+class Metrics(Strict):
+    before: dict[str, float | int | None] | None = None
+    after: dict[str, float | int | None]
+
+
+class LayerDensity(Strict):
+    name: str
+    selected: int
+    total: int
+    density: float
+
+
+class MaskSummary(Strict):
+    path: str
+    selected: int
+    total: int
+    density: float
+    layers: list[LayerDensity]
+
+
+class LayerChange(Strict):
+    name: str
+    changed: int
+    total: int
+
+
+class WeightChanges(Strict):
+    changed: int
+    total: int
+    share: float
+    changed_outside_mask: int | None
+    layers: list[LayerChange]
+
+
+class About(Strict):
+    summary: str
+    limitations: str
+
+
+class Result(Strict):
+    metrics: Metrics
+    wall_time_s: float | None = None
+    seed: int | None = None
+    options: dict[str, Any] | None = None
+    mask: MaskSummary | None = None
+    weight_changes: WeightChanges | None = None
+    evidence: dict[str, Any] | None = Field(default=None, description="plot data: histograms, ROC curves")
+    about: About | None = None
+
+
+class CriterionRow(Strict):
+    check: str
+    why: str
+    result: str
+    metric: str
+    operator: str
+    measured: float | None
+    threshold: float | None
+    passed: bool
+    note: str
+
+
+class Verdict(Strict):
+    passed: bool | None = Field(description="True only if every criterion passed; null when none were declared")
+    criteria: list[CriterionRow]
+
+
+class Integrity(Strict):
+    algorithm: Literal["sha256"] = "sha256"
+    canonical: str = "JSON of every key but 'integrity', keys sorted, separators (',', ':'), UTF-8"
+    sha256: str = Field(pattern=SHA256)
+
+
+class Record(Strict):
+    """A run record, schema `safeedit.record/2`."""
+
+    model_config = ConfigDict(extra="forbid", title="safeedit run record", populate_by_name=True)
+    schema_: Literal["safeedit.record/2"] = Field(alias="schema")
+    created: str
+    kind: str = Field(description="what the run did, e.g. 'classification-unlearning'")
+    request: RequestText
+    scenario: dict[str, Any]
+    command: str = Field(description="the command that reproduces the run, from `working_directory`")
+    working_directory: str
+    inputs: list[FileEntry]
+    outputs: list[FileEntry]
+    data: dict[str, Fingerprint]
+    model: dict[str, Any]
+    seeds: dict[str, int]
+    environment: dict[str, Any]
+    timings: dict[str, float]
+    notes: list[str] = Field(default_factory=list, description="caveats the runner found, in plain words")
+    mia_informative: bool | None = None
+    results: dict[str, Result]
+    verdict: Verdict
+    integrity: Integrity
+
+
+def json_schema() -> dict[str, Any]:
+    """The published JSON Schema of the record (written to safeedit/report/schema.json)."""
+    schema = Record.model_json_schema(by_alias=True)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA, **schema}
 
 
 def file_entry(path: str | os.PathLike, role: str, relative_to: Path | None = None) -> dict[str, str]:
@@ -43,6 +210,63 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def write_record(record: dict[str, Any], path: str | os.PathLike) -> None:
-    record = {"schema": SCHEMA, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **record}
-    write_text_atomic(path, json.dumps(record, indent=2, sort_keys=False, default=str) + "\n")
+def _plain(value: Any) -> Any:
+    """JSON-native copy: NaN and infinities become null (JSON has none), dates and paths become strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def canonical_bytes(record: dict[str, Any]) -> bytes:
+    """The bytes the integrity hash and the signature cover: every key except 'integrity', sorted, compact."""
+    body = {key: value for key, value in record.items() if key != "integrity"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def record_digest(record: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_bytes(record)).hexdigest()
+
+
+def write_record(record: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """Stamp schema, creation time and integrity hash; validate against `Record`; write atomically."""
+    record = _plain({"schema": SCHEMA, "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **record})
+    record["integrity"] = Integrity(sha256="0" * 64).model_dump()
+    record = validate_record(record, str(path)).model_dump(mode="json", by_alias=True)  # every key present
+    record["integrity"] = Integrity(sha256=record_digest(record)).model_dump()
+    write_text_atomic(path, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    stale_signature = Path(f"{path}.sig")  # a signature of the record this one replaces no longer applies
+    stale_signature.unlink(missing_ok=True)
+    return record
+
+
+def validate_record(record: Any, where: str) -> Record:
+    try:
+        return Record.model_validate(record)
+    except pydantic.ValidationError as error:
+        problem = error.errors()[0]
+        at = ".".join(str(part) for part in problem["loc"])
+        raise SafeEditError(f"{where}: not a {SCHEMA} record ({at}: {problem['msg']})") from None
+
+
+def read_record(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and schema-check a record file (or the record.json of a run folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "record.json"
+    if not path.is_file():
+        raise SafeEditError(f"{path}: no such record; give a run folder (with record.json) or a record file")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SafeEditError(f"{path}: not valid JSON ({error}); the record is damaged") from None
+    if not isinstance(record, dict) or record.get("schema") != SCHEMA:
+        found = record.get("schema") if isinstance(record, dict) else type(record).__name__
+        raise SafeEditError(f"{path}: record schema {found!r} is not {SCHEMA!r}; re-run the scenario to rewrite it")
+    validate_record(record, str(path))
+    return record

@@ -21,14 +21,16 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from safeedit.criteria import Criterion, check_names, verdict
 from safeedit.data import load_data, make_loader
 from safeedit.data.forget import ForgetRequest, fingerprint, split_forget
 from safeedit.errors import SafeEditError
-from safeedit.eval.classification import classification_metrics, gap_to_retrain, mia_is_informative
+from safeedit.eval.classification import evaluate_classifier, gap_to_retrain, mia_is_informative
+from safeedit.eval.weights import weight_changes
 from safeedit.io import save_safetensors
 from safeedit.models import EMBEDDED_MODELS, load_model
 from safeedit.record import environment, file_entry, write_record
-from safeedit.unlearn.methods import METHODS, RetrainOptions, UnlearnTask, retrain
+from safeedit.unlearn.methods import METHODS, REFERENCE_ABOUT, RetrainOptions, UnlearnTask, retrain
 
 
 class Strict(BaseModel):
@@ -75,6 +77,7 @@ class Scenario(Strict):
     forget: ForgetRequest
     methods: dict[str, dict[str, Any]] = Field(min_length=1)
     retrain: RetrainOptions | None = RetrainOptions()
+    criteria: list[Criterion] = Field(default_factory=list, description="pass/fail checks the report's verdict uses")
     evaluation: Evaluation = Evaluation()
     seed: int = 0
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads (tiny models: 1 is fastest)")
@@ -113,6 +116,11 @@ def load_scenario(path: str | Path) -> Scenario:
     except pydantic.ValidationError as error:
         raise SafeEditError(f"{path}: {_first_problem(error)}") from None
     scenario.method_options()
+    produced = {"original", *scenario.methods, *(["retrain"] if scenario.retrain is not None else [])}
+    try:
+        check_names(scenario.criteria, produced)
+    except SafeEditError as error:
+        raise SafeEditError(f"{path}: {error}") from None
     return scenario
 
 
@@ -122,7 +130,8 @@ def _say(message: str, progress: bool) -> None:
 
 
 def run_scenario(path: str | Path, out_dir: str | Path | None = None, progress: bool = True) -> Path:
-    """Run the scenario at `path`; return the path of the record it wrote."""
+    """Run the scenario at `path`; return the path of the record it wrote (render it with `safeedit.report`)."""
+    started = time.perf_counter()
     path = Path(path)
     scenario = load_scenario(path)
     options = scenario.method_options()
@@ -147,10 +156,21 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, progress: 
 
     eval_loaders = {name: loader(data, scenario.evaluation.batch_size) for name, data in
                     (("forget", split.forget), ("retain", split.retain), ("test", test))}
+    evaluation_time = 0.0
 
-    def evaluate(model) -> dict[str, float]:
-        return classification_metrics(model, eval_loaders["forget"], eval_loaders["retain"], eval_loaders["test"],
-                                      seed=scenario.seed, max_mia_examples=scenario.evaluation.max_mia_examples)
+    def evaluate(model, name: str, mask=None) -> dict[str, Any]:
+        """The result entry's metrics (after), plot evidence and weight changes of `model`."""
+        nonlocal evaluation_time
+        start = time.perf_counter()
+        evaluation = evaluate_classifier(model, eval_loaders["forget"], eval_loaders["retain"], eval_loaders["test"],
+                                         seed=scenario.seed, max_mia_examples=scenario.evaluation.max_mia_examples)
+        evaluation_time += time.perf_counter() - start
+        about = REFERENCE_ABOUT.get(name) or {"summary": METHODS[name].summary,
+                                              "limitations": METHODS[name].limitations}
+        entry = {"metrics": {"after": evaluation.metrics}, "evidence": evaluation.evidence, "about": about}
+        if name not in ("original", "retrain"):
+            entry["weight_changes"] = weight_changes(original, model, mask)
+        return entry
 
     entry = EMBEDDED_MODELS.get(scenario.model.name)
     recipe = (scenario.model.recipe.model_dump() if scenario.model.recipe else
@@ -162,9 +182,9 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, progress: 
     )
 
     outputs: list[dict[str, str]] = []
-    results: dict[str, dict[str, Any]] = {}
-    original_metrics = evaluate(original)
-    results["original"] = {"metrics": {"after": original_metrics}, "wall_time_s": None}
+    results: dict[str, dict[str, Any]] = {"original": evaluate(original, "original")}
+    results["original"]["wall_time_s"] = None
+    original_metrics = results["original"]["metrics"]["after"]
 
     def save(name: str, model, mask) -> dict | None:
         weights = out / f"{name}.safetensors"
@@ -184,8 +204,7 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, progress: 
         start = time.perf_counter()
         reference = retrain(task, scenario.retrain, recipe).model
         retrain_time = time.perf_counter() - start
-        retrain_metrics = evaluate(reference)
-        results["retrain"] = {"metrics": {"after": retrain_metrics}, "wall_time_s": retrain_time,
+        results["retrain"] = {**evaluate(reference, "retrain"), "wall_time_s": retrain_time,
                               "seed": scenario.seed + scenario.retrain.seed_offset}
         save("retrain", reference, None)
 
@@ -194,19 +213,34 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, progress: 
         start = time.perf_counter()
         output = METHODS[name].run(task, method_options)
         wall = time.perf_counter() - start
-        after = evaluate(output.model)
+        result = evaluate(output.model, name, output.mask)
+        after = result["metrics"]["after"]
         if "retrain" in results:
             after["gap_to_retrain"] = gap_to_retrain(after, results["retrain"]["metrics"]["after"])
             after["time_vs_retrain"] = wall / retrain_time
-        results[name] = {"metrics": {"before": original_metrics, "after": after}, "wall_time_s": wall,
-                         "options": method_options.model_dump(), "mask": save(name, output.model, output.mask)}
+        result["metrics"]["before"] = original_metrics
+        results[name] = {**result, "wall_time_s": wall, "seed": scenario.seed, "options": method_options.model_dump(),
+                         "mask": save(name, output.model, output.mask)}
+
+    notes = []
+    if not mia_is_informative(original_metrics):
+        notes.append(
+            f"The SVC membership attack tells retain from test examples of the original model only "
+            f"{original_metrics['mia_attack_accuracy']:.0%} of the time (50% = guessing), so MIA-efficacy carries "
+            f"little evidence here; the log-odds attack AUC (retain vs test "
+            f"{original_metrics['mia_auc_retain_vs_test']:.2f}) shows how much power any such attack has."
+        )
+    if scenario.retrain is None:
+        notes.append("No model was retrained without the forget data, so closeness to exact unlearning is unknown.")
 
     inputs = [file_entry(path, "scenario")] + [file_entry(p, "model weights") for p in loaded.files]
     record_path = out / "record.json"
     write_record({
+        "kind": "classification-unlearning",
         "request": scenario.request.model_dump(mode="json"),
         "scenario": scenario.model_dump(mode="json"),
         "command": shlex.join(["safeedit", "run", str(path), "--out", str(out)]),
+        "working_directory": str(Path.cwd()),
         "inputs": inputs,
         "outputs": outputs,
         "data": {"forget": split.fingerprints()["forget"], "retain": split.fingerprints()["retain"],
@@ -214,8 +248,12 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, progress: 
         "model": {"source": scenario.model.name, "weights_sha256": loaded.weights_sha256},
         "seeds": {"scenario": scenario.seed, "forget_split": scenario.forget.seed},
         "environment": environment(device),
+        "timings": {"total_s": time.perf_counter() - started, "evaluation_s": evaluation_time,
+                    **({"retrain_s": retrain_time} if retrain_time is not None else {})},
+        "notes": notes,
         "mia_informative": mia_is_informative(original_metrics),
         "results": results,
+        "verdict": verdict(scenario.criteria, results),
     }, record_path)
     return record_path
 

@@ -96,7 +96,7 @@ def digits_run(tmp_path_factory):
 
 def test_record_holds_results_hashes_and_request(digits_run):
     record_path, record = digits_run
-    assert record["schema"] == "safeedit.record/1"
+    assert record["schema"] == "safeedit.record/2"
     assert record["request"]["what"] == BASE["request"]["what"]
     assert set(record["results"]) == {"original", "retrain", "salun", "ga"}
     salun = record["results"]["salun"]
@@ -135,6 +135,7 @@ def test_cli_run_prints_table_and_record(tmp_path, capsys, monkeypatch):
     stdout = capsys.readouterr().out
     assert code == 0
     assert "record: " in stdout and "retrain" in stdout and "gap_to_retrain" in stdout
+    assert stdout.strip().splitlines()[-1] == f"report: {tmp_path / 'out' / 'report.html'}"
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.svm import SVC
 from torch import nn
 
@@ -189,19 +189,49 @@ def mia_auc(forget: Predictions, retain: Predictions, test: Predictions) -> dict
     return {"mia_auc": _log_odds_auc(forget, test), "mia_auc_retain_vs_test": _log_odds_auc(retain, test)}
 
 
-def classification_metrics(
+HISTOGRAM_BINS = 20
+ROC_POINTS = 101
+
+
+def _roc(positives: Predictions, negatives: Predictions) -> dict[str, list[float]]:
+    """The log-odds attack's ROC curve, TPR interpolated on an even grid of ROC_POINTS false-positive rates."""
+    scores = np.concatenate([true_label_log_odds(positives), true_label_log_odds(negatives)])
+    targets = np.concatenate([np.ones(len(positives)), np.zeros(len(negatives))])
+    fpr, tpr, _ = roc_curve(targets, scores)
+    grid = np.linspace(0.0, 1.0, ROC_POINTS)
+    return {"fpr": [round(float(x), 6) for x in grid], "tpr": [round(float(y), 6) for y in np.interp(grid, fpr, tpr)]}
+
+
+def classification_evidence(forget: Predictions, retain: Predictions, test: Predictions) -> dict[str, Any]:
+    """What a report plots, small enough for the record: true-label confidence histograms (counts in
+    HISTOGRAM_BINS equal bins of [0, 1]) per set, and the ROC curves of the log-odds membership attack
+    (forget vs test, and retain vs test as the attack's power on known members)."""
+    edges = np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)
+    histogram = {"edges": [round(float(e), 6) for e in edges]}
+    for pred, name in ((forget, "forget"), (retain, "retain"), (test, "test")):
+        counts, _ = np.histogram(true_label_confidence(pred).double().numpy(), bins=edges)
+        histogram[name] = [int(c) for c in counts]
+    return {
+        "confidence_histogram": histogram,
+        "mia_roc": {"forget_vs_test": _roc(forget, test), "retain_vs_test": _roc(retain, test)},
+    }
+
+
+@dataclass
+class ClassifierEvaluation:
+    metrics: dict[str, float]
+    evidence: dict[str, Any]
+
+
+def evaluate_classifier(
     model: nn.Module,
     forget_loader: Iterable[Any],
     retain_loader: Iterable[Any],
     test_loader: Iterable[Any],
     seed: int = 0,
     max_mia_examples: int = 5000,
-) -> dict[str, float]:
-    """UA, RA, TA, both MIAs and the set sizes of `model`, under the record keys of DESIGN.md section 7.
-
-    Keys: ua, ra, ta, mia_efficacy, mia_attack_accuracy, mia_train_size, mia_auc, mia_auc_retain_vs_test
-    (fractions in [0, 1], except mia_train_size) and n_forget, n_retain, n_test. Counts are ints.
-    """
+) -> ClassifierEvaluation:
+    """`classification_metrics` and `classification_evidence` from one pass over the three sets."""
     forget = predictions(model, forget_loader)
     retain = predictions(model, retain_loader)
     test = predictions(model, test_loader)
@@ -215,7 +245,23 @@ def classification_metrics(
     metrics.update(mia_efficacy(forget, retain, test, seed=seed, max_examples=max_mia_examples))
     metrics.update(mia_auc(forget, retain, test))
     metrics.update({"n_forget": len(forget), "n_retain": len(retain), "n_test": len(test)})
-    return metrics
+    return ClassifierEvaluation(metrics, classification_evidence(forget, retain, test))
+
+
+def classification_metrics(
+    model: nn.Module,
+    forget_loader: Iterable[Any],
+    retain_loader: Iterable[Any],
+    test_loader: Iterable[Any],
+    seed: int = 0,
+    max_mia_examples: int = 5000,
+) -> dict[str, float]:
+    """UA, RA, TA, both MIAs and the set sizes of `model`, under the record keys of DESIGN.md section 7.
+
+    Keys: ua, ra, ta, mia_efficacy, mia_attack_accuracy, mia_train_size, mia_auc, mia_auc_retain_vs_test
+    (fractions in [0, 1], except mia_train_size) and n_forget, n_retain, n_test. Counts are ints.
+    """
+    return evaluate_classifier(model, forget_loader, retain_loader, test_loader, seed, max_mia_examples).metrics
 
 
 def mia_is_informative(metrics: Mapping[str, float], margin: float = 0.05) -> bool:

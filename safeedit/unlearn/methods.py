@@ -119,12 +119,33 @@ class MethodSpec:
     options: type[BaseModel]
     run: Callable[[UnlearnTask, BaseModel], MethodOutput]
     summary: str
+    limitations: str  # in plain words, for the compliance report
 
 
+_APPROXIMATE = (
+    "Approximate unlearning: the edited model is not proven identical to one trained without the data; the "
+    "evidence is behavioural (accuracies, membership attacks) on the sets evaluated here. "
+)
 METHODS: dict[str, MethodSpec] = {
-    "ft": MethodSpec(ObjectiveOptions, _objective_method("ft"), "fine-tune on the retain set"),
-    "ga": MethodSpec(ObjectiveOptions, _objective_method("ga"), "gradient ascent on the forget set"),
-    "rl": MethodSpec(ObjectiveOptions, _objective_method("rl"), "random labels on forget, then retain"),
-    "l1_sparse": MethodSpec(L1SparseOptions, _objective_method("l1_sparse"), "retain fine-tune with decaying l1"),
-    "salun": MethodSpec(SalUnOptions, _salun, "saliency mask + random labels (Fan et al. 2024)"),
+    "ft": MethodSpec(ObjectiveOptions, _objective_method("ft"), "fine-tune on the retain set", _APPROXIMATE
+                     + "Fine-tuning only lets the model drift away from the forget data; it often keeps it."),
+    "ga": MethodSpec(ObjectiveOptions, _objective_method("ga"), "gradient ascent on the forget set", _APPROXIMATE
+                     + "Gradient ascent has no stopping point: too far and the model breaks on everything else."),
+    "rl": MethodSpec(ObjectiveOptions, _objective_method("rl"), "random labels on forget, then retain", _APPROXIMATE
+                     + "Random labels change every weight; nothing bounds the edit to what the data influenced."),
+    "l1_sparse": MethodSpec(L1SparseOptions, _objective_method("l1_sparse"), "retain fine-tune with decaying l1",
+                            _APPROXIMATE + "Sparsity makes forgetting by fine-tuning easier but does not target "
+                            "the forget data."),
+    "salun": MethodSpec(SalUnOptions, _salun, "saliency mask + random labels (Fan et al. 2024)", _APPROXIMATE
+                        + "Only the weights with the largest forget-loss gradient are edited; the rest stay "
+                        "bit-identical. The mask ratio and learning rate were tuned on other seeds; a different "
+                        "model or request may need them re-tuned."),
+}
+REFERENCE_ABOUT: dict[str, dict[str, str]] = {
+    "original": {"summary": "the model before any edit", "limitations": "Reference only; not an unlearning method."},
+    "retrain": {
+        "summary": "trained from scratch on the retain set only: what exact unlearning would produce",
+        "limitations": "One retrained model from one seed; retrained models differ from each other too (the noise "
+                       "floor of 'gap to retrain' is measured in benchmarks/salun.py).",
+    },
 }

@@ -1,0 +1,126 @@
+"""Render a run record into the compliance report: one self-contained HTML file (inline CSS and SVG plots, no
+network), a PDF of the same page printed by headless Chromium, and the record itself as the JSON rendering
+(schema: safeedit/report/schema.json). Everything shown comes from the record; user text is escaped."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+
+from safeedit.io import atomic_path, write_text_atomic
+from safeedit.record import COUNT_METRICS, METRIC_LABELS, read_record
+from safeedit.report.chromium import html_to_pdf
+from safeedit.report.plots import all_figures
+from safeedit.report.signing import read_signature, sign_record, signature_path
+from safeedit.report.texts import kind_text
+from safeedit.report.verify import verify_run
+
+REFERENCE_ROWS = {"original": "before (original model)", "retrain": "reference (retrained without the data)"}
+
+
+@dataclass
+class ReportFiles:
+    html: Path
+    pdf: Path | None
+    record: Path
+    signature: Path | None
+
+
+def format_metric(name: str, value: Any) -> str:
+    """How a metric reads in the report: fractions as percentages, gaps in points, time as a ratio."""
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return "—" if value is None else str(value)
+    if name in COUNT_METRICS:
+        return f"{int(value):,}"
+    if name == "gap_to_retrain":
+        return f"{100 * value:.1f} pts"
+    if name == "time_vs_retrain":
+        return f"{value:.2f}×"
+    if name in ("perplexity", "frechet_distance"):
+        return f"{value:.2f}"
+    if name in ("mia_auc", "mia_auc_retain_vs_test", "forget_quality"):
+        return f"{value:.3g}"
+    return f"{100 * value:.1f}%"
+
+
+def _environment():
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("safeedit.report", "templates"),
+        autoescape=True,  # every user-supplied string (request, scenario, paths) is HTML-escaped
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    environment.filters["metric"] = lambda value, name: format_metric(name, value)
+    environment.filters["seconds"] = lambda s: "—" if s is None else (f"{s:.1f} s" if s < 600 else f"{s / 60:.1f} min")
+    return environment
+
+
+def _headline(record: dict[str, Any]) -> list[str]:
+    text = kind_text(record["kind"])
+    measured = {m for r in record["results"].values() for m in r["metrics"]["after"]}
+    metrics = [m for m in text.headline_metrics if m in measured]
+    return metrics or sorted(m for m in measured if m not in COUNT_METRICS)
+
+
+def render_html(record: dict[str, Any], record_path: Path, verification, signature: dict | None) -> str:
+    """The report page as a string; `verification` is a `verify.Verification` run just before."""
+    metrics = _headline(record)
+    edited = {name: {layer["name"]: layer for layer in r["weight_changes"]["layers"]}
+              for name, r in record["results"].items() if r.get("weight_changes")}
+    sizes = {name: layer["total"] for layers in edited.values() for name, layer in layers.items()}
+    layer_changes = {"methods": list(edited), "layers": [
+        (name, size, [layers[name]["changed"] / max(1, size) if name in layers else None for layers in edited.values()])
+        for name, size in sizes.items()]}
+    return _environment().get_template("report.html.j2").render(
+        record=record,
+        record_path=str(record_path),
+        run_folder=str(record_path.parent),
+        kind=kind_text(record["kind"]),
+        metrics=metrics,
+        labels=METRIC_LABELS,
+        reference_rows=REFERENCE_ROWS,
+        figures=all_figures(record, metrics),
+        layer_changes=layer_changes,
+        verification=verification,
+        signature=signature,
+        scenario_yaml=yaml.safe_dump(record["scenario"], sort_keys=False, allow_unicode=True, width=100),
+        generated=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    )
+
+
+def write_report(target: str | os.PathLike, out_dir: str | os.PathLike | None = None, pdf: bool = True,
+                 sign_key: str | os.PathLike | None = None) -> ReportFiles:
+    """Render the record of run folder (or record file) `target` into `out_dir` (default: next to the record).
+
+    With `sign_key`, first writes a detached Ed25519 signature of the record (`record.json.sig`). The record is
+    verified (hashes of every file it names) before rendering, and the outcome is part of the report.
+    """
+    record_path = Path(target) / "record.json" if Path(target).is_dir() else Path(target)
+    record = read_record(record_path)
+    if sign_key is not None:
+        sign_record(record, record_path, sign_key)
+    verification = verify_run(record_path)
+    signature = read_signature(record_path)
+    out = Path(out_dir) if out_dir else record_path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    record_copy, signature_copy = out / "record.json", None
+    if record_copy.resolve() != record_path.resolve():
+        with atomic_path(record_copy) as partial:
+            shutil.copyfile(record_path, partial)
+    if signature is not None:
+        signature_copy = signature_path(record_copy)
+        if signature_copy.resolve() != signature_path(record_path).resolve():
+            with atomic_path(signature_copy) as partial:
+                shutil.copyfile(signature_path(record_path), partial)
+    html = out / "report.html"
+    write_text_atomic(html, render_html(record, record_path, verification, signature))
+    pdf_path = html_to_pdf(html, out / "report.pdf") if pdf else None
+    return ReportFiles(html, pdf_path, record_copy, signature_copy)

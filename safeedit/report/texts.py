@@ -1,0 +1,65 @@
+"""Plain-language parts of the report that depend on what kind of run it was: which metrics lead the tables,
+how to read them, and what the evidence does and does not support for the obligations a reader has in mind.
+
+The wording maps evidence to obligations; it is not legal advice, and the report says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Obligation:
+    name: str
+    supports: str
+    does_not_prove: str
+
+
+@dataclass(frozen=True)
+class KindText:
+    title: str
+    headline_metrics: tuple[str, ...]  # the metrics table's columns, in order
+    higher_is_better: dict[str, bool] = field(default_factory=dict)
+    reading: str = ""
+    obligations: tuple[Obligation, ...] = ()
+
+
+_ERASURE = Obligation(
+    "Right to erasure (GDPR Art. 17) for personal data used in training",
+    "The named training examples were targeted by an edit of the model; on those examples the edited model "
+    "behaves like a model that never saw them (accuracy, confidence and membership-attack results against the "
+    "retrained reference), and the files evaluated are the files named here (SHA-256).",
+    "It does not prove that no information about the examples remains in the weights: the tests are behavioural "
+    "and limited to the attacks and data sets evaluated. It does not cover copies of the data, other models, "
+    "logs or backups, and it does not by itself establish that erasure was legally required or sufficient.",
+)
+_ROBUSTNESS = Obligation(
+    "Accuracy, robustness and cybersecurity (EU AI Act Art. 15) and record keeping (Art. 12)",
+    "The cost of the edit on the model's intended task is measured (retain and test accuracy), the edit is "
+    "localised (share of weights changed, and none changed outside the mask for masked methods), and the run is "
+    "reproducible from the recorded command, seeds and file hashes.",
+    "It does not assess robustness to inputs or attacks not evaluated here, and one run on one seed does not "
+    "give a confidence interval; the benchmarks in the project repeat the measurement over seeds.",
+)
+
+KINDS: dict[str, KindText] = {
+    "classification-unlearning": KindText(
+        title="Removal of training data from a classifier",
+        headline_metrics=("ua", "ra", "ta", "mia_efficacy", "gap_to_retrain", "time_vs_retrain"),
+        higher_is_better={"ra": True, "ta": True},
+        reading=(
+            "UA (unlearning accuracy) is the share of forget examples the model now gets wrong; a model retrained "
+            "without them is the target, not 100% in general. RA and TA are accuracies on the kept training data "
+            "and on unseen test data: the cost. MIA-efficacy is the share of forget examples a membership attack "
+            "judges 'not in the training set'. Gap to retrain is the mean absolute difference to the retrained "
+            "reference over UA, RA, TA and MIA-efficacy: lower is closer to exact unlearning."
+        ),
+        obligations=(_ERASURE, _ROBUSTNESS),
+    ),
+}
+DEFAULT_KIND = KindText(title="Model edit", headline_metrics=(), obligations=(_ROBUSTNESS,))
+
+
+def kind_text(kind: str) -> KindText:
+    return KINDS.get(kind, DEFAULT_KIND)

@@ -1,0 +1,94 @@
+"""`safeedit verify`: are these the very files the record says were evaluated, and is the record as written?
+
+Checks, each reported on its own line: the record parses and matches its schema; its integrity hash matches its
+canonical bytes; its verdict follows from its own results and criteria; every input and output file exists
+with the recorded SHA-256; and, when a signature or trusted public key is present, the Ed25519 signature.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safeedit.criteria import Criterion, verdict
+from safeedit.errors import SafeEditError
+from safeedit.io import sha256_file
+from safeedit.record import read_record, record_digest
+from safeedit.report.signing import check_signature, key_fingerprint, load_public_key, read_signature
+
+
+@dataclass
+class Verification:
+    record_path: Path
+    checked: list[str] = field(default_factory=list)  # what passed, for the summary line
+    problems: list[str] = field(default_factory=list)  # one line per mismatch
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _resolve(entry_path: str, bases: list[Path]) -> Path:
+    path = Path(entry_path)
+    if path.is_absolute():
+        return path
+    return next((base / path for base in bases if (base / path).exists()), bases[0] / path)
+
+
+def verify_run(target: str | os.PathLike, pubkey: str | os.PathLike | None = None) -> Verification:
+    """Verify a run folder or record file; never raises for a mismatch, only for unusable arguments."""
+    record_path = Path(target) / "record.json" if Path(target).is_dir() else Path(target)
+    result = Verification(record_path)
+    trusted = load_public_key(pubkey) if pubkey else None
+    try:
+        record = read_record(record_path)
+    except SafeEditError as error:
+        result.problems.append(str(error))
+        return result
+
+    if record_digest(record) != record["integrity"]["sha256"]:
+        result.problems.append(f"{record_path}: integrity hash mismatch: the record was changed after it was written")
+    else:
+        result.checked.append("record integrity")
+
+    criteria = [Criterion.model_validate(c) for c in record["scenario"].get("criteria", [])]
+    if verdict(criteria, record["results"]) != record["verdict"]:
+        result.problems.append(f"{record_path}: the verdict does not follow from the record's results and criteria")
+    else:
+        result.checked.append("verdict")
+
+    folder = record_path.parent
+    working = Path(record.get("working_directory", "."))
+    entries = [(entry, [folder]) for entry in record["outputs"]]
+    entries += [(entry, [working, folder, Path.cwd()]) for entry in record["inputs"]]
+    file_problems = []
+    for entry, bases in entries:
+        path = _resolve(entry["path"], bases)
+        if not path.is_file():
+            file_problems.append(f"{entry['path']}: missing ({entry['role']}; looked for {path})")
+        elif (found := sha256_file(path)) != entry["sha256"]:
+            file_problems.append(
+                f"{entry['path']}: SHA-256 mismatch ({entry['role']}): recorded {entry['sha256'][:16]}…, "
+                f"file has {found[:16]}…"
+            )
+    result.problems.extend(file_problems)
+    if not file_problems:
+        result.checked.append(f"{len(entries)} files")
+
+    try:
+        signature = read_signature(record_path)
+    except SafeEditError as error:
+        result.problems.append(str(error))
+        return result
+    if signature is None:
+        if trusted is not None:
+            result.problems.append(f"{record_path}: not signed (no {record_path.name}.sig), but --pubkey asks for it")
+    else:
+        problems = check_signature(record, signature, trusted)
+        result.problems.extend(f"{record_path}.sig: {p}" for p in problems)
+        if not problems:
+            who = f"key {key_fingerprint(trusted)}" if trusted else (
+                f"key {signature['key_fingerprint']}, not checked against a trusted key (pass --pubkey)")
+            result.checked.append(f"Ed25519 signature by {who}")
+    return result
