@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="where to write the report (default: next to the record)")
     report.add_argument("--sign", metavar="KEY", help="sign the record with this Ed25519 private key (PEM) first")
     report.add_argument("--no-pdf", action="store_true", help="write the HTML report only")
+    report.add_argument("--png", action="store_true", help="also write report.png, the first A4 screen of the report")
     report.set_defaults(func=cmd_report)
 
     verify = commands.add_parser(
@@ -345,11 +346,12 @@ def _verdict_line(verdict: dict) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from safeedit.report import write_report
+    from safeedit.report import screenshot, write_report
 
     files = write_report(args.run, args.out, pdf=not args.no_pdf, sign_key=args.sign)
-    for label, path in (("record", files.record), ("signature", files.signature), ("report (PDF)", files.pdf),
-                        ("report", files.html)):
+    png = screenshot(files.html, files.html.with_suffix(".png"), width=794, height=1123) if args.png else None
+    for label, path in (("record", files.record), ("signature", files.signature), ("first page (PNG)", png),
+                        ("report (PDF)", files.pdf), ("report", files.html)):
         if path is not None:
             print(f"{label}: {path}")
 

@@ -40,7 +40,7 @@ METRIC_LABELS: dict[str, str] = {
     "mia_auc": "Membership attack AUC, forget vs test",
     "mia_auc_retain_vs_test": "Membership attack AUC, retain vs test",
     "gap_to_retrain": "Gap to retrain (mean |Δ| of UA, RA, TA, MIA-efficacy)",
-    "time_vs_retrain": "Run time relative to retraining",
+    "time_vs_retrain": "Time vs retrain (run time relative to retraining)",
     "forget_quality": "Forget quality (KS p-value vs retrain)",
     "truth_ratio_forget": "Truth ratio on the forget set",
     "rouge_l_forget": "ROUGE-L recall, forget",

@@ -18,15 +18,22 @@ if ! .venv/bin/python -c "import safeedit, pytest, ruff" 2>/dev/null \
   .venv/bin/pip install -q -e ".[test]"
   touch .venv/.safeedit-installed
 fi
-# Fashion-MNIST (for the fashion-* scenarios and benchmarks) comes from Debian's dataset-fashion-mnist package.
-if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z "${SAFEEDIT_FASHION_MNIST_DIR:-}" ]; then
+# Debian packages, when missing: Chromium (PDF reports and the report tests) and Fashion-MNIST (fashion-* scenarios).
+apt_install() {  # apt_install PACKAGE WHAT
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "[setup] installing Fashion-MNIST (apt-get install dataset-fashion-mnist)" >&2
-    (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
-      || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1; }) \
-      || echo "[setup] Fashion-MNIST not installed; the digits scenarios work without it" >&2
+    echo "[setup] installing $2 (apt-get install $1)" >&2
+    (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$1" >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 \
+           && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$1" >/dev/null 2>&1; }) \
+      || echo "[setup] could not install $1; $3" >&2
   else
-    echo "[setup] for the fashion-* scenarios: sudo apt-get install dataset-fashion-mnist" >&2
+    echo "[setup] not root: run 'sudo apt-get install $1' ($3)" >&2
   fi
+}
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null && [ -z "${SAFEEDIT_CHROMIUM:-}" ]; then
+  apt_install chromium "Chromium" "reports are written as HTML only, and the report tests need it"
+fi
+if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z "${SAFEEDIT_FASHION_MNIST_DIR:-}" ]; then
+  apt_install dataset-fashion-mnist "Fashion-MNIST" "the digits scenarios work without it"
 fi
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, safeedit; print("safeedit", safeedit.__version__, "torch", torch.__version__)')" >&2

@@ -298,3 +298,14 @@ def test_report_into_another_folder_carries_the_record_and_signature(run_copy, k
     assert files.record.read_bytes() == (run_copy / "record.json").read_bytes()
     assert files.signature.read_bytes() == (run_copy / "record.json.sig").read_bytes()
     assert files.html.parent == tmp_path / "for-auditor"
+
+
+def test_a_record_without_reference_masks_or_evidence_still_renders(run_folder):
+    """Records of other kinds may lack any optional part: the page renders what is there, nothing breaks."""
+    record = read_record(run_folder)
+    del record["results"]["retrain"]
+    for result in record["results"].values():
+        result.update(mask=None, evidence=None, weight_changes=None, about=None, options=None)
+    record["kind"] = "some-future-kind"
+    html = render_html(record, run_folder / "record.json", verify_run(run_folder), None)
+    assert "after: <b>salun</b>" in html and 'id="weights"' not in html and "data:image/svg+xml" in html

@@ -34,7 +34,8 @@ def _run(arguments: list[str], html: Path, out: Path, what: str) -> Path:
             f"cannot write {what}: Chromium is not installed; run `sudo apt-get install chromium` "
             "(or set SAFEEDIT_CHROMIUM), or pass --no-pdf"
         )
-    with tempfile.TemporaryDirectory(prefix="safeedit-chromium-") as profile, atomic_path(out, suffix=f".tmp{out.suffix}") as partial:
+    with (tempfile.TemporaryDirectory(prefix="safeedit-chromium-") as profile,
+          atomic_path(out, suffix=f".tmp{out.suffix}") as partial):
         command = [executable, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                    "--no-first-run", "--disable-extensions", "--disable-background-networking",
                    f"--user-data-dir={profile}", *[a.format(out=partial) for a in arguments],
