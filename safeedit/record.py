@@ -193,6 +193,9 @@ def file_entry(path: str | os.PathLike, role: str, relative_to: Path | None = No
 
 def environment(device: torch.device) -> dict[str, Any]:
     import datasets
+    import numpy
+    import safetensors
+    import sklearn
     import transformers
 
     import safeedit
@@ -204,6 +207,9 @@ def environment(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "datasets": datasets.__version__,
+        "numpy": numpy.__version__,
+        "scikit-learn": sklearn.__version__,
+        "safetensors": safetensors.__version__,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch_threads": torch.get_num_threads(),

@@ -86,6 +86,24 @@ def test_published_schema_matches_the_record_model():
     assert published["properties"]["schema"]["const"] == "safeedit.record/2"
 
 
+def test_record_validates_against_the_published_schema(run_folder):
+    from importlib.resources import files
+
+    import jsonschema
+
+    schema = json.loads(files("safeedit.report").joinpath("schema.json").read_text())
+    record = read_record(run_folder)
+    jsonschema.Draft202012Validator(schema).validate(record)
+    broken = copy.deepcopy(record)
+    broken["outputs"][0]["sha256"] = "not-a-hash"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(schema).validate(broken)
+    broken = copy.deepcopy(record)
+    del broken["verdict"]
+    with pytest.raises(jsonschema.ValidationError, match="'verdict' is a required property"):
+        jsonschema.Draft202012Validator(schema).validate(broken)
+
+
 def test_record_has_verdict_evidence_and_weight_changes(run_folder):
     record = read_record(run_folder)
     Record.model_validate(record)
