@@ -54,9 +54,10 @@ METRIC_LABELS: dict[str, str] = {
     "avg_accuracy": "Average task accuracy",
     "backdoor_asr": "Attack success rate, backdoored task",
     "forgetting_accuracy": "Forgetting accuracy",
-    "frechet_distance": "Fréchet distance",
+    "frechet_distance": "Fréchet distance (judge features, generated vs real retain images)",
+    "forget_class_share": "Share of all samples judged as the forget class",
 }
-COUNT_METRICS = frozenset({"n_forget", "n_retain", "n_test", "mia_train_size"})
+COUNT_METRICS = frozenset({"n_forget", "n_retain", "n_test", "mia_train_size", "n_generated_per_class"})
 
 
 class Strict(BaseModel):

@@ -2,35 +2,27 @@
 
     safeedit run scenarios/digits-forget-class.yaml [--out DIR]
 
-The runner loads (or trains, for embedded models) the original model, splits the training data into forget and
-retain sets, trains the retrain reference, runs each named method, evaluates all of them with the same metrics,
-and writes the edited weights, the masks and `record.json` into the output folder.
+`kind` picks the job (default `classification`: forget data from a classifier; `generation`: forget a class
+in a conditional diffusion model); each kind has its own strict schema (unknown keys are errors) and runner in
+`safeedit.runners`, and every runner writes weights, masks and `record.json` into the output folder.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import shlex
-import sys
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from safeedit.criteria import Criterion, check_names, verdict
-from safeedit.data import load_data, make_loader
-from safeedit.data.forget import ForgetRequest, fingerprint, split_forget
+from safeedit.criteria import Criterion, check_names
+from safeedit.data.forget import ForgetRequest
 from safeedit.errors import SafeEditError
-from safeedit.eval.classification import evaluate_classifier, gap_to_retrain, mia_is_informative
-from safeedit.eval.weights import weight_changes
-from safeedit.io import save_safetensors
-from safeedit.models import EMBEDDED_MODELS, load_model
-from safeedit.record import environment, file_entry, write_record
-from safeedit.unlearn.methods import METHODS, REFERENCE_ABOUT, RetrainOptions, UnlearnTask, retrain
+from safeedit.unlearn.diffusion import GENERATION_METHODS, DiffusionRetrainOptions
+from safeedit.unlearn.methods import METHODS, RetrainOptions
 
 
 class Strict(BaseModel):
@@ -68,31 +60,70 @@ class Evaluation(Strict):
     max_mia_examples: int = Field(default=5000, ge=10)
 
 
-class Scenario(Strict):
+class ScenarioBase(Strict):
     name: str = Field(pattern=r"^[\w.\-]+$")
     description: str = ""
     request: Request
     model: ModelSection
     data: DataSection
     forget: ForgetRequest
-    methods: dict[str, dict[str, Any]] = Field(min_length=1)
-    retrain: RetrainOptions | None = RetrainOptions()
+    methods: dict[str, dict[str, Any] | None] = Field(min_length=1)
     criteria: list[Criterion] = Field(default_factory=list, description="pass/fail checks the report's verdict uses")
-    evaluation: Evaluation = Evaluation()
     seed: int = 0
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads (tiny models: 1 is fastest)")
 
     def method_options(self) -> dict[str, BaseModel]:
+        registry = self.method_registry()
         options = {}
         for name, given in self.methods.items():
-            if name not in METHODS:
-                choices = ", ".join(METHODS)
+            if name not in registry:
+                choices = ", ".join(registry)
                 raise SafeEditError(f"scenario '{self.name}': unknown method {name!r}; choose from {choices}")
             try:
-                options[name] = METHODS[name].options(**(given or {}))
+                options[name] = registry[name].options(**(given or {}))
             except pydantic.ValidationError as error:
                 raise SafeEditError(f"scenario '{self.name}': methods.{name}: {_first_problem(error)}") from None
         return options
+
+    def method_registry(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class Scenario(ScenarioBase):
+    """Forget data from a classifier (`kind: classification`, the default)."""
+
+    kind: Literal["classification"] = "classification"
+    retrain: RetrainOptions | None = RetrainOptions()
+    evaluation: Evaluation = Evaluation()
+
+    def method_registry(self) -> dict[str, Any]:
+        return METHODS
+
+
+class JudgeSection(Strict):
+    name: str = Field(description="a classifier of the real images: embedded name, folder or hub id")
+    weights: str | None = None
+
+
+class GenerationEvaluation(Strict):
+    per_class: int = Field(default=100, ge=2, description="samples generated per class")
+    sampling_steps: int = Field(default=50, ge=1, description="DDIM steps")
+    guidance: float = Field(default=2.0, ge=0, description="classifier-free guidance scale (1 = none)")
+
+
+class GenerationScenario(ScenarioBase):
+    """Forget a class in a class-conditional diffusion model (`kind: generation`)."""
+
+    kind: Literal["generation"]
+    judge: JudgeSection
+    retrain: DiffusionRetrainOptions | None = DiffusionRetrainOptions()
+    evaluation: GenerationEvaluation = GenerationEvaluation()
+
+    def method_registry(self) -> dict[str, Any]:
+        return GENERATION_METHODS
+
+
+KINDS: dict[str, type[ScenarioBase]] = {"classification": Scenario, "generation": GenerationScenario}
 
 
 def _first_problem(error: pydantic.ValidationError) -> str:
@@ -101,7 +132,7 @@ def _first_problem(error: pydantic.ValidationError) -> str:
     return f"{where}: {problem['msg']}" if where else problem["msg"]
 
 
-def load_scenario(path: str | Path) -> Scenario:
+def load_scenario(path: str | Path) -> ScenarioBase:
     path = Path(path)
     if not path.is_file():
         raise SafeEditError(f"{path}: no such scenario file; see scenarios/ for ready-made ones")
@@ -111,8 +142,11 @@ def load_scenario(path: str | Path) -> Scenario:
         raise SafeEditError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise SafeEditError(f"{path}: a scenario is a YAML mapping with keys name, request, model, data, ...")
+    kind = raw.get("kind", "classification")
+    if kind not in KINDS:
+        raise SafeEditError(f"{path}: kind: unknown kind {kind!r}; choose from {', '.join(KINDS)}")
     try:
-        scenario = Scenario(**raw)
+        scenario = KINDS[kind](**raw)
     except pydantic.ValidationError as error:
         raise SafeEditError(f"{path}: {_first_problem(error)}") from None
     scenario.method_options()
@@ -124,143 +158,21 @@ def load_scenario(path: str | Path) -> Scenario:
     return scenario
 
 
-def _say(message: str, progress: bool) -> None:
-    if progress:
-        print(f"[safeedit] {message}", file=sys.stderr, flush=True)
 
 
 def run_scenario(path: str | Path, out_dir: str | Path | None = None, progress: bool = True) -> Path:
     """Run the scenario at `path`; return the path of the record it wrote (render it with `safeedit.report`)."""
-    started = time.perf_counter()
     path = Path(path)
     scenario = load_scenario(path)
-    options = scenario.method_options()
     out = Path(out_dir) if out_dir else Path("runs") / scenario.name
     out.mkdir(parents=True, exist_ok=True)
     if scenario.threads:
         torch.set_num_threads(scenario.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(scenario, GenerationScenario):
+        from safeedit.runners.generation import run_generation
 
-    _say(f"scenario {scenario.name}: loading model {scenario.model.name}", progress)
-    loaded = load_model(scenario.model.name, scenario.model.weights, trust_remote_code=scenario.model.trust_remote_code,
-                        progress=progress)
-    original = loaded.model.to(device)
-    train = load_data(f"{scenario.data.source}:{scenario.data.train_split}")
-    test = load_data(f"{scenario.data.source}:{scenario.data.test_split}")
-    split = split_forget(train, scenario.forget)
-    _say(f"forget {len(split.forget)} / retain {len(split.retain)} / test {len(test)} examples", progress)
+        return run_generation(scenario, path, out, device, progress)
+    from safeedit.runners.classification import run_classification
 
-    def loader(data, batch_size: int, shuffle: bool = False, seed: int = 0):
-        return make_loader(data, original, loaded.tokenizer, batch_size, shuffle=shuffle, seed=seed,
-                           image_processor=loaded.image_processor)
-
-    eval_loaders = {name: loader(data, scenario.evaluation.batch_size) for name, data in
-                    (("forget", split.forget), ("retain", split.retain), ("test", test))}
-    evaluation_time = 0.0
-
-    def evaluate(model, name: str, mask=None) -> dict[str, Any]:
-        """The result entry's metrics (after), plot evidence and weight changes of `model`."""
-        nonlocal evaluation_time
-        start = time.perf_counter()
-        evaluation = evaluate_classifier(model, eval_loaders["forget"], eval_loaders["retain"], eval_loaders["test"],
-                                         seed=scenario.seed, max_mia_examples=scenario.evaluation.max_mia_examples)
-        evaluation_time += time.perf_counter() - start
-        about = REFERENCE_ABOUT.get(name) or {"summary": METHODS[name].summary,
-                                              "limitations": METHODS[name].limitations}
-        entry = {"metrics": {"after": evaluation.metrics}, "evidence": evaluation.evidence, "about": about}
-        if name not in ("original", "retrain"):
-            entry["weight_changes"] = weight_changes(original, model, mask)
-        return entry
-
-    entry = EMBEDDED_MODELS.get(scenario.model.name)
-    recipe = (scenario.model.recipe.model_dump() if scenario.model.recipe else
-              {"epochs": entry.epochs, "lr": entry.lr, "batch_size": entry.batch_size} if entry else {})
-    task = UnlearnTask(
-        model=original, forget=split.forget, retain=split.retain, num_classes=_num_classes(original),
-        loader=loader, build_fresh=entry.build if entry else lambda: type(original)(original.config),
-        seed=scenario.seed, progress=progress,
-    )
-
-    outputs: list[dict[str, str]] = []
-    results: dict[str, dict[str, Any]] = {"original": evaluate(original, "original")}
-    results["original"]["wall_time_s"] = None
-    original_metrics = results["original"]["metrics"]["after"]
-
-    def save(name: str, model, mask) -> dict | None:
-        weights = out / f"{name}.safetensors"
-        save_safetensors(model.state_dict(), weights, {"method": name, "scenario": scenario.name})
-        outputs.append(file_entry(weights, "edited weights" if name != "retrain" else "reference weights", out))
-        if mask is None:
-            return None
-        mask_path = out / f"{name}.mask.safetensors"
-        mask.metadata.update(source_weights_sha256=loaded.weights_sha256, method=name)
-        mask.save(mask_path)
-        outputs.append(file_entry(mask_path, "mask", out))
-        return {"path": mask_path.name, **{k: v for k, v in mask.summary().items() if k != "metadata"}}
-
-    retrain_time = None
-    if scenario.retrain is not None:
-        _say("retraining from scratch on the retain set (the reference)", progress)
-        start = time.perf_counter()
-        reference = retrain(task, scenario.retrain, recipe).model
-        retrain_time = time.perf_counter() - start
-        results["retrain"] = {**evaluate(reference, "retrain"), "wall_time_s": retrain_time,
-                              "seed": scenario.seed + scenario.retrain.seed_offset}
-        save("retrain", reference, None)
-
-    for index, (name, method_options) in enumerate(options.items(), 1):
-        _say(f"method {index}/{len(options)}: {name} ({METHODS[name].summary})", progress)
-        start = time.perf_counter()
-        output = METHODS[name].run(task, method_options)
-        wall = time.perf_counter() - start
-        result = evaluate(output.model, name, output.mask)
-        after = result["metrics"]["after"]
-        if "retrain" in results:
-            after["gap_to_retrain"] = gap_to_retrain(after, results["retrain"]["metrics"]["after"])
-            after["time_vs_retrain"] = wall / retrain_time
-        result["metrics"]["before"] = original_metrics
-        results[name] = {**result, "wall_time_s": wall, "seed": scenario.seed, "options": method_options.model_dump(),
-                         "mask": save(name, output.model, output.mask)}
-
-    notes = []
-    if not mia_is_informative(original_metrics):
-        notes.append(
-            f"The SVC membership attack tells retain from test examples of the original model only "
-            f"{original_metrics['mia_attack_accuracy']:.0%} of the time (50% = guessing), so MIA-efficacy carries "
-            f"little evidence here; the log-odds attack AUC (retain vs test "
-            f"{original_metrics['mia_auc_retain_vs_test']:.2f}) shows how much power any such attack has."
-        )
-    if scenario.retrain is None:
-        notes.append("No model was retrained without the forget data, so closeness to exact unlearning is unknown.")
-
-    inputs = [file_entry(path, "scenario")] + [file_entry(p, "model weights") for p in loaded.files]
-    record_path = out / "record.json"
-    write_record({
-        "kind": "classification-unlearning",
-        "request": scenario.request.model_dump(mode="json"),
-        "scenario": scenario.model_dump(mode="json"),
-        "command": shlex.join(["safeedit", "run", str(path), "--out", str(out)]),
-        "working_directory": str(Path.cwd()),
-        "inputs": inputs,
-        "outputs": outputs,
-        "data": {"forget": split.fingerprints()["forget"], "retain": split.fingerprints()["retain"],
-                 "test": fingerprint(test)},
-        "model": {"source": scenario.model.name, "weights_sha256": loaded.weights_sha256},
-        "seeds": {"scenario": scenario.seed, "forget_split": scenario.forget.seed},
-        "environment": environment(device),
-        "timings": {"total_s": time.perf_counter() - started, "evaluation_s": evaluation_time,
-                    **({"retrain_s": retrain_time} if retrain_time is not None else {})},
-        "notes": notes,
-        "mia_informative": mia_is_informative(original_metrics),
-        "results": results,
-        "verdict": verdict(scenario.criteria, results),
-    }, record_path)
-    return record_path
-
-
-def _num_classes(model) -> int:
-    config = getattr(model, "config", None)
-    for attribute in ("num_classes", "num_labels"):
-        if isinstance(getattr(config, attribute, None), int):
-            return getattr(config, attribute)
-    raise SafeEditError("cannot tell the number of classes; give the model a config with num_labels")
+    return run_classification(scenario, path, out, device, progress)

@@ -4,6 +4,7 @@ network), a PDF of the same page printed by headless Chromium, and the record it
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import os
 import shutil
@@ -14,7 +15,7 @@ from typing import Any
 import jinja2
 import yaml
 
-from safeedit.io import atomic_path, write_text_atomic
+from safeedit.io import atomic_path, sha256_file, write_text_atomic
 from safeedit.record import COUNT_METRICS, METRIC_LABELS, read_record
 from safeedit.report.chromium import html_to_pdf
 from safeedit.report.plots import all_figures
@@ -70,6 +71,16 @@ def _headline(record: dict[str, Any]) -> list[str]:
     return metrics or sorted(m for m in measured if m not in COUNT_METRICS)
 
 
+def _output_images(record: dict[str, Any], folder: Path) -> dict[str, str]:
+    """Output images the run wrote (e.g. the sample grid), inlined only if their SHA-256 matches the record."""
+    images = {}
+    for entry in record["outputs"]:
+        path = folder / entry["path"]
+        if entry["role"] == "sample grid" and path.is_file() and sha256_file(path) == entry["sha256"]:
+            images["samples"] = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    return images
+
+
 def render_html(record: dict[str, Any], record_path: Path, verification, signature: dict | None) -> str:
     """The report page as a string; `verification` is a `verify.Verification` run just before."""
     metrics = _headline(record)
@@ -87,7 +98,7 @@ def render_html(record: dict[str, Any], record_path: Path, verification, signatu
         metrics=metrics,
         labels=METRIC_LABELS,
         reference_rows=REFERENCE_ROWS,
-        figures=all_figures(record, metrics),
+        figures={**all_figures(record, metrics), **_output_images(record, record_path.parent)},
         layer_changes=layer_changes,
         verification=verification,
         signature=signature,

@@ -43,6 +43,14 @@ _ROBUSTNESS = Obligation(
     "give a confidence interval; the benchmarks in the project repeat the measurement over seeds.",
 )
 
+_CONCEPT = Obligation(
+    "Requests to stop generating a class or concept (copyright, likeness, content policy)",
+    "Samples generated for the removed class are, by a separately trained judge, no longer that class, while "
+    "samples of the other classes keep their quality (retain accuracy, Fréchet distance), on the recorded files.",
+    "It does not show that the class cannot be produced in other ways (other conditions, guidance scales, "
+    "samplers, fine-tuning or adversarial prompts), nor that the training images were erased from the weights.",
+)
+
 KINDS: dict[str, KindText] = {
     "classification-unlearning": KindText(
         title="Removal of training data from a classifier",
@@ -56,6 +64,19 @@ KINDS: dict[str, KindText] = {
             "reference over UA, RA, TA and MIA-efficacy: lower is closer to exact unlearning."
         ),
         obligations=(_ERASURE, _ROBUSTNESS),
+    ),
+    "generation-unlearning": KindText(
+        title="Removal of a class from an image generator",
+        headline_metrics=("forgetting_accuracy", "retain_accuracy", "frechet_distance", "forget_class_share",
+                          "time_vs_retrain"),
+        reading=(
+            "A classifier trained separately on real images judges generated samples. Forgetting accuracy is the "
+            "share of samples generated for the forget class that it does not recognise as that class (higher = "
+            "better forgotten); retain accuracy is the share of samples for the other classes recognised as the "
+            "class asked for (the cost); the Fréchet distance compares the judge's features of generated and real "
+            "images of the other classes (lower = closer to real images)."
+        ),
+        obligations=(_CONCEPT, _ROBUSTNESS),
     ),
 }
 DEFAULT_KIND = KindText(title="Model edit", headline_metrics=(), obligations=(_ROBUSTNESS,))

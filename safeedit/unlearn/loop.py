@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,6 +27,7 @@ class TrainingOptions(BaseModel):
     weight_decay: float = Field(default=5e-4, ge=0)
     batch_size: int = Field(default=64, ge=1)
     grad_clip: float | None = Field(default=None, gt=0)
+    optimizer: Literal["sgd", "adam"] = Field(default="sgd", description="adam: Adam(W) with betas (0.9, 0.999)")
 
 
 def unlearn(
@@ -45,12 +47,12 @@ def unlearn(
     edited = copy.deepcopy(model)
     mask = mask if mask is not None else Mask.full(dict(edited.named_parameters()))
     device = next(edited.parameters()).device
-    optimizer = torch.optim.SGD(
-        [p for p in edited.parameters() if p.is_floating_point()],
-        lr=options.lr,
-        momentum=options.momentum,
-        weight_decay=options.weight_decay,
-    )
+    trainable = [p for p in edited.parameters() if p.is_floating_point()]
+    if options.optimizer == "adam":
+        optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(trainable, lr=options.lr, momentum=options.momentum,
+                                    weight_decay=options.weight_decay)
     edited.train()
     with masked_training(edited, mask.to(device), optimizer):
         for epoch in tqdm(range(options.epochs), desc=description, unit="epoch", disable=not progress, leave=False):

@@ -1,0 +1,211 @@
+"""Class-conditional diffusion models: a `diffusers` UNet2DModel and its DDPM noise schedule.
+
+The embedded `digits-ddpm` is trained by the project on scikit-learn's 8×8 handwritten digits (train split),
+pixels mapped from [0, 1] to [-1, 1], with classifier-free guidance: the class label is replaced by a null class
+(index `num_classes`) for `p_uncond` of the examples, so sampling can steer with a guidance scale. One intra-op
+thread and a fixed seed give the same weights on every machine; they are cached as safetensors.
+
+Any diffusers UNet given by path works too: a folder with `config.json` and `diffusion_pytorch_model.safetensors`
+(`UNet2DModel.save_pretrained`), with its scheduler in `scheduler/` or the folder itself (else the default DDPM
+schedule). Its `num_class_embeds` must be the number of classes, or that plus one for a null class.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from tqdm.auto import tqdm
+
+from safeedit.errors import SafeEditError
+from safeedit.io import cache_dir, load_safetensors, save_safetensors, sha256_file
+from safeedit.models.state import load_state_dict_strict
+
+
+@dataclass
+class DiffusionModel:
+    """A class-conditional UNet and its training noise schedule."""
+
+    unet: UNet2DModel
+    scheduler: DDPMScheduler
+    num_classes: int
+
+    @property
+    def null_class(self) -> int | None:
+        """The label meaning 'no class' (classifier-free guidance), if the UNet has one."""
+        return self.num_classes if self.unet.config.num_class_embeds == self.num_classes + 1 else None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.unet.config.in_channels, *size)
+
+
+def noise_prediction(unet: UNet2DModel, noisy: torch.Tensor, timesteps: torch.Tensor,
+                     labels: torch.Tensor) -> torch.Tensor:
+    return unet(noisy, timesteps, class_labels=labels).sample
+
+
+def diffusion_loss(model: DiffusionModel, unet: UNet2DModel, images: torch.Tensor, labels: torch.Tensor,
+                   generator: torch.Generator) -> torch.Tensor:
+    """The DDPM training loss: MSE between the noise added at a uniformly random timestep and its prediction.
+
+    `unet` is passed separately from `model` so the same loss serves the model being edited. Timesteps and noise
+    come from `generator` (CPU), so a seeded generator makes the loss reproducible.
+    """
+    steps = torch.randint(0, model.scheduler.config.num_train_timesteps, (len(images),), generator=generator)
+    noise = torch.randn(images.shape, generator=generator)
+    steps, noise = steps.to(images.device), noise.to(images.device)
+    noisy = model.scheduler.add_noise(images, noise, steps)
+    return torch.nn.functional.mse_loss(noise_prediction(unet, noisy, steps, labels), noise)
+
+
+def to_model_space(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] (the data sets' pixels) to the diffusion model's [-1, 1]."""
+    return pixel_values * 2 - 1
+
+
+def to_pixels(samples: torch.Tensor) -> torch.Tensor:
+    """Generated samples in [-1, 1] back to [0, 1] pixels (clipped)."""
+    return ((samples.clamp(-1, 1) + 1) / 2).float()
+
+
+@dataclass(frozen=True)
+class DiffusionRecipe:
+    steps: int = 6000
+    lr: float = 1e-3
+    batch_size: int = 128
+    p_uncond: float = 0.1
+    seed: int = 0
+
+
+def train_diffusion(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor, recipe: DiffusionRecipe,
+                    progress: bool = True, description: str = "training diffusion") -> DiffusionModel:
+    """Train `model.unet` in place on `images` ([-1, 1]) and `labels` with AdamW and a cosine learning rate.
+
+    Batches are drawn with replacement-free shuffles per epoch from a seeded generator; with a null class,
+    `p_uncond` of the labels are dropped to it (classifier-free guidance).
+    """
+    generator = torch.Generator().manual_seed(recipe.seed)
+    device = next(model.unet.parameters()).device
+    optimizer = torch.optim.AdamW(model.unet.parameters(), lr=recipe.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=recipe.steps,
+                                                   pct_start=0.05)
+    model.unet.train()
+    order = torch.randperm(len(images), generator=generator)
+    cursor = 0
+    for _ in tqdm(range(recipe.steps), desc=description, unit="step", disable=not progress, leave=False,
+                  mininterval=2.0):
+        if cursor + recipe.batch_size > len(order):
+            order, cursor = torch.randperm(len(images), generator=generator), 0
+        index = order[cursor:cursor + recipe.batch_size]
+        cursor += recipe.batch_size
+        batch_labels = labels[index].clone()
+        if model.null_class is not None:
+            dropped = torch.rand(len(index), generator=generator) < recipe.p_uncond
+            batch_labels[dropped] = model.null_class
+        loss = diffusion_loss(model, model.unet, images[index].to(device), batch_labels.to(device), generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.unet.eval()
+    return model
+
+
+def digits_unet() -> UNet2DModel:
+    """0.7M-parameter UNet for 8×8 grey images, 10 classes + a null class."""
+    return UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        num_class_embeds=11, norm_num_groups=8,
+    )
+
+
+def default_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+
+
+@dataclass(frozen=True)
+class EmbeddedDiffusion:
+    name: str
+    data: str
+    recipe: DiffusionRecipe
+
+    def weights_path(self) -> Path:
+        return cache_dir() / "models" / f"{self.name}-seed{self.recipe.seed}.safetensors"
+
+    def build(self) -> DiffusionModel:
+        return DiffusionModel(digits_unet(), default_scheduler(), num_classes=10)
+
+    def load(self, progress: bool = True) -> tuple[DiffusionModel, Path]:
+        """The cached model, trained first (single thread, seeded) if not cached."""
+        path = self.weights_path()
+        model = self.build()
+        if not path.is_file():
+            model = train_embedded(self, model, progress)
+            save_safetensors(model.unet.state_dict(), path, {"recipe": json.dumps(self.recipe.__dict__),
+                                                              "data": self.data})
+        tensors, _ = load_safetensors(path)
+        load_state_dict_strict(model.unet, tensors, str(path))
+        model.unet.eval()
+        return model, path
+
+
+def train_embedded(entry: EmbeddedDiffusion, model: DiffusionModel, progress: bool) -> DiffusionModel:
+    from safeedit.data import load_data
+
+    train = load_data(f"{entry.data}:train").with_format("torch")[:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(entry.recipe.seed)
+        model = entry.build()
+        return train_diffusion(model, to_model_space(train["pixel_values"].float()), train["label"].long(),
+                               entry.recipe, progress, f"training {entry.name} (once; cached)")
+    finally:
+        torch.set_num_threads(threads)
+
+
+EMBEDDED_DIFFUSION: dict[str, EmbeddedDiffusion] = {
+    "digits-ddpm": EmbeddedDiffusion("digits-ddpm", "digits", DiffusionRecipe()),
+}
+
+
+@dataclass
+class LoadedDiffusion:
+    model: DiffusionModel
+    files: list[Path]
+
+    @property
+    def weights_sha256(self) -> str:
+        return sha256_file(self.files[0])
+
+
+def load_diffusion(spec: str, num_classes: int | None = None, progress: bool = True) -> LoadedDiffusion:
+    """An embedded diffusion model by name, or a diffusers UNet folder (safetensors only, never pickles)."""
+    if spec in EMBEDDED_DIFFUSION:
+        model, path = EMBEDDED_DIFFUSION[spec].load(progress)
+        return LoadedDiffusion(model, [path])
+    folder = Path(spec)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    if not (folder / "config.json").is_file() or not weights.is_file():
+        choices = ", ".join(EMBEDDED_DIFFUSION)
+        raise SafeEditError(f"{spec}: not an embedded diffusion model ({choices}) nor a diffusers UNet folder with "
+                            "config.json and diffusion_pytorch_model.safetensors")
+    unet = UNet2DModel.from_pretrained(os.fspath(folder), use_safetensors=True)
+    embeds = unet.config.num_class_embeds
+    if not embeds:
+        raise SafeEditError(f"{spec}: the UNet is not class-conditional (num_class_embeds is not set)")
+    classes = num_classes or embeds
+    if embeds not in (classes, classes + 1):
+        raise SafeEditError(f"{spec}: num_class_embeds={embeds} fits neither {classes} classes nor {classes} + null")
+    scheduler_folder = next((f for f in (folder / "scheduler", folder) if (f / "scheduler_config.json").is_file()),
+                            None)
+    scheduler = DDPMScheduler.from_pretrained(os.fspath(scheduler_folder)) if scheduler_folder else default_scheduler()
+    return LoadedDiffusion(DiffusionModel(unet.eval(), scheduler, classes), [weights])
