@@ -81,7 +81,7 @@ def main() -> None:
     def evaluate(model: DiffusionModel, seed: int, tuning: bool) -> tuple[dict, torch.Tensor]:
         per_class, steps = (args.tune_per_class, args.tune_sampling_steps) if tuning else (args.per_class,
                                                                                           args.sampling_steps)
-        return generation_metrics(model, judge, FORGET_CLASS, real_retain, per_class, steps, 2.0, seed)
+        return generation_metrics(model, judge, FORGET_CLASS, real_retain, per_class, steps, 1.0, seed)
 
     methods = {"unmasked": None, **{f"salun r={r}": r for r in args.ratios}}
     grid = list(itertools.product(args.lrs, args.epochs))
@@ -160,7 +160,8 @@ def _mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str
 
 def report(args, results, chosen, tuning_log, judge_acc, weights, retrain_time) -> list[str]:
     lines = [
-        "SalUn for generation: forget the digit 3 in digits-ddpm (diffusers UNet2DModel, DDPM, CFG scale 2)",
+        "SalUn for generation: forget the digit 3 in digits-ddpm (diffusers UNet2DModel, DDPM; DDIM sampling, "
+        "no guidance)",
         f"machine: {platform.processor() or platform.machine()} x{os.cpu_count()}, {platform.platform()}, "
         f"torch {torch.__version__}, threads {args.threads}",
         f"model weights: {weights.name}; judge digits-cnn accuracy on real test images {judge_acc:.2%}",

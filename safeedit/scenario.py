@@ -108,7 +108,7 @@ class JudgeSection(Strict):
 class GenerationEvaluation(Strict):
     per_class: int = Field(default=100, ge=2, description="samples generated per class")
     sampling_steps: int = Field(default=50, ge=1, description="DDIM steps")
-    guidance: float = Field(default=2.0, ge=0, description="classifier-free guidance scale (1 = none)")
+    guidance: float = Field(default=1.0, ge=0, description="classifier-free guidance scale (1 = plain conditional)")
 
 
 class GenerationScenario(ScenarioBase):

@@ -8,8 +8,8 @@
   samples and of real retain-class test images (lower = closer to real images).
 - ``judge_accuracy``: the judge's accuracy on real test images (recorded so its verdicts can be trusted).
 
-Samples come from DDIM (`eta` = 0, deterministic given the seeded initial noise) with classifier-free guidance
-when the UNet has a null class.
+Samples come from DDIM (`eta` = 0, deterministic given the seeded initial noise), conditioned on the class;
+with a guidance scale other than 1 and a UNet with a null class, with classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from safeedit.models.diffusion import DiffusionModel, noise_prediction, to_pixel
 
 
 @torch.no_grad()
-def generate(model: DiffusionModel, labels: torch.Tensor, steps: int = 50, guidance: float = 2.0, seed: int = 0,
+def generate(model: DiffusionModel, labels: torch.Tensor, steps: int = 50, guidance: float = 1.0, seed: int = 0,
              batch_size: int = 500) -> torch.Tensor:
     """Samples (pixels in [0, 1], [N, C, H, W], on the CPU) for each label, with DDIM and CFG scale `guidance`."""
     device = next(model.unet.parameters()).device
@@ -95,7 +95,7 @@ def frechet_distance(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray)
 
 
 def generation_metrics(model: DiffusionModel, judge: nn.Module, forget_class: int, real_retain: torch.Tensor,
-                       per_class: int = 100, steps: int = 50, guidance: float = 2.0,
+                       per_class: int = 100, steps: int = 50, guidance: float = 1.0,
                        seed: int = 0) -> tuple[dict[str, float], torch.Tensor]:
     """Metrics of `model` (see the module doc) and the generated samples, `per_class` per class in class order."""
     labels = torch.arange(model.num_classes).repeat_interleave(per_class)

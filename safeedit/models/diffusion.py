@@ -77,7 +77,7 @@ def to_pixels(samples: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class DiffusionRecipe:
-    steps: int = 6000
+    steps: int = 4000
     lr: float = 1e-3
     batch_size: int = 128
     p_uncond: float = 0.1
