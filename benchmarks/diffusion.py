@@ -55,10 +55,11 @@ def main() -> None:
     parser.add_argument("--tune-seeds", type=int, nargs="+", default=[100, 101])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3])
-    parser.add_argument("--epochs", type=int, nargs="+", default=[5, 15])
+    parser.add_argument("--epochs", type=int, nargs="+", default=[5, 10])
+    parser.add_argument("--alphas", type=float, nargs="+", default=[1e-3, 1.0], help="retain-loss weights")
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--sampling-steps", type=int, default=50)
-    parser.add_argument("--tune-per-class", type=int, default=40)
+    parser.add_argument("--tune-per-class", type=int, default=50)
     parser.add_argument("--tune-sampling-steps", type=int, default=25)
     parser.add_argument("--no-retrain", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
@@ -84,23 +85,24 @@ def main() -> None:
         return generation_metrics(model, judge, FORGET_CLASS, real_retain, per_class, steps, 1.0, seed)
 
     methods = {"unmasked": None, **{f"salun r={r}": r for r in args.ratios}}
-    grid = list(itertools.product(args.lrs, args.epochs))
+    grid = list(itertools.product(args.lrs, args.epochs, args.alphas))
 
     # --- tuning on seeds that are never reported -----------------------------------------------------------
     chosen: dict[str, dict] = {}
     tuning_log: dict[str, list] = {}
     for method, ratio in methods.items():
         rows = []
-        for lr, epochs in grid:
-            options = DiffusionUnlearnOptions(ratio=ratio, lr=lr, epochs=epochs, batch_size=64)
+        for lr, epochs, alpha in grid:
+            options = DiffusionUnlearnOptions(ratio=ratio, lr=lr, epochs=epochs, alpha=alpha, batch_size=64)
             runs = []
             for seed in args.tune_seeds:
                 edited, _ = salun_diffusion(original, forget, retain, options, seed, progress=False)
                 runs.append(evaluate(edited, seed, tuning=True)[0])
             forgetting = statistics.mean(r["forgetting_accuracy"] for r in runs)
             retained = statistics.mean(r["retain_accuracy"] for r in runs)
-            rows.append({"lr": lr, "epochs": epochs, "forgetting": forgetting, "retain": retained})
-            log(f"tune {method} lr={lr} epochs={epochs}: forgetting {forgetting:.3f} retain {retained:.3f}")
+            rows.append({"lr": lr, "epochs": epochs, "alpha": alpha, "forgetting": forgetting, "retain": retained})
+            log(f"tune {method} lr={lr} epochs={epochs} alpha={alpha}: forgetting {forgetting:.3f} "
+                f"retain {retained:.3f}")
         passing = [row for row in rows if row["forgetting"] >= 0.99]
         best = max(passing, key=lambda r: r["retain"]) if passing else max(rows, key=lambda r: r["forgetting"])
         chosen[method] = best
@@ -128,7 +130,8 @@ def main() -> None:
             grids.setdefault("retrain", samples)
         for method, ratio in methods.items():
             config = chosen[method]
-            options = DiffusionUnlearnOptions(ratio=ratio, lr=config["lr"], epochs=config["epochs"], batch_size=64)
+            options = DiffusionUnlearnOptions(ratio=ratio, lr=config["lr"], epochs=config["epochs"],
+                                              alpha=config["alpha"], batch_size=64)
             start = time.perf_counter()
             edited, _ = salun_diffusion(original, forget, retain, options, seed, progress=False)
             wall = time.perf_counter() - start
@@ -165,18 +168,18 @@ def report(args, results, chosen, tuning_log, judge_acc, weights, retrain_time) 
         f"machine: {platform.processor() or platform.machine()} x{os.cpu_count()}, {platform.platform()}, "
         f"torch {torch.__version__}, threads {args.threads}",
         f"model weights: {weights.name}; judge digits-cnn accuracy on real test images {judge_acc:.2%}",
-        f"reported seeds {args.seeds}; tune seeds {args.tune_seeds}; grid lr {args.lrs} × epochs {args.epochs} for "
-        "every method; rule: best retain accuracy among configs with forgetting ≥ 99%, else best forgetting",
+        f"reported seeds {args.seeds}; tune seeds {args.tune_seeds}; grid lr {args.lrs} × epochs {args.epochs} × "
+        f"retain weight α {args.alphas} for every method (Adam, batch 64); rule: best retain accuracy among configs "
+        "with forgetting ≥ 99%, else best forgetting",
         f"evaluation: {args.per_class} samples per class, DDIM {args.sampling_steps} steps (tuning: "
         f"{args.tune_per_class} per class, {args.tune_sampling_steps} steps)",
         "",
         "Tuning (mean over tune seeds, forgetting / retain accuracy %; * = chosen):",
     ]
     for method, rows in tuning_log.items():
-        cells = "  ".join(f"{'*' if row is chosen[method] or row == chosen[method] else ' '}lr={row['lr']:g},"
-                          f"ep={row['epochs']}: {100 * row['forgetting']:.1f}/{100 * row['retain']:.1f}"
-                          for row in rows)
-        lines.append(f"  {method:12s} {cells}")
+        lines.append(f"  {method}:")
+        lines += [f"    {'*' if row == chosen[method] else ' '}lr={row['lr']:g} epochs={row['epochs']} "
+                  f"alpha={row['alpha']:g}: {100 * row['forgetting']:.1f} / {100 * row['retain']:.1f}" for row in rows]
     original_fd = statistics.mean(r["frechet_distance"] for r in results["original"])
     header = (f"{'':16s}{'forgetting acc %':>18s}{'retain acc %':>18s}{'Fréchet dist.':>18s}{'FD increase':>14s}"
               f"{'wall s':>10s}{'time/retrain':>14s}")

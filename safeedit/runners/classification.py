@@ -15,10 +15,9 @@ from safeedit.data.forget import fingerprint, split_forget
 from safeedit.errors import SafeEditError
 from safeedit.eval.classification import evaluate_classifier, gap_to_retrain, mia_is_informative
 from safeedit.eval.weights import weight_changes
-from safeedit.io import save_safetensors
 from safeedit.models import EMBEDDED_MODELS, load_model
 from safeedit.record import file_entry, write_record
-from safeedit.runners.common import common_record, say
+from safeedit.runners.common import OutputWriter, common_record, say
 from safeedit.scenario import Scenario
 from safeedit.unlearn.methods import METHODS, REFERENCE_ABOUT, UnlearnTask, retrain
 
@@ -67,22 +66,11 @@ def run_classification(scenario: Scenario, path: Path, out: Path, device: torch.
         seed=scenario.seed, progress=progress,
     )
 
-    outputs: list[dict[str, str]] = []
     results: dict[str, dict[str, Any]] = {"original": evaluate(original, "original")}
     results["original"]["wall_time_s"] = None
     original_metrics = results["original"]["metrics"]["after"]
 
-    def save(name: str, model, mask) -> dict | None:
-        weights = out / f"{name}.safetensors"
-        save_safetensors(model.state_dict(), weights, {"method": name, "scenario": scenario.name})
-        outputs.append(file_entry(weights, "edited weights" if name != "retrain" else "reference weights", out))
-        if mask is None:
-            return None
-        mask_path = out / f"{name}.mask.safetensors"
-        mask.metadata.update(source_weights_sha256=loaded.weights_sha256, method=name)
-        mask.save(mask_path)
-        outputs.append(file_entry(mask_path, "mask", out))
-        return {"path": mask_path.name, **{k: v for k, v in mask.summary().items() if k != "metadata"}}
+    writer = OutputWriter(out, scenario.name, loaded.weights_sha256)
 
     retrain_time = None
     if scenario.retrain is not None:
@@ -92,7 +80,7 @@ def run_classification(scenario: Scenario, path: Path, out: Path, device: torch.
         retrain_time = time.perf_counter() - start
         results["retrain"] = {**evaluate(reference, "retrain"), "wall_time_s": retrain_time,
                               "seed": scenario.seed + scenario.retrain.seed_offset}
-        save("retrain", reference, None)
+        writer.save("retrain", reference.state_dict(), None)
 
     for index, (name, method_options) in enumerate(options.items(), 1):
         say(f"method {index}/{len(options)}: {name} ({METHODS[name].summary})", progress)
@@ -106,7 +94,7 @@ def run_classification(scenario: Scenario, path: Path, out: Path, device: torch.
             after["time_vs_retrain"] = wall / retrain_time
         result["metrics"]["before"] = original_metrics
         results[name] = {**result, "wall_time_s": wall, "seed": scenario.seed, "options": method_options.model_dump(),
-                         "mask": save(name, output.model, output.mask)}
+                         "mask": writer.save(name, output.model.state_dict(), output.mask)}
 
     notes = []
     if not mia_is_informative(original_metrics):
@@ -124,7 +112,7 @@ def run_classification(scenario: Scenario, path: Path, out: Path, device: torch.
         **common_record(scenario, path, out, device),
         "kind": "classification-unlearning",
         "inputs": [file_entry(path, "scenario")] + [file_entry(p, "model weights") for p in loaded.files],
-        "outputs": outputs,
+        "outputs": writer.entries,
         "data": {"forget": split.fingerprints()["forget"], "retain": split.fingerprints()["retain"],
                  "test": fingerprint(test)},
         "model": {"source": scenario.model.name, "weights_sha256": loaded.weights_sha256},

@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from safeedit.record import environment
+from safeedit.io import save_safetensors
+from safeedit.masks import Mask
+from safeedit.record import environment, file_entry
 
 
 def say(message: str, progress: bool) -> None:
@@ -28,3 +30,27 @@ def common_record(scenario: BaseModel, path: Path, out: Path, device: torch.devi
         "seeds": {"scenario": scenario.seed, "forget_split": scenario.forget.seed},
         "environment": environment(device),
     }
+
+
+class OutputWriter:
+    """Writes a run's weights and masks into `out` and keeps their record entries (path, role, SHA-256)."""
+
+    def __init__(self, out: Path, scenario_name: str, source_weights_sha256: str) -> None:
+        self.out, self.scenario_name, self.source_sha256 = out, scenario_name, source_weights_sha256
+        self.entries: list[dict[str, str]] = []
+
+    def add(self, path: Path, role: str) -> None:
+        self.entries.append(file_entry(path, role, self.out))
+
+    def save(self, name: str, state_dict: dict[str, torch.Tensor], mask: Mask | None) -> dict[str, Any] | None:
+        """`<name>.safetensors` (and `<name>.mask.safetensors`); returns the mask summary for the record."""
+        weights = self.out / f"{name}.safetensors"
+        save_safetensors(state_dict, weights, {"method": name, "scenario": self.scenario_name})
+        self.add(weights, "edited weights" if name != "retrain" else "reference weights")
+        if mask is None:
+            return None
+        mask_path = self.out / f"{name}.mask.safetensors"
+        mask.metadata.update(source_weights_sha256=self.source_sha256, method=name)
+        mask.save(mask_path)
+        self.add(mask_path, "mask")
+        return {"path": mask_path.name, **{k: v for k, v in mask.summary().items() if k != "metadata"}}

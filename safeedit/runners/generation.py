@@ -18,7 +18,6 @@ from safeedit.data.forget import fingerprint, split_forget
 from safeedit.errors import SafeEditError
 from safeedit.eval.generation import generation_metrics, judge_accuracy, sample_grid
 from safeedit.eval.weights import weight_changes
-from safeedit.io import save_safetensors
 from safeedit.models import load_model
 from safeedit.models.diffusion import (
     EMBEDDED_DIFFUSION,
@@ -29,7 +28,7 @@ from safeedit.models.diffusion import (
     train_diffusion,
 )
 from safeedit.record import file_entry, write_record
-from safeedit.runners.common import common_record, say
+from safeedit.runners.common import OutputWriter, common_record, say
 from safeedit.scenario import GenerationScenario
 from safeedit.unlearn.diffusion import GENERATION_METHODS, salun_diffusion
 
@@ -86,19 +85,8 @@ def run_generation(scenario: GenerationScenario, path: Path, out: Path, device: 
                                               "limitations": GENERATION_METHODS[name].limitations}
         return {"metrics": {"after": metrics}, "about": about, "evidence": None}
 
-    outputs: list[dict[str, str]] = []
 
-    def save(name: str, model: DiffusionModel, mask) -> dict | None:
-        weights = out / f"{name}.safetensors"
-        save_safetensors(model.unet.state_dict(), weights, {"method": name, "scenario": scenario.name})
-        outputs.append(file_entry(weights, "edited weights" if name != "retrain" else "reference weights", out))
-        if mask is None:
-            return None
-        mask_path = out / f"{name}.mask.safetensors"
-        mask.metadata.update(source_weights_sha256=loaded.weights_sha256, method=name)
-        mask.save(mask_path)
-        outputs.append(file_entry(mask_path, "mask", out))
-        return {"path": mask_path.name, **{k: v for k, v in mask.summary().items() if k != "metadata"}}
+    writer = OutputWriter(out, scenario.name, loaded.weights_sha256)
 
     results: dict[str, dict[str, Any]] = {"original": {**evaluate(original, "original"), "wall_time_s": None}}
     original_metrics = results["original"]["metrics"]["after"]
@@ -119,7 +107,7 @@ def run_generation(scenario: GenerationScenario, path: Path, out: Path, device: 
         reference = train_diffusion(fresh, retain[0], retain[1], recipe, progress, "retrain")
         retrain_time = time.perf_counter() - start
         results["retrain"] = {**evaluate(reference, "retrain"), "wall_time_s": retrain_time, "seed": seed}
-        save("retrain", reference, None)
+        writer.save("retrain", reference.unet.state_dict(), None)
 
     for index, (name, method_options) in enumerate(options.items(), 1):
         say(f"method {index}/{len(options)}: {name} ({GENERATION_METHODS[name].summary})", progress)
@@ -131,11 +119,11 @@ def run_generation(scenario: GenerationScenario, path: Path, out: Path, device: 
             result["metrics"]["after"]["time_vs_retrain"] = wall / retrain_time
         result["metrics"]["before"] = original_metrics
         results[name] = {**result, "wall_time_s": wall, "seed": scenario.seed, "options": method_options.model_dump(),
-                         "mask": save(name, edited, mask), "weight_changes": weight_changes(original.unet,
-                                                                                            edited.unet, mask)}
+                         "mask": writer.save(name, edited.unet.state_dict(), mask),
+                         "weight_changes": weight_changes(original.unet, edited.unet, mask)}
 
     grid = sample_grid(samples, original.num_classes, out / "samples.png", forget_class=forget_class)
-    outputs.append(file_entry(grid, "sample grid", out))
+    writer.add(grid, "sample grid")
     notes = [f"Samples are judged by {scenario.judge.name}, which classifies {judge_test_accuracy:.1%} of the real "
              "test images correctly; its errors on generated images count as the generator's."]
     if judge_test_accuracy < 0.9:
@@ -147,7 +135,7 @@ def run_generation(scenario: GenerationScenario, path: Path, out: Path, device: 
         **common_record(scenario, path, out, device),
         "kind": "generation-unlearning",
         "inputs": inputs,
-        "outputs": outputs,
+        "outputs": writer.entries,
         "data": {"forget": split.fingerprints()["forget"], "retain": split.fingerprints()["retain"],
                  "test": fingerprint(test)},
         "model": {"source": scenario.model.name, "weights_sha256": loaded.weights_sha256,
