@@ -323,7 +323,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     record_path = run_scenario(args.scenario, args.out, progress=not args.quiet)
     record = json.loads(record_path.read_text())
-    _print_results(record["results"])
+    _print_results(record["results"], record["kind"])
     pdf = not args.no_pdf and find_chromium() is not None
     if not args.no_pdf and not pdf:
         print("no Chromium found, so no PDF (sudo apt-get install chromium); the HTML report has the same content",
@@ -375,12 +375,14 @@ def cmd_keygen(args: argparse.Namespace) -> None:
           f"{key_fingerprint(load_public_key(public))})")
 
 
-def _print_results(results: dict) -> None:
-    columns = ("ua", "ra", "ta", "mia_efficacy", "gap_to_retrain", "time_vs_retrain")
-    print(f"{'method':12s}" + "".join(f"{c:>16s}" for c in columns) + f"{'wall s':>9s}")
+def _print_results(results: dict, kind: str) -> None:
+    from safeedit.report.texts import kind_text
+
+    columns = kind_text(kind).headline_metrics or ("ua", "ra", "ta", "mia_efficacy", "gap_to_retrain")
+    print(f"{'method':12s}" + "".join(f"{c[:19]:>20s}" for c in columns) + f"{'wall s':>9s}")
     for name, entry in results.items():
         after = entry["metrics"]["after"]
-        cells = "".join(f"{after[c]:16.3f}" if c in after else f"{'-':>16s}" for c in columns)
+        cells = "".join(f"{after[c]:20.3f}" if after.get(c) is not None else f"{'-':>20s}" for c in columns)
         wall = entry.get("wall_time_s")
         print(f"{name:12s}{cells}{wall if wall is None else round(wall, 1)!s:>9}")
 
