@@ -57,6 +57,11 @@ METRIC_LABELS: dict[str, str] = {
     "frechet_distance": "Fréchet distance (judge features, generated vs real retain images)",
     "forget_class_share": "Share of all samples judged as the forget class",
 }
+SHORT_LABELS: dict[str, str] = {
+    "ua": "UA", "ra": "RA", "ta": "TA", "mia_efficacy": "MIA-efficacy", "gap_to_retrain": "Gap to retrain",
+    "time_vs_retrain": "Time vs retrain", "forgetting_accuracy": "Forgetting acc.", "retain_accuracy": "Retain acc.",
+    "frechet_distance": "Fréchet dist.", "forget_class_share": "Judged as forget class",
+}
 COUNT_METRICS = frozenset({"n_forget", "n_retain", "n_test", "mia_train_size", "n_generated_per_class"})
 
 

@@ -16,7 +16,7 @@ import jinja2
 import yaml
 
 from safeedit.io import atomic_path, sha256_file, write_text_atomic
-from safeedit.record import COUNT_METRICS, METRIC_LABELS, read_record
+from safeedit.record import COUNT_METRICS, METRIC_LABELS, SHORT_LABELS, read_record
 from safeedit.report.chromium import html_to_pdf
 from safeedit.report.plots import all_figures
 from safeedit.report.signing import read_signature, sign_record, signature_path
@@ -97,6 +97,7 @@ def render_html(record: dict[str, Any], record_path: Path, verification, signatu
         kind=kind_text(record["kind"]),
         metrics=metrics,
         labels=METRIC_LABELS,
+        short={m: SHORT_LABELS.get(m, METRIC_LABELS.get(m, m).split(" (")[0]) for m in metrics},
         reference_rows=REFERENCE_ROWS,
         figures={**all_figures(record, metrics), **_output_images(record, record_path.parent)},
         layer_changes=layer_changes,
