@@ -27,13 +27,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DModel
 
 from safeedit.data import load_data
 from safeedit.data.forget import ForgetRequest, split_forget
 from safeedit.eval.generation import generation_metrics, judge_accuracy, sample_grid
 from safeedit.models import load_model
-from safeedit.models.diffusion import EMBEDDED_DIFFUSION, DiffusionModel, to_model_space, train_diffusion
+from safeedit.models.diffusion import EMBEDDED_DIFFUSION, DiffusionModel, image_tensors, train_from_scratch
 from safeedit.unlearn.diffusion import DiffusionUnlearnOptions, salun_diffusion
 
 RESULTS = Path(__file__).parent / "results"
@@ -42,11 +41,6 @@ FORGET_CLASS = 3
 
 def log(message: str) -> None:
     print(f"[diffusion-bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
-    columns = data.with_format("torch")[:]
-    return to_model_space(columns["pixel_values"].float()), columns["label"].long()
 
 
 def main() -> None:
@@ -72,8 +66,8 @@ def main() -> None:
     judge = load_model("digits-cnn", progress=False).model.eval()
     train, test = load_data("digits:train"), load_data("digits:test")
     split = split_forget(train, ForgetRequest(kind="class", label=FORGET_CLASS))
-    forget, retain = tensors(split.forget), tensors(split.retain)
-    test_images, test_labels = tensors(test)
+    forget, retain = image_tensors(split.forget), image_tensors(split.retain)
+    test_images, test_labels = image_tensors(test)
     real = (test_images + 1) / 2
     real_retain = real[test_labels != FORGET_CLASS]
     judge_acc = judge_accuracy(judge, real, test_labels)
@@ -116,9 +110,7 @@ def main() -> None:
     if not args.no_retrain:
         log(f"retraining from scratch without class {FORGET_CLASS} ({entry.recipe.steps} steps)")
         start = time.perf_counter()
-        torch.manual_seed(1000)
-        fresh = DiffusionModel(UNet2DModel.from_config(original.unet.config), original.scheduler, 10)
-        reference = train_diffusion(fresh, retain[0], retain[1], replace(entry.recipe, seed=1000), progress=False)
+        reference = train_from_scratch(original, retain[0], retain[1], replace(entry.recipe, seed=1000), progress=False)
         retrain_time = time.perf_counter() - start
     for seed in args.seeds:
         metrics, samples = evaluate(original, seed, tuning=False)

@@ -341,8 +341,9 @@ def _verdict_line(verdict: dict) -> str:
         return "verdict: none (the scenario declares no criteria)"
     failed = [row["check"] for row in verdict["criteria"] if not row["passed"]]
     total = len(verdict["criteria"])
-    return "verdict: PASS" + f" ({total} criteria)" if not failed else f"verdict: FAIL ({len(failed)} of {total}: " \
-        + "; ".join(failed) + ")"
+    if not failed:
+        return f"verdict: PASS ({total} criteria)"
+    return f"verdict: FAIL ({len(failed)} of {total}: {'; '.join(failed)})"
 
 
 def cmd_report(args: argparse.Namespace) -> None:

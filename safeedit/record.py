@@ -24,7 +24,7 @@ import pydantic
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from safeedit.errors import SafeEditError
+from safeedit.errors import SafeEditError, first_problem
 from safeedit.io import sha256_file, write_text_atomic
 
 SCHEMA = "safeedit.record/2"
@@ -62,6 +62,18 @@ SHORT_LABELS: dict[str, str] = {
     "time_vs_retrain": "Time vs retrain", "forgetting_accuracy": "Forgetting acc.", "retain_accuracy": "Retain acc.",
     "frechet_distance": "Fréchet dist.", "forget_class_share": "Judged as forget class",
 }
+
+
+def plain_label(metric: str) -> str:
+    """The metric's label without its parenthesised explanation, e.g. 'Unlearning accuracy'."""
+    return METRIC_LABELS.get(metric, metric).split(" (")[0]
+
+
+def short_label(metric: str) -> str:
+    """A column-sized name: SHORT_LABELS, else `plain_label`."""
+    return SHORT_LABELS.get(metric) or plain_label(metric)
+
+
 COUNT_METRICS = frozenset({"n_forget", "n_retain", "n_test", "mia_train_size", "n_generated_per_class"})
 
 
@@ -191,10 +203,12 @@ def json_schema() -> dict[str, Any]:
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA, **schema}
 
 
-def file_entry(path: str | os.PathLike, role: str, relative_to: Path | None = None) -> dict[str, str]:
+def file_entry(path: str | os.PathLike, role: str, relative_to: Path | None = None,
+               sha256: str | None = None) -> dict[str, str]:
+    """A record's file entry; `sha256` saves re-reading a file whose hash the caller already computed."""
     path = Path(path)
     shown = path.relative_to(relative_to) if relative_to and path.is_relative_to(relative_to) else path
-    return {"path": str(shown), "role": role, "sha256": sha256_file(path)}
+    return {"path": str(shown), "role": role, "sha256": sha256 or sha256_file(path)}
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -261,16 +275,18 @@ def validate_record(record: Any, where: str) -> Record:
     try:
         return Record.model_validate(record)
     except pydantic.ValidationError as error:
-        problem = error.errors()[0]
-        at = ".".join(str(part) for part in problem["loc"])
-        raise SafeEditError(f"{where}: not a {SCHEMA} record ({at}: {problem['msg']})") from None
+        raise SafeEditError(f"{where}: not a {SCHEMA} record ({first_problem(error)})") from None
+
+
+def record_file(target: str | os.PathLike) -> Path:
+    """The record a command was pointed at: `target` itself, or the record.json of run folder `target`."""
+    target = Path(target)
+    return target / "record.json" if target.is_dir() else target
 
 
 def read_record(path: str | os.PathLike) -> dict[str, Any]:
     """Load and schema-check a record file (or the record.json of a run folder)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "record.json"
+    path = record_file(path)
     if not path.is_file():
         raise SafeEditError(f"{path}: no such record; give a run folder (with record.json) or a record file")
     try:

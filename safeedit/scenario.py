@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from safeedit.criteria import Criterion, check_names
 from safeedit.data.forget import ForgetRequest
-from safeedit.errors import SafeEditError
+from safeedit.errors import SafeEditError, first_problem
 from safeedit.unlearn.diffusion import GENERATION_METHODS, DiffusionRetrainOptions
 from safeedit.unlearn.methods import METHODS, RetrainOptions
 
@@ -82,7 +82,7 @@ class ScenarioBase(Strict):
             try:
                 options[name] = registry[name].options(**(given or {}))
             except pydantic.ValidationError as error:
-                raise SafeEditError(f"scenario '{self.name}': methods.{name}: {_first_problem(error)}") from None
+                raise SafeEditError(f"scenario '{self.name}': methods.{name}: {first_problem(error)}") from None
         return options
 
     def method_registry(self) -> dict[str, Any]:
@@ -126,12 +126,6 @@ class GenerationScenario(ScenarioBase):
 KINDS: dict[str, type[ScenarioBase]] = {"classification": Scenario, "generation": GenerationScenario}
 
 
-def _first_problem(error: pydantic.ValidationError) -> str:
-    problem = error.errors()[0]
-    where = ".".join(str(part) for part in problem["loc"])
-    return f"{where}: {problem['msg']}" if where else problem["msg"]
-
-
 def load_scenario(path: str | Path) -> ScenarioBase:
     path = Path(path)
     if not path.is_file():
@@ -148,7 +142,7 @@ def load_scenario(path: str | Path) -> ScenarioBase:
     try:
         scenario = KINDS[kind](**raw)
     except pydantic.ValidationError as error:
-        raise SafeEditError(f"{path}: {_first_problem(error)}") from None
+        raise SafeEditError(f"{path}: {first_problem(error)}") from None
     scenario.method_options()
     produced = {"original", *scenario.methods, *(["retrain"] if scenario.retrain is not None else [])}
     try:

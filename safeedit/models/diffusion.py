@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from datasets import Dataset
 from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
@@ -51,17 +52,26 @@ def noise_prediction(unet: UNet2DModel, noisy: torch.Tensor, timesteps: torch.Te
     return unet(noisy, timesteps, class_labels=labels).sample
 
 
-def diffusion_loss(model: DiffusionModel, unet: UNet2DModel, images: torch.Tensor, labels: torch.Tensor,
-                   generator: torch.Generator) -> torch.Tensor:
-    """The DDPM training loss: MSE between the noise added at a uniformly random timestep and its prediction.
+def noised_at_random_steps(model: DiffusionModel, images: torch.Tensor, generator: torch.Generator
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noisy images, timesteps, noise): each image noised at a uniformly random training timestep.
 
-    `unet` is passed separately from `model` so the same loss serves the model being edited. Timesteps and noise
-    come from `generator` (CPU), so a seeded generator makes the loss reproducible.
+    Timesteps, then noise, come from `generator` (CPU), so a seeded generator makes every loss built on this
+    reproducible.
     """
     steps = torch.randint(0, model.scheduler.config.num_train_timesteps, (len(images),), generator=generator)
     noise = torch.randn(images.shape, generator=generator)
     steps, noise = steps.to(images.device), noise.to(images.device)
-    noisy = model.scheduler.add_noise(images, noise, steps)
+    return model.scheduler.add_noise(images, noise, steps), steps, noise
+
+
+def diffusion_loss(model: DiffusionModel, unet: UNet2DModel, images: torch.Tensor, labels: torch.Tensor,
+                   generator: torch.Generator) -> torch.Tensor:
+    """The DDPM training loss: MSE between the noise added at a uniformly random timestep and its prediction.
+
+    `unet` is passed separately from `model` so the same loss serves the model being edited.
+    """
+    noisy, steps, noise = noised_at_random_steps(model, images, generator)
     return torch.nn.functional.mse_loss(noise_prediction(unet, noisy, steps, labels), noise)
 
 
@@ -73,6 +83,12 @@ def to_model_space(pixel_values: torch.Tensor) -> torch.Tensor:
 def to_pixels(samples: torch.Tensor) -> torch.Tensor:
     """Generated samples in [-1, 1] back to [0, 1] pixels (clipped)."""
     return ((samples.clamp(-1, 1) + 1) / 2).float()
+
+
+def image_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """A data set's images (in the model's [-1, 1]) and labels as two tensors, read in one go."""
+    columns = dataset.with_format("torch")[:]
+    return to_model_space(columns["pixel_values"].float()), columns["label"].long()
 
 
 @dataclass(frozen=True)
@@ -118,6 +134,15 @@ def train_diffusion(model: DiffusionModel, images: torch.Tensor, labels: torch.T
     return model
 
 
+def train_from_scratch(like: DiffusionModel, images: torch.Tensor, labels: torch.Tensor, recipe: DiffusionRecipe,
+                       progress: bool = True, description: str = "retrain") -> DiffusionModel:
+    """A new UNet with `like`'s configuration, initialised from `recipe.seed` and trained on `images` only."""
+    torch.manual_seed(recipe.seed)
+    device = next(like.unet.parameters()).device
+    fresh = DiffusionModel(UNet2DModel.from_config(like.unet.config).to(device), like.scheduler, like.num_classes)
+    return train_diffusion(fresh, images, labels, recipe, progress, description)
+
+
 def digits_unet() -> UNet2DModel:
     """0.7M-parameter UNet for 8×8 grey images, 10 classes + a null class."""
     return UNet2DModel(
@@ -146,28 +171,27 @@ class EmbeddedDiffusion:
     def load(self, progress: bool = True) -> tuple[DiffusionModel, Path]:
         """The cached model, trained first (single thread, seeded) if not cached."""
         path = self.weights_path()
-        model = self.build()
         if not path.is_file():
-            model = train_embedded(self, model, progress)
-            save_safetensors(model.unet.state_dict(), path, {"recipe": json.dumps(self.recipe.__dict__),
-                                                              "data": self.data})
+            trained = train_embedded(self, progress)
+            save_safetensors(trained.unet.state_dict(), path, {"recipe": json.dumps(self.recipe.__dict__),
+                                                                "data": self.data})
+        model = self.build()
         tensors, _ = load_safetensors(path)
         load_state_dict_strict(model.unet, tensors, str(path))
         model.unet.eval()
         return model, path
 
 
-def train_embedded(entry: EmbeddedDiffusion, model: DiffusionModel, progress: bool) -> DiffusionModel:
+def train_embedded(entry: EmbeddedDiffusion, progress: bool) -> DiffusionModel:
     from safeedit.data import load_data
 
-    train = load_data(f"{entry.data}:train").with_format("torch")[:]
+    images, labels = image_tensors(load_data(f"{entry.data}:train"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(entry.recipe.seed)
-        model = entry.build()
-        return train_diffusion(model, to_model_space(train["pixel_values"].float()), train["label"].long(),
-                               entry.recipe, progress, f"training {entry.name} (once; cached)")
+        return train_diffusion(entry.build(), images, labels, entry.recipe, progress,
+                               f"training {entry.name} (once; cached)")
     finally:
         torch.set_num_threads(threads)
 
@@ -180,18 +204,18 @@ EMBEDDED_DIFFUSION: dict[str, EmbeddedDiffusion] = {
 @dataclass
 class LoadedDiffusion:
     model: DiffusionModel
-    files: list[Path]
+    files: dict[str, str]  # the weight file's path -> SHA-256 of its bytes, hashed once at load
 
     @property
     def weights_sha256(self) -> str:
-        return sha256_file(self.files[0])
+        return next(iter(self.files.values()))
 
 
 def load_diffusion(spec: str, num_classes: int | None = None, progress: bool = True) -> LoadedDiffusion:
     """An embedded diffusion model by name, or a diffusers UNet folder (safetensors only, never pickles)."""
     if spec in EMBEDDED_DIFFUSION:
         model, path = EMBEDDED_DIFFUSION[spec].load(progress)
-        return LoadedDiffusion(model, [path])
+        return LoadedDiffusion(model, {str(path): sha256_file(path)})
     folder = Path(spec)
     weights = folder / "diffusion_pytorch_model.safetensors"
     if not (folder / "config.json").is_file() or not weights.is_file():
@@ -208,4 +232,4 @@ def load_diffusion(spec: str, num_classes: int | None = None, progress: bool = T
     scheduler_folder = next((f for f in (folder / "scheduler", folder) if (f / "scheduler_config.json").is_file()),
                             None)
     scheduler = DDPMScheduler.from_pretrained(os.fspath(scheduler_folder)) if scheduler_folder else default_scheduler()
-    return LoadedDiffusion(DiffusionModel(unet.eval(), scheduler, classes), [weights])
+    return LoadedDiffusion(DiffusionModel(unet.eval(), scheduler, classes), {str(weights): sha256_file(weights)})

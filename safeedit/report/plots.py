@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from safeedit.record import METRIC_LABELS
+from safeedit.record import plain_label
 
 plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "safeedit", "font.size": 8.5,
                      "axes.spines.top": False, "axes.spines.right": False, "figure.dpi": 100})
@@ -48,7 +48,7 @@ def metric_comparison(results: dict[str, Any], metrics: Sequence[str]) -> str | 
         positions = np.arange(len(metrics)) + (index - (len(names) - 1) / 2) * height
         axes.barh(positions, [v if v is not None else 0 for v in values], height, label=name,
                   color=_color(name, index))
-    axes.set_yticks(np.arange(len(metrics)), [METRIC_LABELS.get(m, m).split(" (")[0] for m in metrics])
+    axes.set_yticks(np.arange(len(metrics)), [plain_label(m) for m in metrics])
     axes.invert_yaxis()
     axes.set_xlim(0, 1)
     axes.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))

@@ -16,12 +16,12 @@ import jinja2
 import yaml
 
 from safeedit.io import atomic_path, sha256_file, write_text_atomic
-from safeedit.record import COUNT_METRICS, METRIC_LABELS, SHORT_LABELS, read_record
+from safeedit.record import COUNT_METRICS, METRIC_LABELS, read_record, record_file, short_label
 from safeedit.report.chromium import html_to_pdf
 from safeedit.report.plots import all_figures
 from safeedit.report.signing import read_signature, sign_record, signature_path
 from safeedit.report.texts import kind_text
-from safeedit.report.verify import verify_run
+from safeedit.report.verify import verify_record
 
 REFERENCE_ROWS = {"original": "before (original model)", "retrain": "reference (retrained without the data)"}
 
@@ -81,6 +81,14 @@ def _output_images(record: dict[str, Any], folder: Path) -> dict[str, str]:
     return images
 
 
+def _copy_unless_same(source: Path, target: Path) -> Path:
+    """Copy `source` to `target` atomically, unless they are the same file; returns `target`."""
+    if target.resolve() != source.resolve():
+        with atomic_path(target) as partial:
+            shutil.copyfile(source, partial)
+    return target
+
+
 def render_html(record: dict[str, Any], record_path: Path, verification, signature: dict | None) -> str:
     """The report page as a string; `verification` is a `verify.Verification` run just before."""
     metrics = _headline(record)
@@ -97,7 +105,7 @@ def render_html(record: dict[str, Any], record_path: Path, verification, signatu
         kind=kind_text(record["kind"]),
         metrics=metrics,
         labels=METRIC_LABELS,
-        short={m: SHORT_LABELS.get(m, METRIC_LABELS.get(m, m).split(" (")[0]) for m in metrics},
+        short={m: short_label(m) for m in metrics},
         reference_rows=REFERENCE_ROWS,
         figures={**all_figures(record, metrics), **_output_images(record, record_path.parent)},
         layer_changes=layer_changes,
@@ -115,23 +123,17 @@ def write_report(target: str | os.PathLike, out_dir: str | os.PathLike | None = 
     With `sign_key`, first writes a detached Ed25519 signature of the record (`record.json.sig`). The record is
     verified (hashes of every file it names) before rendering, and the outcome is part of the report.
     """
-    record_path = Path(target) / "record.json" if Path(target).is_dir() else Path(target)
+    record_path = record_file(target)
     record = read_record(record_path)
     if sign_key is not None:
         sign_record(record, record_path, sign_key)
-    verification = verify_run(record_path)
+    verification = verify_record(record, record_path)
     signature = read_signature(record_path)
     out = Path(out_dir) if out_dir else record_path.parent
     out.mkdir(parents=True, exist_ok=True)
-    record_copy, signature_copy = out / "record.json", None
-    if record_copy.resolve() != record_path.resolve():
-        with atomic_path(record_copy) as partial:
-            shutil.copyfile(record_path, partial)
-    if signature is not None:
-        signature_copy = signature_path(record_copy)
-        if signature_copy.resolve() != signature_path(record_path).resolve():
-            with atomic_path(signature_copy) as partial:
-                shutil.copyfile(signature_path(record_path), partial)
+    record_copy = _copy_unless_same(record_path, out / "record.json")
+    signature_copy = (_copy_unless_same(signature_path(record_path), signature_path(record_copy))
+                      if signature is not None else None)
     html = out / "report.html"
     write_text_atomic(html, render_html(record, record_path, verification, signature))
     pdf_path = html_to_pdf(html, out / "report.pdf") if pdf else None

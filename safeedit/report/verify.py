@@ -11,10 +11,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from safeedit.criteria import Criterion, verdict
 from safeedit.errors import SafeEditError
 from safeedit.io import sha256_file
-from safeedit.record import read_record, record_digest
+from safeedit.record import read_record, record_digest, record_file
 from safeedit.report.signing import check_signature, key_fingerprint, load_public_key, read_signature
 
 
@@ -38,15 +40,18 @@ def _resolve(entry_path: str, bases: list[Path]) -> Path:
 
 def verify_run(target: str | os.PathLike, pubkey: str | os.PathLike | None = None) -> Verification:
     """Verify a run folder or record file; never raises for a mismatch, only for unusable arguments."""
-    record_path = Path(target) / "record.json" if Path(target).is_dir() else Path(target)
-    result = Verification(record_path)
+    record_path = record_file(target)
     trusted = load_public_key(pubkey) if pubkey else None
     try:
         record = read_record(record_path)
     except SafeEditError as error:
-        result.problems.append(str(error))
-        return result
+        return Verification(record_path, problems=[str(error)])
+    return verify_record(record, record_path, trusted)
 
+
+def verify_record(record: dict, record_path: Path, trusted: Ed25519PublicKey | None = None) -> Verification:
+    """The checks of `verify_run` on a record already read (and schema-checked) from `record_path`."""
+    result = Verification(record_path)
     if record_digest(record) != record["integrity"]["sha256"]:
         result.problems.append(f"{record_path}: integrity hash mismatch: the record was changed after it was written")
     else:

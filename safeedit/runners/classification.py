@@ -11,13 +11,20 @@ import torch
 
 from safeedit.criteria import verdict
 from safeedit.data import load_data, make_loader
-from safeedit.data.forget import fingerprint, split_forget
+from safeedit.data.forget import split_forget
 from safeedit.errors import SafeEditError
 from safeedit.eval.classification import evaluate_classifier, gap_to_retrain, mia_is_informative
 from safeedit.eval.weights import weight_changes
 from safeedit.models import EMBEDDED_MODELS, load_model
-from safeedit.record import file_entry, write_record
-from safeedit.runners.common import OutputWriter, common_record, say
+from safeedit.record import write_record
+from safeedit.runners.common import (
+    OutputWriter,
+    common_record,
+    data_fingerprints,
+    input_entries,
+    run_timings,
+    say,
+)
 from safeedit.scenario import Scenario
 from safeedit.unlearn.methods import METHODS, REFERENCE_ABOUT, UnlearnTask, retrain
 
@@ -70,7 +77,8 @@ def run_classification(scenario: Scenario, path: Path, out: Path, device: torch.
     results["original"]["wall_time_s"] = None
     original_metrics = results["original"]["metrics"]["after"]
 
-    writer = OutputWriter(out, scenario.name, loaded.weights_sha256)
+    weights_sha256 = loaded.weights_sha256
+    writer = OutputWriter(out, scenario.name, weights_sha256)
 
     retrain_time = None
     if scenario.retrain is not None:
@@ -97,7 +105,8 @@ def run_classification(scenario: Scenario, path: Path, out: Path, device: torch.
                          "mask": writer.save(name, output.model.state_dict(), output.mask)}
 
     notes = []
-    if not mia_is_informative(original_metrics):
+    mia_informative = mia_is_informative(original_metrics)
+    if not mia_informative:
         notes.append(
             f"The SVC membership attack tells retain from test examples of the original model only "
             f"{original_metrics['mia_attack_accuracy']:.0%} of the time (50% = guessing), so MIA-efficacy carries "
@@ -111,15 +120,13 @@ def run_classification(scenario: Scenario, path: Path, out: Path, device: torch.
     write_record({
         **common_record(scenario, path, out, device),
         "kind": "classification-unlearning",
-        "inputs": [file_entry(path, "scenario")] + [file_entry(p, "model weights") for p in loaded.files],
+        "inputs": input_entries(path, {"model weights": loaded.files}),
         "outputs": writer.entries,
-        "data": {"forget": split.fingerprints()["forget"], "retain": split.fingerprints()["retain"],
-                 "test": fingerprint(test)},
-        "model": {"source": scenario.model.name, "weights_sha256": loaded.weights_sha256},
-        "timings": {"total_s": time.perf_counter() - started, "evaluation_s": evaluation_time,
-                    **({"retrain_s": retrain_time} if retrain_time is not None else {})},
+        "data": data_fingerprints(split, test),
+        "model": {"source": scenario.model.name, "weights_sha256": weights_sha256},
+        "timings": run_timings(started, evaluation_time, retrain_time),
         "notes": notes,
-        "mia_informative": mia_is_informative(original_metrics),
+        "mia_informative": mia_informative,
         "results": results,
         "verdict": verdict(scenario.criteria, results),
     }, record_path)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import Dataset
 from pydantic import BaseModel
 
+from safeedit.data.forget import ForgetSplit, fingerprint
 from safeedit.io import save_safetensors
 from safeedit.masks import Mask
 from safeedit.record import environment, file_entry
@@ -30,6 +33,24 @@ def common_record(scenario: BaseModel, path: Path, out: Path, device: torch.devi
         "seeds": {"scenario": scenario.seed, "forget_split": scenario.forget.seed},
         "environment": environment(device),
     }
+
+
+def data_fingerprints(split: ForgetSplit, test: Dataset) -> dict[str, dict]:
+    """Count and id hash of the forget, retain and test sets."""
+    return {**split.fingerprints(), "test": fingerprint(test)}
+
+
+def run_timings(started: float, evaluation_s: float, retrain_s: float | None) -> dict[str, float]:
+    """Total run time since `started` (perf_counter), evaluation time, and retraining time when there was one."""
+    return {"total_s": time.perf_counter() - started, "evaluation_s": evaluation_s,
+            **({"retrain_s": retrain_s} if retrain_s is not None else {})}
+
+
+def input_entries(scenario_path: Path, weights_by_role: dict[str, dict[str, str]]) -> list[dict[str, str]]:
+    """Record entries of the scenario file and of weight files (role -> {path: SHA-256 the loader computed})."""
+    weights = [file_entry(path, role, sha256=digest)
+               for role, files in weights_by_role.items() for path, digest in files.items()]
+    return [file_entry(scenario_path, "scenario"), *weights]
 
 
 class OutputWriter:

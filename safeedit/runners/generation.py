@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import UNet2DModel
 
 from safeedit.criteria import verdict
 from safeedit.data import load_data
-from safeedit.data.forget import fingerprint, split_forget
+from safeedit.data.forget import split_forget
 from safeedit.errors import SafeEditError
 from safeedit.eval.generation import generation_metrics, judge_accuracy, sample_grid
 from safeedit.eval.weights import weight_changes
@@ -23,12 +22,19 @@ from safeedit.models.diffusion import (
     EMBEDDED_DIFFUSION,
     DiffusionModel,
     DiffusionRecipe,
+    image_tensors,
     load_diffusion,
-    to_model_space,
-    train_diffusion,
+    train_from_scratch,
 )
-from safeedit.record import file_entry, write_record
-from safeedit.runners.common import OutputWriter, common_record, say
+from safeedit.record import write_record
+from safeedit.runners.common import (
+    OutputWriter,
+    common_record,
+    data_fingerprints,
+    input_entries,
+    run_timings,
+    say,
+)
 from safeedit.scenario import GenerationScenario
 from safeedit.unlearn.diffusion import GENERATION_METHODS, salun_diffusion
 
@@ -37,11 +43,6 @@ REFERENCE_ABOUT = {
     "retrain": {"summary": "trained from scratch without the forget class: what exact unlearning would produce",
                 "limitations": "One retrained model from one seed, trained with the original recipe."},
 }
-
-
-def _tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
-    columns = data.with_format("torch")[:]
-    return to_model_space(columns["pixel_values"].float()), columns["label"].long()
 
 
 def run_generation(scenario: GenerationScenario, path: Path, out: Path, device: torch.device, progress: bool) -> Path:
@@ -62,8 +63,8 @@ def run_generation(scenario: GenerationScenario, path: Path, out: Path, device: 
     if not 0 <= forget_class < original.num_classes:
         raise SafeEditError(f"forget.label {forget_class} is not a class of the model (0..{original.num_classes - 1})")
     split = split_forget(train, scenario.forget)
-    forget, retain = _tensors(split.forget), _tensors(split.retain)
-    test_images, test_labels = _tensors(test)
+    forget, retain = image_tensors(split.forget), image_tensors(split.retain)
+    test_images, test_labels = image_tensors(test)
     real_pixels = (test_images + 1) / 2
     judge_test_accuracy = judge_accuracy(judge, real_pixels, test_labels)
     real_retain = real_pixels[test_labels != forget_class]
@@ -85,7 +86,6 @@ def run_generation(scenario: GenerationScenario, path: Path, out: Path, device: 
                                               "limitations": GENERATION_METHODS[name].limitations}
         return {"metrics": {"after": metrics}, "about": about, "evidence": None}
 
-
     writer = OutputWriter(out, scenario.name, loaded.weights_sha256)
 
     results: dict[str, dict[str, Any]] = {"original": {**evaluate(original, "original"), "wall_time_s": None}}
@@ -101,10 +101,7 @@ def run_generation(scenario: GenerationScenario, path: Path, out: Path, device: 
         recipe = replace(entry.recipe if entry else DiffusionRecipe(), steps=steps, seed=seed)
         say(f"retraining from scratch without class {forget_class} ({steps} steps; the reference)", progress)
         start = time.perf_counter()
-        torch.manual_seed(seed)
-        fresh = DiffusionModel(UNet2DModel.from_config(original.unet.config).to(device), original.scheduler,
-                               original.num_classes)
-        reference = train_diffusion(fresh, retain[0], retain[1], recipe, progress, "retrain")
+        reference = train_from_scratch(original, retain[0], retain[1], recipe, progress)
         retrain_time = time.perf_counter() - start
         results["retrain"] = {**evaluate(reference, "retrain"), "wall_time_s": retrain_time, "seed": seed}
         writer.save("retrain", reference.unet.state_dict(), None)
@@ -129,20 +126,16 @@ def run_generation(scenario: GenerationScenario, path: Path, out: Path, device: 
     if judge_test_accuracy < 0.9:
         notes.append("The judge is below 90% accuracy on real images: its verdicts on samples are weak evidence.")
     record_path = out / "record.json"
-    inputs = [file_entry(path, "scenario")] + [file_entry(p, "model weights") for p in loaded.files]
-    inputs += [file_entry(p, "judge weights") for p in judge_loaded.files]
     write_record({
         **common_record(scenario, path, out, device),
         "kind": "generation-unlearning",
-        "inputs": inputs,
+        "inputs": input_entries(path, {"model weights": loaded.files, "judge weights": judge_loaded.files}),
         "outputs": writer.entries,
-        "data": {"forget": split.fingerprints()["forget"], "retain": split.fingerprints()["retain"],
-                 "test": fingerprint(test)},
+        "data": data_fingerprints(split, test),
         "model": {"source": scenario.model.name, "weights_sha256": loaded.weights_sha256,
                   "judge": scenario.judge.name, "judge_weights_sha256": judge_loaded.weights_sha256,
                   "judge_test_accuracy": judge_test_accuracy},
-        "timings": {"total_s": time.perf_counter() - started, "evaluation_s": evaluation_time,
-                    **({"retrain_s": retrain_time} if retrain_time is not None else {})},
+        "timings": run_timings(started, evaluation_time, retrain_time),
         "notes": notes,
         "results": results,
         "verdict": verdict(scenario.criteria, results),

@@ -23,7 +23,7 @@ from torch import nn
 
 from safeedit.attribution import compute_scores
 from safeedit.masks import Mask
-from safeedit.models.diffusion import DiffusionModel, diffusion_loss, noise_prediction
+from safeedit.models.diffusion import DiffusionModel, diffusion_loss, noise_prediction, noised_at_random_steps
 from safeedit.unlearn.loop import TrainingOptions, unlearn
 from safeedit.unlearn.objectives import Phase
 
@@ -61,10 +61,7 @@ def forget_remap_loss(model: DiffusionModel, frozen: nn.Module, alpha: float, ge
 
     def loss(unet: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         forget_images, forget_labels, retain_images, retain_labels = batch
-        steps = torch.randint(0, model.scheduler.config.num_train_timesteps, (len(forget_images),),
-                              generator=generator).to(forget_images.device)
-        noise = torch.randn(forget_images.shape, generator=generator).to(forget_images.device)
-        noisy = model.scheduler.add_noise(forget_images, noise, steps)
+        noisy, steps, _ = noised_at_random_steps(model, forget_images, generator)
         shift = torch.randint(1, classes, forget_labels.shape, generator=generator).to(forget_labels.device)
         other = (forget_labels + shift) % classes  # uniformly one of the other classes
         with torch.no_grad():
