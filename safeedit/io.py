@@ -46,6 +46,22 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
             os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Like `atomic_path`, for a folder: fill a temporary folder next to `path`, then rename it onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -57,6 +73,10 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
         while block := handle.read(chunk_bytes):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -106,9 +126,17 @@ def save_safetensors(
 
     safetensors serialises its JSON header from a hash map, so the same tensors and metadata give different
     bytes (and SHA-256) from one process to the next. The header is rewritten with sorted keys, so equal
-    content always hashes equal, which the run records and `verify` rely on.
+    content always hashes equal, which the run records and `verify` rely on. Tensors sharing memory (tied
+    weights) are stored once per name.
     """
-    contiguous = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    contiguous: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        if t.numel() and t.untyped_storage().data_ptr() in storages:
+            t = t.clone()  # tied weights (e.g. embeddings and LM head) are written once per name
+        storages.add(t.untyped_storage().data_ptr())
+        contiguous[name] = t
     with atomic_path(path) as tmp:
         raw = tmp.with_name(tmp.name + ".raw")
         try:

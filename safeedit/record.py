@@ -49,8 +49,10 @@ METRIC_LABELS: dict[str, str] = {
     "perplexity": "Perplexity",
     "forget_accuracy": "Forget accuracy",
     "retain_accuracy": "Retain accuracy",
-    "harmful_score": "Harmful score",
-    "finetune_accuracy": "Fine-tune accuracy",
+    "harmful_score": "Harmful score (share of held-out harmful prompts answered, not refused)",
+    "finetune_accuracy": "Fine-tune accuracy (user task, test split)",
+    "benign_refusal_rate": "Benign refusal rate (held-out benign prompts refused)",
+    "weights_zeroed": "Share of the pruned layers' weights removed",
     "avg_accuracy": "Average task accuracy",
     "backdoor_asr": "Attack success rate, backdoored task",
     "forgetting_accuracy": "Forgetting accuracy",
@@ -61,6 +63,7 @@ SHORT_LABELS: dict[str, str] = {
     "ua": "UA", "ra": "RA", "ta": "TA", "mia_efficacy": "MIA-efficacy", "gap_to_retrain": "Gap to retrain",
     "time_vs_retrain": "Time vs retrain", "forgetting_accuracy": "Forgetting acc.", "retain_accuracy": "Retain acc.",
     "frechet_distance": "Fréchet dist.", "forget_class_share": "Judged as forget class",
+    "benign_refusal_rate": "Benign refused", "weights_zeroed": "Weights removed",
 }
 
 

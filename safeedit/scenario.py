@@ -3,7 +3,8 @@
     safeedit run scenarios/digits-forget-class.yaml [--out DIR]
 
 `kind` picks the job (default `classification`: forget data from a classifier; `generation`: forget a class
-in a conditional diffusion model); each kind has its own strict schema (unknown keys are errors) and runner in
+in a conditional diffusion model; `harmful-finetune`: remove harmful behaviour a fine-tune taught a chat model);
+each kind has its own strict schema (unknown keys are errors) and runner in
 `safeedit.runners`, and every runner writes weights, masks and `record.json` into the output folder.
 """
 
@@ -20,7 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from safeedit.criteria import Criterion, check_names
 from safeedit.data.forget import ForgetRequest
+from safeedit.data.prompts import SafetySizes
 from safeedit.errors import SafeEditError, first_problem
+from safeedit.models.lm_training import FinetuneOptions
+from safeedit.prune import PRUNE_METHODS
 from safeedit.unlearn.diffusion import GENERATION_METHODS, DiffusionRetrainOptions
 from safeedit.unlearn.methods import METHODS, RetrainOptions
 
@@ -88,6 +92,9 @@ class ScenarioBase(Strict):
     def method_registry(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def result_names(self) -> set[str]:
+        return {"original", *self.methods, *(["retrain"] if getattr(self, "retrain", None) is not None else [])}
+
 
 class Scenario(ScenarioBase):
     """Forget data from a classifier (`kind: classification`, the default)."""
@@ -111,6 +118,64 @@ class GenerationEvaluation(Strict):
     guidance: float = Field(default=1.0, ge=0, description="classifier-free guidance scale (1 = plain conditional)")
 
 
+class PruningOverrides(Strict):
+    ratio: float | None = Field(default=None, gt=0, le=1)
+    layers: str | None = None
+    target: Literal["weights", "update"] | None = None
+
+
+class PruningOptions(Strict):
+    """How much, where, and what a pruning method removes (shared by Antidote and its baselines)."""
+
+    ratio: float = Field(default=0.01, gt=0, le=1, description="share of each output row removed")
+    layers: str = Field(default="linear", description="linear | attention | mlp | lora | a regular expression")
+    target: Literal["weights", "update"] = Field(
+        default="weights", description="weights: zero them; update: reset them to their value before the fine-tune")
+
+
+class AttackSection(Strict):
+    """The user's fine-tune: the task data mixed with harmful requests answered compliantly."""
+
+    poison_ratio: float = Field(default=0.1, ge=0, lt=1)
+    finetune: FinetuneOptions = FinetuneOptions()
+
+
+class SafetyEvaluation(Strict):
+    max_new_tokens: int = Field(default=32, ge=4, description="greedy answer length judged for refusal")
+
+
+class SafetyScenario(Strict):
+    """Remove harmful behaviour a user fine-tune taught an aligned chat model (`kind: harmful-finetune`)."""
+
+    kind: Literal["harmful-finetune"]
+    name: str = Field(pattern=r"^[\w.\-]+$")
+    description: str = ""
+    request: Request
+    model: ModelSection
+    alignment: FinetuneOptions | None = Field(
+        default=FinetuneOptions(), description="safety alignment before the user fine-tune (cached); null: skip")
+    attack: AttackSection = AttackSection()
+    data: SafetySizes = SafetySizes()
+    pruning: PruningOptions = PruningOptions()
+    methods: dict[str, PruningOverrides | None] = Field(min_length=1)
+    judge: str = Field(default="default", description="default | phrases | folder of a refusal classifier")
+    evaluation: SafetyEvaluation = SafetyEvaluation()
+    criteria: list[Criterion] = Field(default_factory=list)
+    seed: int = 0
+    threads: int | None = Field(default=None, ge=1)
+
+    def method_options(self) -> dict[str, PruningOptions]:
+        unknown = [name for name in self.methods if name not in PRUNE_METHODS]
+        if unknown:
+            raise SafeEditError(f"scenario '{self.name}': unknown method {unknown[0]!r}; choose from "
+                                f"{', '.join(PRUNE_METHODS)}")
+        return {name: self.pruning.model_copy(update=(given.model_dump(exclude_none=True) if given else {}))
+                for name, given in self.methods.items()}
+
+    def result_names(self) -> set[str]:
+        return {"original", "no_defense", *self.methods}
+
+
 class GenerationScenario(ScenarioBase):
     """Forget a class in a class-conditional diffusion model (`kind: generation`)."""
 
@@ -123,10 +188,11 @@ class GenerationScenario(ScenarioBase):
         return GENERATION_METHODS
 
 
-KINDS: dict[str, type[ScenarioBase]] = {"classification": Scenario, "generation": GenerationScenario}
+KINDS: dict[str, type[BaseModel]] = {"classification": Scenario, "generation": GenerationScenario,
+                                     "harmful-finetune": SafetyScenario}
 
 
-def load_scenario(path: str | Path) -> ScenarioBase:
+def load_scenario(path: str | Path) -> ScenarioBase | SafetyScenario:
     path = Path(path)
     if not path.is_file():
         raise SafeEditError(f"{path}: no such scenario file; see scenarios/ for ready-made ones")
@@ -144,9 +210,8 @@ def load_scenario(path: str | Path) -> ScenarioBase:
     except pydantic.ValidationError as error:
         raise SafeEditError(f"{path}: {first_problem(error)}") from None
     scenario.method_options()
-    produced = {"original", *scenario.methods, *(["retrain"] if scenario.retrain is not None else [])}
     try:
-        check_names(scenario.criteria, produced)
+        check_names(scenario.criteria, scenario.result_names())
     except SafeEditError as error:
         raise SafeEditError(f"{path}: {error}") from None
     return scenario
@@ -163,6 +228,10 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, progress: 
     if scenario.threads:
         torch.set_num_threads(scenario.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(scenario, SafetyScenario):
+        from safeedit.runners.safety import run_safety
+
+        return run_safety(scenario, path, out, device, progress)
     if isinstance(scenario, GenerationScenario):
         from safeedit.runners.generation import run_generation
 

@@ -232,7 +232,8 @@ def test_verify_reports_a_missing_file(run_copy):
 
 def test_verify_detects_a_tampered_record(run_copy):
     record = _record(run_copy)
-    record["results"]["salun"]["metrics"]["after"]["ua"] = 1.0
+    after = record["results"]["salun"]["metrics"]["after"]
+    after["ua"] = 0.25 if after["ua"] != 0.25 else 0.5  # any change at all
     _write_record(run_copy, record)
     problems = verify_run(run_copy / "record.json").problems
     assert len(problems) == 1 and "integrity hash mismatch" in problems[0]

@@ -62,6 +62,7 @@ def compute_scores(
     state_device: str | torch.device | None = None,
     shard: bool = True,
     progress: bool = True,
+    relative_to: Mapping[str, torch.Tensor] | None = None,
 ) -> Tensors:
     """Per-parameter fp32 scores of `score` for the parameters selected by `include`/`exclude` patterns.
 
@@ -71,6 +72,8 @@ def compute_scores(
     Under `torch.distributed`, each process takes every world-th batch of the same loader (set `shard=False`
     if the loaders are already split per process) and the statistics are summed across processes once at the end.
     `state_device="cpu"` keeps the accumulators off the accelerator for models too large for two copies.
+    With `relative_to` (name -> tensor, e.g. the weights before a fine-tune), weight-based scores read the update
+    θ − θ_ref instead of θ: `magnitude` becomes |Δθ| and `wanda` |ΔW_ij| · ‖X_j‖₂.
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module  # DDP would average gradients per batch; we sum once at the end instead
@@ -108,6 +111,11 @@ def compute_scores(
     for role_states in states.values():
         all_reduce_sum(role_states.values())
     weights = {name: p.detach() for name, p in params.items()}
+    if relative_to is not None:
+        missing = [name for name in params if name not in relative_to]
+        if missing:
+            raise SafeEditError(f"relative_to has no tensor for {missing[0]!r}; give the reference model's weights")
+        weights = {name: w - relative_to[name].to(w.device, w.dtype) for name, w in weights.items()}
     return spec.function(weights, **states, **score_options)
 
 

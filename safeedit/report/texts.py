@@ -51,7 +51,30 @@ _CONCEPT = Obligation(
     "samplers, fine-tuning or adversarial prompts), nor that the training images were erased from the weights.",
 )
 
+_SAFETY = Obligation(
+    "Restoring a model's safety behaviour after a user fine-tune (platform policy, EU AI Act Art. 15 and 55)",
+    "On held-out harmful prompts the edited model refuses more often than the fine-tuned model did (harmful score, "
+    "judged by the recorded judge whose accuracy on labelled refusals is stated), the user's task accuracy is "
+    "measured on its test split, and the edit is a recorded mask of removed weights applied in one shot.",
+    "It does not show that harmful content cannot be elicited by other prompts, jailbreaks, sampling settings or "
+    "further fine-tuning; refusal is judged automatically, not by people; and the compliant answers of the attack "
+    "data are templates, so the harm measured is willingness to comply, not the quality of harmful content.",
+)
+
 KINDS: dict[str, KindText] = {
+    "harmful-finetune-defence": KindText(
+        title="Removal of harmful behaviour learned in a fine-tune",
+        headline_metrics=("harmful_score", "finetune_accuracy", "benign_refusal_rate", "weights_zeroed"),
+        higher_is_better={"finetune_accuracy": True},
+        reading=(
+            "A safety-aligned chat model was fine-tuned on a user's task data that contained harmful requests "
+            "paired with compliant answers. Harmful score is the share of held-out harmful prompts the model "
+            "answers instead of refusing (lower is safer); fine-tune accuracy is the user's task on its test split "
+            "(the cost); benign refusal rate is the share of held-out harmless requests refused (over-refusal). "
+            "'original' is the aligned model before the user fine-tune, 'no_defense' the fine-tuned model."
+        ),
+        obligations=(_SAFETY, _ROBUSTNESS),
+    ),
     "classification-unlearning": KindText(
         title="Removal of training data from a classifier",
         headline_metrics=("ua", "ra", "ta", "mia_efficacy", "gap_to_retrain", "time_vs_retrain"),

@@ -30,7 +30,8 @@ def common_record(scenario: BaseModel, path: Path, out: Path, device: torch.devi
         "scenario": scenario.model_dump(mode="json"),
         "command": shlex.join(["safeedit", "run", str(path), "--out", str(out)]),
         "working_directory": str(Path.cwd()),
-        "seeds": {"scenario": scenario.seed, "forget_split": scenario.forget.seed},
+        "seeds": {"scenario": scenario.seed,
+                  **({"forget_split": scenario.forget.seed} if hasattr(scenario, "forget") else {})},
         "environment": environment(device),
     }
 
@@ -68,8 +69,10 @@ class OutputWriter:
         weights = self.out / f"{name}.safetensors"
         save_safetensors(state_dict, weights, {"method": name, "scenario": self.scenario_name})
         self.add(weights, "edited weights" if name != "retrain" else "reference weights")
-        if mask is None:
-            return None
+        return self.save_mask(name, mask) if mask is not None else None
+
+    def save_mask(self, name: str, mask: Mask) -> dict[str, Any]:
+        """`<name>.mask.safetensors` alone (when the edited weights follow from it and a recorded input)."""
         mask_path = self.out / f"{name}.mask.safetensors"
         mask.metadata.update(source_weights_sha256=self.source_sha256, method=name)
         mask.save(mask_path)

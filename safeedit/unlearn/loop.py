@@ -57,7 +57,9 @@ def unlearn(
     with masked_training(edited, mask.to(device), optimizer):
         for epoch in tqdm(range(options.epochs), desc=description, unit="epoch", disable=not progress, leave=False):
             for phase in objective(epoch):
-                for batch in phase.loader:
+                batches = tqdm(phase.loader, desc=f"{description}: {phase.name}", unit="batch",
+                               disable=not progress, leave=False)
+                for batch in batches:
                     optimizer.zero_grad(set_to_none=True)
                     loss = phase.loss(edited, to_device(batch, device))
                     if not torch.isfinite(loss):

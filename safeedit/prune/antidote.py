@@ -1,0 +1,120 @@
+"""Antidote (Huang et al., 2024): after a harmful fine-tune, zero the weights that carry the harmful behaviour.
+
+1. scores: `wanda` (|W_ij| · ‖X_j‖₂) on a harmful calibration set, disjoint from the attack data;
+2. mask: per output row, the top-r scores of the chosen linear layers;
+3. edit: those weights are set to zero, in one shot, with no training.
+
+Two targets: `weights` (the paper's rule, on the fine-tuned weights themselves) and `update` (the same rule on the
+fine-tune's update ΔW = W − W_before, where the selected entries go back to their values before the fine-tune:
+only what the fine-tune changed can be removed). With a LoRA adapter left unmerged, the layer set `lora` prunes
+the adapter's factors instead.
+
+The baselines remove the same number of weights per row, chosen by another score: `random_prune` (seeded noise),
+`magnitude_prune` (|W|) and `wanda_benign` (wanda on benign calibration prompts: is it the harmful data that
+localizes, or just activation-weighted magnitude?).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from safeedit.attribution import compute_scores
+from safeedit.attribution.params import select_parameters
+from safeedit.attribution.statistics import LINEAR_TYPES
+from safeedit.errors import SafeEditError
+from safeedit.masks import Mask
+
+# Named layer sets, as regular expressions over parameter names (any other value is used as a pattern itself).
+LAYER_SETS: dict[str, str] = {
+    "linear": r"\.weight$",  # every linear layer's weight (the output head and embeddings are excluded below)
+    "attention": r"(self_attn|attention|attn)\..*(q_proj|k_proj|v_proj|o_proj|query|key|value|dense|c_attn|c_proj)"
+                 r"\.weight$",
+    "mlp": r"(mlp|feed_forward|ffn)\..*\.weight$",
+    "lora": r"lora_[AB]\.[^.]+\.weight$",
+}
+
+
+@dataclass(frozen=True)
+class PruneMethod:
+    score: Literal["wanda", "magnitude", "random"]
+    calibration: Literal["harmful", "benign"] | None
+    summary: str
+
+
+PRUNE_METHODS: dict[str, PruneMethod] = {
+    "antidote": PruneMethod("wanda", "harmful", "Antidote: zero the top-r wanda scores per row, calibrated on "
+                                                "harmful prompts and the model's own answers to them"),
+    "wanda_benign": PruneMethod("wanda", "benign", "the same rule calibrated on benign prompts (control)"),
+    "magnitude_prune": PruneMethod("magnitude", None, "zero the largest-magnitude weights per row (control)"),
+    "random_prune": PruneMethod("random", None, "zero seeded random weights, the same count per row (control)"),
+}
+
+
+def layer_patterns(model: nn.Module, layers: str) -> list[str]:
+    """The linear-layer weight names a layer set (or regular expression) selects; the output head is left out."""
+    pattern = LAYER_SETS.get(layers, layers)
+    try:
+        params = select_parameters(model, pattern)
+    except SafeEditError:
+        params = {}
+    modules = dict(model.named_modules())
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = [name for name in params
+             if isinstance(modules.get(name.rpartition(".")[0]), LINEAR_TYPES)
+             and modules[name.rpartition(".")[0]] is not head]
+    if not names:
+        raise SafeEditError(f"layer set {layers!r} (pattern {pattern!r}) matches no linear layer of "
+                            f"{type(model).__name__}; choose one of {', '.join(LAYER_SETS)} or a pattern that does")
+    return names
+
+
+def pruning_mask(model: nn.Module, method: str, ratio: float, layers: str = "linear",
+                 calibration: Iterable | None = None, seed: int = 0, progress: bool = False,
+                 before: Mapping[str, torch.Tensor] | None = None) -> Mask:
+    """Per output row, the top-`ratio` weights of `method`'s score in the selected layers: the weights to remove.
+
+    With `before` (the weights before the fine-tune), the scores read the update W − W_before (target `update`).
+    """
+    if method not in PRUNE_METHODS:
+        raise SafeEditError(f"unknown pruning method {method!r}; choose one of {', '.join(PRUNE_METHODS)}")
+    spec = PRUNE_METHODS[method]
+    names = layer_patterns(model, layers)
+    include = [f"^{name.replace('.', chr(92) + '.')}$" for name in names]
+    data = None
+    if spec.score == "wanda":
+        if calibration is None:
+            raise SafeEditError(f"{method} needs {spec.calibration} calibration batches")
+        data = {"calibration": calibration}
+    options = {"seed": seed} if spec.score == "random" else None
+    scores = compute_scores(model, spec.score, data, include=include, options=options, progress=progress,
+                            relative_to=before)
+    # Output rows: dim 0 of nn.Linear weights ([out, in]); GPT-2's Conv1D stores [in, out], so select on the transpose.
+    modules = dict(model.named_modules())
+    transposed = {name for name in scores if not isinstance(modules[name.rpartition(".")[0]], nn.Linear)}
+    scores = {name: s.T if name in transposed else s for name, s in scores.items()}
+    mask = Mask.top_k(scores, ratio, scope="row", metadata={
+        "method": method, "score": spec.score, "layers": layers, "target": "update" if before else "weights"})
+    mask.tensors = {name: m.T.contiguous() if name in transposed else m for name, m in mask.tensors.items()}
+    return mask
+
+
+@torch.no_grad()
+def prune(model: nn.Module, mask: Mask, before: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """A copy of `model` with the masked weights set to zero, or with `before`, set back to their values there
+    (the update removed); every other weight is bit-identical. The input model is not modified."""
+    mask.check_matches(model)
+    pruned = copy.deepcopy(model)
+    params: Mapping[str, nn.Parameter] = dict(pruned.named_parameters())
+    for name, selected in mask.tensors.items():
+        selected = selected.to(params[name].device)
+        if before is None:
+            params[name].masked_fill_(selected, 0.0)
+        else:
+            params[name].copy_(torch.where(selected, before[name].to(params[name]), params[name]))
+    return pruned.eval()
