@@ -245,6 +245,19 @@ def test_full_finetune_changes_weights_and_is_seeded():
 
 # --- the scenario end to end -----------------------------------------------------------------------------------
 
+SIZES = {"alignment_harmful": 8, "alignment_benign": 8, "attack": 8, "calibration": 4, "evaluation": 6,
+         "benign_calibration": 4, "benign_evaluation": 4, "task_train": 16, "task_test": 6}
+TINY_FINETUNE = {"epochs": 1, "lr": 1e-3, "batch_size": 8, "lora_rank": 4, "max_length": 48}
+
+
+def tiny_chat_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFEEDIT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny-chat"
+    llama().save_pretrained(folder)
+    chat_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def test_harmful_finetune_scenario_runs_and_writes_a_verifiable_record(tmp_path, monkeypatch):
     import json
 
@@ -253,13 +266,8 @@ def test_harmful_finetune_scenario_runs_and_writes_a_verifiable_record(tmp_path,
     from safeedit.report import verify_run, write_report
     from safeedit.scenario import run_scenario
 
-    monkeypatch.setenv("SAFEEDIT_CACHE", str(tmp_path / "cache"))
-    folder = tmp_path / "tiny-chat"
-    llama().save_pretrained(folder)
-    chat_tokenizer().save_pretrained(folder)
-    sizes = {"alignment_harmful": 8, "alignment_benign": 8, "attack": 8, "calibration": 4, "evaluation": 6,
-             "benign_calibration": 4, "benign_evaluation": 4, "task_train": 16, "task_test": 6}
-    tiny = {"epochs": 1, "lr": 1e-3, "batch_size": 8, "lora_rank": 4, "max_length": 48}
+    folder = tiny_chat_folder(tmp_path, monkeypatch)
+    sizes, tiny = SIZES, TINY_FINETUNE
     scenario = {
         "name": "tiny-antidote", "kind": "harmful-finetune", "request": {"what": "harmful compliance <b>x</b>"},
         "model": {"name": str(folder)}, "alignment": tiny, "attack": {"poison_ratio": 0.25, "finetune": tiny},
@@ -290,3 +298,26 @@ def test_harmful_finetune_scenario_runs_and_writes_a_verifiable_record(tmp_path,
     # a second run reuses the cached fine-tunes and reproduces the metrics
     again = json.loads(run_scenario(path, tmp_path / "run2", progress=False).read_text())
     assert again["results"]["antidote"]["metrics"] == antidote["metrics"]
+
+
+def test_scenario_prunes_the_factors_of_an_unmerged_lora_adapter(tmp_path, monkeypatch):
+    import json
+
+    import yaml
+
+    from safeedit.scenario import run_scenario
+
+    folder = tiny_chat_folder(tmp_path, monkeypatch)
+    scenario = {
+        "name": "tiny-lora", "kind": "harmful-finetune", "request": {"what": "harmful compliance"},
+        "model": {"name": str(folder)}, "alignment": None,
+        "attack": {"poison_ratio": 0.25, "finetune": {**TINY_FINETUNE, "merge": False}},
+        "data": SIZES, "pruning": {"ratio": 0.25, "layers": "lora", "target": "weights"},
+        "methods": {"antidote": None}, "evaluation": {"max_new_tokens": 4},
+    }
+    path = tmp_path / "lora.yaml"
+    path.write_text(yaml.safe_dump(scenario))
+    record = json.loads(run_scenario(path, tmp_path / "run", progress=False).read_text())
+    layers = record["results"]["antidote"]["mask"]["layers"]
+    assert layers and all("lora_" in layer["name"] for layer in layers)
+    assert record["results"]["antidote"]["metrics"]["after"]["weights_zeroed"] == pytest.approx(0.25, abs=0.01)

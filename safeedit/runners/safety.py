@@ -25,7 +25,7 @@ from safeedit.eval.safety import generate_answers, safety_metrics
 from safeedit.eval.weights import weight_changes
 from safeedit.io import cache_dir, load_safetensors, save_safetensors, sha256_file, sha256_text
 from safeedit.models.language import load_language_model
-from safeedit.models.lm_training import FinetuneOptions, finetune_chat
+from safeedit.models.lm_training import FinetuneOptions, finetune_chat, with_lora
 from safeedit.models.state import load_state_dict_strict
 from safeedit.prune import PRUNE_METHODS, prune, pruning_mask
 from safeedit.record import write_record
@@ -50,7 +50,8 @@ def cached_finetune(model: nn.Module, tokenizer: Any, examples: list[ChatExample
         "examples": sha256_text(json.dumps([[e.prompt, e.answer] for e in examples])),
     }, sort_keys=True))[:16]
     path = cache_dir() / "lm" / f"{what}-{key}.safetensors"
-    tuned = copy.deepcopy(model)
+    # An unmerged LoRA fine-tune is stored and reloaded with its adapter (to prune its factors: layers `lora`).
+    tuned = with_lora(model, options) if options.lora_rank and not options.merge else copy.deepcopy(model)
     if path.exists():
         say(f"{what}: cached ({path})", progress)
         tensors, _ = load_safetensors(path)
