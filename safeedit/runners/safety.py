@@ -125,6 +125,7 @@ def run_safety(scenario: SafetyScenario, path: Path, out: Path, device: torch.de
 
     writer = OutputWriter(out, scenario.name, sha256_file(tuned_path))
     calibration: dict[str, Any] = {}
+    masks: dict[str, Any] = {}
     aligned_weights = {name: p.detach() for name, p in aligned.named_parameters()}
     for index, (name, method_options) in enumerate(options.items(), 1):
         spec = PRUNE_METHODS[name]
@@ -141,6 +142,7 @@ def run_safety(scenario: SafetyScenario, path: Path, out: Path, device: torch.de
         pruned = prune(tuned, mask, before=reference)
         wall = time.perf_counter() - start
         metrics = {**evaluate(pruned, name, benign=True), "weights_zeroed": mask.density}
+        masks[name] = mask
         state = pruned.state_dict() if name == "antidote" else None
         results[name] = {
             "metrics": {"before": before, "after": metrics}, "wall_time_s": wall, "seed": scenario.seed,
@@ -151,6 +153,12 @@ def run_safety(scenario: SafetyScenario, path: Path, out: Path, device: torch.de
             "weight_changes": weight_changes(tuned, pruned, mask),
         }
 
+    if "antidote" in masks and "wanda_benign" in masks:
+        overlap = masks["antidote"].jaccard(masks["wanda_benign"])
+        notes.append(f"The harmful- and the benign-calibrated wanda masks overlap with Jaccard {overlap:.2f}: "
+                     + ("most of what Antidote selects here is set by weight (or update) magnitude and activation "
+                        "norms that any input produces, not by the harmful data." if overlap > 0.5 else
+                        "the harmful calibration data chooses different weights than benign data would."))
     record_path = out / "record.json"
     notes.append(f"Refusal is judged by '{judge.name}' ({judge_validation['accuracy']:.1%} accuracy on "
                  f"{judge_validation['n']} human-labelled answers); an answer it misreads counts as the model's.")
