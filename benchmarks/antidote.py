@@ -101,7 +101,7 @@ def table(result: dict) -> str:
              f"fine-tune accuracy {result['original']['finetune_accuracy']:.3f}",
              f"judge {result['judge']['judge']}: accuracy {result['judge']['accuracy']:.3f} on "
              f"{result['judge']['n']} labelled answers",
-             "cells: median over seeds (n seeds) of harmful score / fine-tune accuracy; ratio = method / no defence",
+             "cells: median over seeds (n seeds) of harmful score / fine-tune accuracy",
              ""]
     poisons = sorted({r["p"] for r in rows})
     ratios = sorted({r["r"] for r in rows if r["method"] != "no_defense"})
@@ -130,14 +130,14 @@ def table(result: dict) -> str:
         lines += ["", f"p = {p_main:g}, per seed (harmful ratio vs no defence, accuracy change in points):"]
         for seed in sorted({r["seed"] for r in main}):
             base = next(r for r in main if r["seed"] == seed and r["method"] == "no_defense")
-            parts = []
+            parts = [f"no defence {base['harmful_score']:.3f} / {base['finetune_accuracy']:.3f}"]
             for r in ratios:
                 x = next((x for x in main if x["seed"] == seed and x["method"] == "antidote" and x["r"] == r), None)
                 if x:
                     ratio = x["harmful_score"] / base["harmful_score"] if base["harmful_score"] else float("nan")
                     change = 100 * (x["finetune_accuracy"] - base["finetune_accuracy"])
                     parts.append(f"r={r:g}: {ratio:.2f}×, {change:+.0f}")
-            lines.append(f"  seed {seed}: antidote " + "; ".join(parts))
+            lines.append(f"  seed {seed}: " + "; antidote ".join(parts))
     return "\n".join(lines)
 
 
