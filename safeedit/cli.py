@@ -124,6 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-pdf", action="store_true", help="write the HTML report only (no Chromium needed)")
     run.set_defaults(func=cmd_run)
 
+    merge = commands.add_parser(
+        "merge", help="merge fine-tuned models of one base with task arithmetic or TIES (data-free)",
+        description="Merge task models that share a base model's architecture: θ = θ₀ + λ Σ τᵢ (task arithmetic) or "
+        "TIES. Tensors matching --exclude (e.g. task heads) are taken from the base. Writes a save_pretrained folder "
+        "atomically; a mismatched architecture is refused before anything is written. For backdoor-aware merging "
+        "(DAM) and learned merges, use a merge-backdoor scenario.",
+    )
+    merge.add_argument("base", help="the pretrained model: a folder with config.json and safetensors, or a hub id")
+    merge.add_argument("tasks", nargs="+", help="fine-tuned task models (folders or hub ids)")
+    merge.add_argument("--out", required=True, help="output folder (must not exist)")
+    merge.add_argument("--method", choices=("task_arithmetic", "ties"), default="task_arithmetic")
+    merge.add_argument("--scale", type=float, default=None, help="λ (default 0.3 task arithmetic, 1.0 TIES)")
+    merge.add_argument("--keep", type=float, default=0.2, help="TIES: share of each task vector kept")
+    merge.add_argument("--exclude", default=None, help="regular expression of tensor names not merged (heads)")
+    merge.set_defaults(func=cmd_merge)
+
     report = commands.add_parser(
         "report",
         help="render a run's record as a compliance report (HTML, PDF, JSON)",
@@ -336,6 +352,43 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(f"report: {files.html}")
 
 
+def cmd_merge(args: argparse.Namespace) -> None:
+    import re
+    from pathlib import Path
+
+    from safeedit.io import atomic_dir
+    from safeedit.merge import task_arithmetic, task_vectors, ties, with_parameters
+    from safeedit.models import load_model
+
+    out = Path(args.out)
+    if out.exists():
+        raise SafeEditError(f"{out} exists; choose a new output folder (nothing is overwritten)")
+    excluded = re.compile(args.exclude) if args.exclude else None
+
+    def merged_part(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in model.named_parameters()
+                if not (excluded and excluded.search(name))}
+
+    base = load_model(args.base, progress=False)
+    tasks = {spec: load_model(spec, progress=False) for spec in args.tasks}
+    body = merged_part(base.model)
+    vectors = task_vectors(body, {spec: merged_part(loaded.model) for spec, loaded in tasks.items()})
+    if args.method == "ties":
+        merged = ties(body, vectors, args.keep, 1.0 if args.scale is None else args.scale)
+    else:
+        merged = task_arithmetic(body, vectors, 0.3 if args.scale is None else args.scale)
+    model = with_parameters(base.model, merged)
+    with atomic_dir(out) as partial:
+        model.save_pretrained(partial, safe_serialization=True)
+        if base.tokenizer is not None:
+            base.tokenizer.save_pretrained(partial)
+        (partial / "merge.json").write_text(json.dumps({
+            "method": args.method, "scale": args.scale, "keep": args.keep if args.method == "ties" else None,
+            "exclude": args.exclude, "base": {args.base: base.weights_sha256},
+            "tasks": {spec: loaded.weights_sha256 for spec, loaded in tasks.items()}}, indent=2))
+    print(f"merged {len(tasks)} task models into {out} ({args.method})")
+
+
 def _verdict_line(verdict: dict) -> str:
     if verdict["passed"] is None:
         return "verdict: none (the scenario declares no criteria)"
@@ -377,15 +430,16 @@ def cmd_keygen(args: argparse.Namespace) -> None:
 
 
 def _print_results(results: dict, kind: str) -> None:
-    from safeedit.report.texts import kind_text
+    from safeedit.report.texts import headline_metrics
 
-    columns = kind_text(kind).headline_metrics or ("ua", "ra", "ta", "mia_efficacy", "gap_to_retrain")
-    print(f"{'method':12s}" + "".join(f"{c[:19]:>20s}" for c in columns) + f"{'wall s':>9s}")
+    measured = {m for entry in results.values() for m in entry["metrics"]["after"]}
+    columns = headline_metrics(kind, measured) or ("ua", "ra", "ta", "mia_efficacy", "gap_to_retrain")
+    print(f"{'method':16s}" + "".join(f"{c[:19]:>20s}" for c in columns) + f"{'wall s':>9s}")
     for name, entry in results.items():
         after = entry["metrics"]["after"]
         cells = "".join(f"{after[c]:20.3f}" if after.get(c) is not None else f"{'-':>20s}" for c in columns)
         wall = entry.get("wall_time_s")
-        print(f"{name:12s}{cells}{wall if wall is None else round(wall, 1)!s:>9}")
+        print(f"{name:16s}{cells}{wall if wall is None else round(wall, 1)!s:>9}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:

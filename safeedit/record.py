@@ -55,6 +55,7 @@ METRIC_LABELS: dict[str, str] = {
     "weights_zeroed": "Share of the pruned layers' weights removed",
     "avg_accuracy": "Average task accuracy",
     "backdoor_asr": "Attack success rate, backdoored task",
+    "transfer_asr": "Attack success rate, clean tasks (mean; the trigger's transfer)",
     "forgetting_accuracy": "Forgetting accuracy",
     "frechet_distance": "Fréchet distance (judge features, generated vs real retain images)",
     "forget_class_share": "Share of all samples judged as the forget class",
@@ -63,12 +64,19 @@ SHORT_LABELS: dict[str, str] = {
     "ua": "UA", "ra": "RA", "ta": "TA", "mia_efficacy": "MIA-efficacy", "gap_to_retrain": "Gap to retrain",
     "time_vs_retrain": "Time vs retrain", "forgetting_accuracy": "Forgetting acc.", "retain_accuracy": "Retain acc.",
     "frechet_distance": "Fréchet dist.", "forget_class_share": "Judged as forget class",
-    "benign_refusal_rate": "Benign refused", "weights_zeroed": "Weights removed",
+    "benign_refusal_rate": "Benign refused", "weights_zeroed": "Weights removed", "avg_accuracy": "Avg. accuracy",
+    "backdoor_asr": "Backdoor ASR", "transfer_asr": "Transfer ASR",
 }
+
+
+PER_TASK_LABELS = {"accuracy_": "Accuracy", "asr_": "ASR"}  # accuracy_<task>, asr_<task> (model merging)
 
 
 def plain_label(metric: str) -> str:
     """The metric's label without its parenthesised explanation, e.g. 'Unlearning accuracy'."""
+    for prefix, label in PER_TASK_LABELS.items():
+        if metric.startswith(prefix) and metric not in METRIC_LABELS:
+            return f"{label}, {metric[len(prefix):]}"
     return METRIC_LABELS.get(metric, metric).split(" (")[0]
 
 

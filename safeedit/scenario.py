@@ -3,7 +3,8 @@
     safeedit run scenarios/digits-forget-class.yaml [--out DIR]
 
 `kind` picks the job (default `classification`: forget data from a classifier; `generation`: forget a class
-in a conditional diffusion model; `harmful-finetune`: remove harmful behaviour a fine-tune taught a chat model);
+in a conditional diffusion model; `harmful-finetune`: remove harmful behaviour a fine-tune taught a chat model;
+`merge-backdoor`: merge task models without inheriting a backdoor);
 each kind has its own strict schema (unknown keys are errors) and runner in
 `safeedit.runners`, and every runner writes weights, masks and `record.json` into the output folder.
 """
@@ -19,10 +20,13 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from safeedit.attacks.backdoor import TriggerSpec
 from safeedit.criteria import Criterion, check_names
 from safeedit.data.forget import ForgetRequest
 from safeedit.data.prompts import SafetySizes
 from safeedit.errors import SafeEditError, first_problem
+from safeedit.merge.methods import MERGE_METHODS
+from safeedit.models.encoders import FinetuneRecipe
 from safeedit.models.lm_training import FinetuneOptions
 from safeedit.prune import PRUNE_METHODS
 from safeedit.unlearn.diffusion import GENERATION_METHODS, DiffusionRetrainOptions
@@ -176,6 +180,57 @@ class SafetyScenario(Strict):
         return {"original", "no_defense", *self.methods}
 
 
+class EncoderSection(Strict):
+    name: str = Field(description="embedded body (all-minilm-l6-v2 | vit-tiny-mnist-rotation), folder or hub id")
+    modality: Literal["text", "image"]
+    max_length: int = Field(default=64, ge=8, description="text: tokens per example")
+
+
+class MergeTasks(Strict):
+    names: list[str] = Field(min_length=2, description="embedded task names or save_to_disk folders (train/test)")
+    max_train: int = Field(default=800, ge=10, description="examples per task model's fine-tune")
+    max_test: int = Field(default=400, ge=10)
+    unlabeled: int = Field(default=128, ge=8, description="unlabeled train examples per task for the learned "
+                                                           "merges (never used to fine-tune)")
+    batch_size: int = Field(default=16, ge=1, description="unlabeled examples per task in each learned-merge step")
+
+
+class MergeScenario(Strict):
+    """Merge task models, some backdoored, and keep the tasks without the backdoor (`kind: merge-backdoor`)."""
+
+    kind: Literal["merge-backdoor"]
+    name: str = Field(pattern=r"^[\w.\-]+$")
+    description: str = ""
+    request: Request
+    model: EncoderSection
+    tasks: MergeTasks
+    finetune: FinetuneRecipe = FinetuneRecipe()
+    attacks: dict[str, TriggerSpec] = Field(default_factory=dict, description="task -> its backdoor trigger")
+    methods: dict[str, dict[str, Any] | None] = Field(min_length=1)
+    criteria: list[Criterion] = Field(default_factory=list)
+    seed: int = 0
+    threads: int | None = Field(default=None, ge=1)
+
+    def method_options(self) -> dict[str, BaseModel]:
+        unknown = [task for task in self.attacks if task not in self.tasks.names]
+        if unknown:
+            raise SafeEditError(f"scenario '{self.name}': attacks.{unknown[0]} names no task; choose from "
+                                f"{', '.join(self.tasks.names)}")
+        options = {}
+        for name, given in self.methods.items():
+            if name not in MERGE_METHODS:
+                raise SafeEditError(f"scenario '{self.name}': unknown method {name!r}; choose from "
+                                    f"{', '.join(MERGE_METHODS)}")
+            try:
+                options[name] = MERGE_METHODS[name](**(given or {}))
+            except pydantic.ValidationError as error:
+                raise SafeEditError(f"scenario '{self.name}': methods.{name}: {first_problem(error)}") from None
+        return options
+
+    def result_names(self) -> set[str]:
+        return {"frozen_encoder", *self.methods}
+
+
 class GenerationScenario(ScenarioBase):
     """Forget a class in a class-conditional diffusion model (`kind: generation`)."""
 
@@ -189,10 +244,10 @@ class GenerationScenario(ScenarioBase):
 
 
 KINDS: dict[str, type[BaseModel]] = {"classification": Scenario, "generation": GenerationScenario,
-                                     "harmful-finetune": SafetyScenario}
+                                     "harmful-finetune": SafetyScenario, "merge-backdoor": MergeScenario}
 
 
-def load_scenario(path: str | Path) -> ScenarioBase | SafetyScenario:
+def load_scenario(path: str | Path) -> ScenarioBase | SafetyScenario | MergeScenario:
     path = Path(path)
     if not path.is_file():
         raise SafeEditError(f"{path}: no such scenario file; see scenarios/ for ready-made ones")
@@ -228,6 +283,10 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, progress: 
     if scenario.threads:
         torch.set_num_threads(scenario.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(scenario, MergeScenario):
+        from safeedit.runners.merging import run_merging
+
+        return run_merging(scenario, path, out, device, progress)
     if isinstance(scenario, SafetyScenario):
         from safeedit.runners.safety import run_safety
 

@@ -1,1 +1,2 @@
-"""Attacks used to build realistic threat settings: harmful fine-tuning mixes (and, later, backdoor triggers)."""
+"""Attacks used to build realistic threat settings: harmful fine-tuning mixes and backdoor
+triggers (image patch, rare word) with poisoned data sets."""

@@ -47,8 +47,9 @@ class ForgetSplit:
 
 
 def fingerprint(dataset: Dataset) -> dict:
-    """Count and SHA-256 of the sorted example ids: enough to check which examples a set held."""
-    ids = sorted(int(i) for i in dataset["id"])
+    """Count and SHA-256 of the sorted example ids (integers, or strings such as "en:<title>")."""
+    raw = list(dataset["id"])
+    ids = sorted(int(i) for i in raw) if all(isinstance(i, int | np.integer) for i in raw) else sorted(map(str, raw))
     return {"count": len(ids), "ids_sha256": hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()}
 
 

@@ -20,7 +20,7 @@ from safeedit.record import COUNT_METRICS, METRIC_LABELS, read_record, record_fi
 from safeedit.report.chromium import html_to_pdf
 from safeedit.report.plots import all_figures
 from safeedit.report.signing import read_signature, sign_record, signature_path
-from safeedit.report.texts import kind_text
+from safeedit.report.texts import headline_metrics, kind_text
 from safeedit.report.verify import verify_record
 
 REFERENCE_ROWS = {"original": "before (original model)", "retrain": "reference (retrained without the data)"}
@@ -65,9 +65,8 @@ def _environment():
 
 
 def _headline(record: dict[str, Any]) -> list[str]:
-    text = kind_text(record["kind"])
     measured = {m for r in record["results"].values() for m in r["metrics"]["after"]}
-    metrics = [m for m in text.headline_metrics if m in measured]
+    metrics = headline_metrics(record["kind"], measured)
     return metrics or sorted(m for m in measured if m not in COUNT_METRICS)
 
 

@@ -20,6 +20,7 @@ class Obligation:
 class KindText:
     title: str
     headline_metrics: tuple[str, ...]  # the metrics table's columns, in order
+    per_task_prefixes: tuple[str, ...] = ()  # measured metrics starting with these follow, e.g. accuracy_<task>
     higher_is_better: dict[str, bool] = field(default_factory=dict)
     reading: str = ""
     obligations: tuple[Obligation, ...] = ()
@@ -102,8 +103,41 @@ KINDS: dict[str, KindText] = {
         obligations=(_CONCEPT, _ROBUSTNESS),
     ),
 }
+_MERGE = Obligation(
+    "Supply-chain security of third-party model components (EU AI Act Art. 15 cybersecurity, platform policy)",
+    "Every task model that went into the merge is named by hash; on each task's held-out test split, the merged "
+    "model's clean accuracy and the success rate of the planted trigger are measured for every method, with the "
+    "masks that decided which fine-tuned weights were kept saved for inspection.",
+    "It does not detect backdoors with other triggers, target classes or poison rates than the one evaluated, nor "
+    "adaptive attackers who know the defence; the triggers DAM inverts are universal perturbations, not the "
+    "attacker's trigger, and a low attack success rate here is not a proof that no backdoor remains.",
+)
+KINDS["merge-backdoor-defence"] = KindText(
+    title="Merging task models without inheriting a backdoor",
+    headline_metrics=("avg_accuracy", "backdoor_asr", "transfer_asr"),
+    per_task_prefixes=("accuracy_", "asr_"),
+    higher_is_better={"avg_accuracy": True},
+    reading=(
+        "Several task models fine-tuned from one pretrained body are merged into one body; each task keeps its own "
+        "classification head. Average accuracy is the mean clean test accuracy over the tasks (higher is better); "
+        "backdoor ASR is the attack success rate of the planted trigger on the backdoored task: the share of "
+        "triggered test inputs, whose true class is not the target, classified as the target (lower is safer); "
+        "transfer ASR is the same on the clean tasks. 'individual' is each task model on its own task; "
+        "'frozen_encoder' the pretrained body with a linear probe per task, the floor a merge should stay above."
+    ),
+    obligations=(_MERGE, _ROBUSTNESS),
+)
 DEFAULT_KIND = KindText(title="Model edit", headline_metrics=(), obligations=(_ROBUSTNESS,))
 
 
 def kind_text(kind: str) -> KindText:
     return KINDS.get(kind, DEFAULT_KIND)
+
+
+def headline_metrics(kind: str, measured: set[str] | list[str]) -> list[str]:
+    """The table columns of a kind: its headline metrics that were measured, then its per-task metrics."""
+    text = kind_text(kind)
+    columns = [m for m in text.headline_metrics if m in measured]
+    for prefix in text.per_task_prefixes:
+        columns += sorted(m for m in measured if m.startswith(prefix) and m not in columns)
+    return columns

@@ -1,0 +1,65 @@
+"""Hyper-parameter search for the learned merges, on the development seed only (seed 0; the benchmark reports
+seeds 1, 2, 3), with the same budget for each method: four configurations of AdaMerging (learning rate), and four
+of the Concrete gates shared by Concrete task arithmetic and DAM (initial logit × learning rate).
+
+    .venv/bin/python benchmarks/dam_tune.py --setting vision
+    .venv/bin/python benchmarks/dam_tune.py --setting text
+
+Selection rule, the same for every method and fixed before the search: the configuration with the highest
+average clean accuracy minus backdoor attack success rate on seed 0 (a defender's utility). The chosen values are
+written into the scenarios by hand; benchmarks/results/dam-tune-<setting>.json keeps every measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+from safeedit.scenario import run_scenario
+
+ROOT = Path(__file__).resolve().parent.parent
+ADAMERGING_LR = (0.003, 0.01, 0.03, 0.1)
+GATES = ((3.0, 0.1), (3.0, 0.3), (1.0, 0.1), (1.0, 0.3))  # (init_logit, lr)
+LEARNED = ("adamerging", "concrete_ta", "dam")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=["vision", "text"], required=True)
+    args = parser.parse_args()
+    results_path = Path(__file__).parent / "results" / f"dam-tune-{args.setting}.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"configs": []}
+    base = yaml.safe_load((ROOT / "scenarios" / f"merge-{args.setting}-backdoor.yaml").read_text())
+    for index, (ada_lr, (init, lr)) in enumerate(zip(ADAMERGING_LR, GATES, strict=True)):
+        if any(c["index"] == index for c in results["configs"]):
+            continue
+        scenario = dict(base, name=f"dam-tune-{args.setting}-{index}", seed=0, criteria=[])
+        steps = base["methods"]["dam"]["steps"]
+        scenario["methods"] = {"adamerging": {"granularity": "layer", "steps": steps, "lr": ada_lr},
+                               "concrete_ta": {"steps": steps, "init_logit": init, "lr": lr},
+                               "dam": {"steps": steps, "init_logit": init, "lr": lr}}
+        folder = ROOT / "runs" / "benchmarks" / scenario["name"]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "scenario.yaml").write_text(yaml.safe_dump(scenario, sort_keys=False))
+        record = json.loads(run_scenario(folder / "scenario.yaml", folder, progress=False).read_text())
+        results["configs"].append({"index": index, "methods": scenario["methods"], "metrics": {
+            name: record["results"][name]["metrics"]["after"] for name in LEARNED}})
+        results_path.write_text(json.dumps(results, indent=1))
+    print(f"{args.setting}, seed 0: avg accuracy / backdoor ASR / utility (avg − ASR)")
+    for name in LEARNED:
+        rows = []
+        for config in sorted(results["configs"], key=lambda c: c["index"]):
+            m = config["metrics"][name]
+            rows.append((m["avg_accuracy"] - m["backdoor_asr"], config["methods"][name], m))
+        best = max(rows, key=lambda row: row[0])
+        for utility, options, m in rows:
+            mark = "  <- chosen" if (utility, options) == best[:2] else ""
+            print(f"  {name:12s} {json.dumps(options):70s} {m['avg_accuracy']:.3f} / {m['backdoor_asr']:.3f} / "
+                  f"{utility:+.3f}{mark}")
+
+
+if __name__ == "__main__":
+    main()

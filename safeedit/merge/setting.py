@@ -1,0 +1,88 @@
+"""What the data-driven merges (AdaMerging, Concrete task arithmetic, DAM) share: a base body, task vectors,
+frozen per-task heads and unlabeled batches per task, and a differentiable merged forward pass.
+
+The merged parameters θ = θ₀ + M ⊙ Σᵢ λᵢ τᵢ are built as ordinary tensors (differentiable in λ and in the gates
+M) and fed to the body with `torch.func.functional_call`, so no model is copied per step. The body's forward takes
+the batch and an optional universal perturbation `delta` (an additive image perturbation, or a soft token for
+text); see `safeedit.models.encoders`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from safeedit.batches import to_device
+from safeedit.merge.vectors import Vector, task_vectors
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean Shannon entropy of the softmax predictions (nats): the unsupervised objective of AdaMerging."""
+    log_p = F.log_softmax(logits, dim=-1)
+    return -(log_p.exp() * log_p).sum(dim=-1).mean()
+
+
+@dataclass
+class MergeSetting:
+    """The base body `encoder` (its parameters are θ₀), fine-tuned bodies per task, their heads and unlabeled data."""
+
+    encoder: nn.Module
+    task_encoders: Mapping[str, nn.Module | Mapping[str, torch.Tensor]]
+    heads: Mapping[str, nn.Module]
+    unlabeled: Mapping[str, Iterable]
+    vectors: dict[str, Vector] = field(init=False)
+    _streams: dict[str, Iterator] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.vectors = task_vectors(self.encoder, self.task_encoders)
+        self.tasks = list(self.vectors)
+        self.base = {name: p.detach() for name, p in self.encoder.named_parameters() if name in
+                     next(iter(self.vectors.values()))}
+        self.names = list(self.base)
+        self.stacked = {name: torch.stack([self.vectors[t][name] for t in self.tasks]) for name in self.names}
+        self.device = next(self.encoder.parameters()).device
+        for module in (self.encoder, *self.heads.values()):
+            module.eval().requires_grad_(False)
+
+    def shapes(self) -> dict[str, torch.Size]:
+        """Shapes of the gated tensors: every merged tensor except embedding tables (their task vectors touch
+        only the rows of tokens seen in fine-tuning, and gating them would double the cost of every step)."""
+        return {name: tensor.shape for name, tensor in self.base.items() if "embeddings" not in name}
+
+    def parameters(self, coefficients: torch.Tensor, gates: Mapping[str, torch.Tensor] | None = None
+                   ) -> dict[str, torch.Tensor]:
+        """θ = θ₀ + M ⊙ Σᵢ λᵢ τᵢ. `coefficients` is [tasks] (task-wise) or [tasks, tensors] (layer-wise); tensors
+        without a gate are merged unmasked."""
+        merged = {}
+        for index, name in enumerate(self.names):
+            lam = coefficients if coefficients.dim() == 1 else coefficients[:, index]
+            update = torch.tensordot(lam, self.stacked[name], dims=1)
+            gate = gates.get(name) if gates is not None else None
+            merged[name] = self.base[name] + (update * gate if gate is not None else update)
+        return merged
+
+    def logits(self, parameters: Mapping[str, torch.Tensor], task: str, batch: Mapping,
+               delta: torch.Tensor | None = None) -> torch.Tensor:
+        features = functional_call(self.encoder, dict(parameters), (batch,), {"delta": delta}, strict=False)
+        return self.heads[task](features)
+
+    def restart(self) -> None:
+        """Start every task's unlabeled stream from its first batch (each method sees the same batches)."""
+        self._streams.clear()
+
+    def batch(self, task: str) -> dict:
+        """The next unlabeled batch of `task` (cycling), without labels, on the body's device."""
+        if task not in self._streams:
+            self._streams[task] = itertools.cycle(self.unlabeled[task])
+        batch = next(self._streams[task])
+        return to_device({k: v for k, v in batch.items() if k not in ("label", "labels")}, self.device)
+
+    def entropy_loss(self, parameters: Mapping[str, torch.Tensor], batches: Mapping[str, dict]) -> torch.Tensor:
+        """Σ over tasks of the mean prediction entropy of the merged body with each task's head."""
+        return sum(entropy(self.logits(parameters, task, batches[task])) for task in self.tasks)
