@@ -5,13 +5,13 @@ task models, over seeds.
     .venv/bin/python benchmarks/dam.py --summary          # print the table of benchmarks/results/dam.json
     .venv/bin/python benchmarks/dam.py --settings vision --seeds 1   # a part of the grid
 
-Each run is the scenario `scenarios/merge-<setting>-backdoor.yaml` as it is, with the seed replaced (it draws the
-task subsamples, the poisoned examples, the fine-tuning order, the unlabeled batches and the gate noise) and, for
-two backdoored models, a second attack added (text: the word "mn" on risk_area; image: the same corner patch on
-digits_a; both to class 0). Reported seeds are 1, 2, 3; seed 0 (the scenario's own) was the development seed on
-which the defaults of the learned merges were set, the same step budget for AdaMerging, Concrete task arithmetic
-and DAM. Run time is the merge alone (fine-tuning the task models is the setting, cached). Each run's record and
-report stay in runs/benchmarks/ (not committed: the merged weights are large).
+Each run is the scenario `scenarios/merge-<setting>-backdoor.yaml` (one backdoored task model) or
+`scenarios/merge-<setting>-two-backdoors.yaml` (two) as it is, with the seed replaced (it draws the task
+subsamples, the poisoned examples, the fine-tuning order, the unlabeled batches and the gate noise). Reported
+seeds are 1, 2, 3; seed 0 (the scenarios' own) was the development seed on which the options of the learned merges
+were chosen (benchmarks/dam_tune.py: the same step budget and four configurations each for AdaMerging, Concrete
+task arithmetic and DAM). Run time is the merge alone (fine-tuning the task models is the setting, cached). Each
+run's record and report stay in runs/benchmarks/ (not committed: the merged weights are large).
 """
 
 from __future__ import annotations
@@ -28,22 +28,14 @@ from safeedit.scenario import run_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results" / "dam.json"
-SECOND_ATTACK = {"text": ("risk_area", {"kind": "word", "word": "mn", "target": 0, "poison_rate": 0.1}),
-                 "vision": ("digits_a", {"kind": "patch", "patch_size": 3, "patch_value": 1.0, "target": 0,
-                                         "poison_rate": 0.1})}
 ORDER = ("frozen_encoder", "individual", "task_arithmetic", "ties", "adamerging", "concrete_ta", "dam")
 BASELINES = ("task_arithmetic", "ties", "adamerging", "concrete_ta")
 
 
 def scenario_for(setting: str, backdoored: int, seed: int) -> dict:
-    scenario = yaml.safe_load((ROOT / "scenarios" / f"merge-{setting}-backdoor.yaml").read_text())
-    scenario["seed"] = seed
-    scenario["name"] = f"dam-{setting}-b{backdoored}-s{seed}"
-    scenario["criteria"] = []
-    if backdoored == 2:
-        task, attack = SECOND_ATTACK[setting]
-        scenario["attacks"][task] = attack
-    return scenario
+    variant = "backdoor" if backdoored == 1 else "two-backdoors"
+    scenario = yaml.safe_load((ROOT / "scenarios" / f"merge-{setting}-{variant}.yaml").read_text())
+    return dict(scenario, seed=seed, name=f"dam-{setting}-b{backdoored}-s{seed}", criteria=[])
 
 
 def run(args: argparse.Namespace) -> None:

@@ -82,7 +82,7 @@ def plain_label(metric: str) -> str:
 
 def short_label(metric: str) -> str:
     """A column-sized name: SHORT_LABELS, else `plain_label`."""
-    return SHORT_LABELS.get(metric) or plain_label(metric)
+    return SHORT_LABELS.get(metric) or plain_label(metric).replace("Accuracy, ", "Acc. ").replace("ASR, ", "ASR ")
 
 
 COUNT_METRICS = frozenset({"n_forget", "n_retain", "n_test", "mia_train_size", "n_generated_per_class"})

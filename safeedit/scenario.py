@@ -68,17 +68,22 @@ class Evaluation(Strict):
     max_mia_examples: int = Field(default=5000, ge=10)
 
 
-class ScenarioBase(Strict):
+class ScenarioCore(Strict):
+    """What every kind of scenario has: a name, the request in words, pass/fail criteria, a seed, CPU threads."""
+
     name: str = Field(pattern=r"^[\w.\-]+$")
     description: str = ""
     request: Request
+    criteria: list[Criterion] = Field(default_factory=list, description="pass/fail checks the report's verdict uses")
+    seed: int = 0
+    threads: int | None = Field(default=None, ge=1, description="torch CPU threads (tiny models: 1 is fastest)")
+
+
+class ScenarioBase(ScenarioCore):
     model: ModelSection
     data: DataSection
     forget: ForgetRequest
     methods: dict[str, dict[str, Any] | None] = Field(min_length=1)
-    criteria: list[Criterion] = Field(default_factory=list, description="pass/fail checks the report's verdict uses")
-    seed: int = 0
-    threads: int | None = Field(default=None, ge=1, description="torch CPU threads (tiny models: 1 is fastest)")
 
     def method_options(self) -> dict[str, BaseModel]:
         registry = self.method_registry()
@@ -148,13 +153,10 @@ class SafetyEvaluation(Strict):
     max_new_tokens: int = Field(default=32, ge=4, description="greedy answer length judged for refusal")
 
 
-class SafetyScenario(Strict):
+class SafetyScenario(ScenarioCore):
     """Remove harmful behaviour a user fine-tune taught an aligned chat model (`kind: harmful-finetune`)."""
 
     kind: Literal["harmful-finetune"]
-    name: str = Field(pattern=r"^[\w.\-]+$")
-    description: str = ""
-    request: Request
     model: ModelSection
     alignment: FinetuneOptions | None = Field(
         default=FinetuneOptions(), description="safety alignment before the user fine-tune (cached); null: skip")
@@ -164,9 +166,6 @@ class SafetyScenario(Strict):
     methods: dict[str, PruningOverrides | None] = Field(min_length=1)
     judge: str = Field(default="default", description="default | phrases | folder of a refusal classifier")
     evaluation: SafetyEvaluation = SafetyEvaluation()
-    criteria: list[Criterion] = Field(default_factory=list)
-    seed: int = 0
-    threads: int | None = Field(default=None, ge=1)
 
     def method_options(self) -> dict[str, PruningOptions]:
         unknown = [name for name in self.methods if name not in PRUNE_METHODS]
@@ -195,21 +194,15 @@ class MergeTasks(Strict):
     batch_size: int = Field(default=16, ge=1, description="unlabeled examples per task in each learned-merge step")
 
 
-class MergeScenario(Strict):
+class MergeScenario(ScenarioCore):
     """Merge task models, some backdoored, and keep the tasks without the backdoor (`kind: merge-backdoor`)."""
 
     kind: Literal["merge-backdoor"]
-    name: str = Field(pattern=r"^[\w.\-]+$")
-    description: str = ""
-    request: Request
     model: EncoderSection
     tasks: MergeTasks
     finetune: FinetuneRecipe = FinetuneRecipe()
     attacks: dict[str, TriggerSpec] = Field(default_factory=dict, description="task -> its backdoor trigger")
     methods: dict[str, dict[str, Any] | None] = Field(min_length=1)
-    criteria: list[Criterion] = Field(default_factory=list)
-    seed: int = 0
-    threads: int | None = Field(default=None, ge=1)
 
     def method_options(self) -> dict[str, BaseModel]:
         unknown = [task for task in self.attacks if task not in self.tasks.names]
@@ -247,7 +240,7 @@ KINDS: dict[str, type[BaseModel]] = {"classification": Scenario, "generation": G
                                      "harmful-finetune": SafetyScenario, "merge-backdoor": MergeScenario}
 
 
-def load_scenario(path: str | Path) -> ScenarioBase | SafetyScenario | MergeScenario:
+def load_scenario(path: str | Path) -> ScenarioCore:
     path = Path(path)
     if not path.is_file():
         raise SafeEditError(f"{path}: no such scenario file; see scenarios/ for ready-made ones")

@@ -316,3 +316,35 @@ def test_merge_command_merges_hf_models_and_refuses_mismatched_ones_without_writ
     assert code == 2 and not (tmp_path / "bad").exists()
     assert "tensor 'embeddings.word_embeddings.weight' is (50, 16)" in capsys.readouterr().err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bad") or "tmp" in p.name]
+
+
+def test_image_trigger_is_a_small_blended_stamp_and_text_trigger_a_bounded_soft_token():
+    import transformers
+
+    from safeedit.models.encoders import ImageEncoder, TextEncoder, minilm_folder
+
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=32)
+    encoder = ImageEncoder(transformers.ViTModel(config, add_pooling_layer=False).eval(), trigger_pixels=5)
+    delta = encoder.new_delta(torch.Generator().manual_seed(0))
+    assert delta.shape == (2, 1, 8, 8)
+    moved = encoder.project_delta(delta + torch.randn_like(delta) * 10)
+    assert (moved[0] > -6).sum() <= 5 and moved.abs().max() <= 6
+    pixels = torch.rand(3, 1, 8, 8)
+    stamped = torch.sigmoid(moved[0]) * torch.sigmoid(moved[1]) + (1 - torch.sigmoid(moved[0])) * pixels
+    assert encoder({"pixel_values": pixels}, moved).shape == (3, 16)
+    assert torch.allclose(encoder({"pixel_values": pixels}, moved), encoder({"pixel_values": stamped}))
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_folder())
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16,
+                                                          num_hidden_layers=1, num_attention_heads=2,
+                                                          intermediate_size=32), add_pooling_layer=False).eval()
+    text = TextEncoder(bert, tokenizer, max_length=8)
+    batch = text.collate([{"text": "a river city", "label": 1}, {"text": "music", "label": 0}])
+    assert batch["label"].tolist() == [1, 0] and "token_type_ids" not in batch
+    soft = text.project_delta(torch.full((16,), 100.0))
+    assert soft.norm() == pytest.approx(text.delta_radius, rel=1e-5)
+    features = text({k: v for k, v in batch.items() if k != "label"}, soft)
+    assert features.shape == (2, 16) and not torch.allclose(features, text({k: v for k, v in batch.items()
+                                                                              if k != "label"}))
