@@ -117,10 +117,43 @@ def targets(runs: list[dict]) -> list[str]:
         best = max(res[b]["avg_accuracy"] for b in BASELINES if b in res)
         gap = dam["avg_accuracy"] - best
         ok = cut_ta >= 0.10 and cut_ties >= 0.10 and gap >= -0.01
-        out.append(f"  seed {run['seed']}: DAM backdoor ASR {100 * dam['backdoor_asr']:.1f}% (−{100 * cut_ta:.1f} pts "
-                   f"vs task arithmetic, −{100 * cut_ties:.1f} vs TIES); avg accuracy {100 * gap:+.1f} pts vs the "
+        out.append(f"  seed {run['seed']}: DAM backdoor ASR {100 * dam['backdoor_asr']:.1f}% ({-100 * cut_ta:+.1f} pts "
+                   f"vs task arithmetic, {-100 * cut_ties:+.1f} vs TIES); avg accuracy {100 * gap:+.1f} pts vs the "
                    f"best baseline → {'meets' if ok else 'misses'} the targets")
     return out
+
+
+def plot(results: dict, path: Path) -> None:
+    """Average accuracy against backdoor ASR per method (mean over seeds, with the seeds' range), one panel per
+    setting and number of backdoored models: the trade-off a defender chooses on."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["setting"], r["backdoored"]) for r in results["runs"]})
+    figure, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.4), squeeze=False)
+    for ax, (setting, backdoored) in zip(axes[0], groups, strict=True):
+        runs = [r for r in results["runs"] if (r["setting"], r["backdoored"]) == (setting, backdoored)]
+        for index, method in enumerate(m for m in ORDER if m != "frozen_encoder"):
+            points = [(r["results"][method]["metrics"]["backdoor_asr"], r["results"][method]["metrics"]["avg_accuracy"])
+                      for r in runs if method in r["results"]]
+            if not points:
+                continue
+            asr, acc = zip(*points, strict=True)
+            ax.errorbar(statistics.fmean(asr), statistics.fmean(acc), xerr=[[statistics.fmean(asr) - min(asr)],
+                        [max(asr) - statistics.fmean(asr)]], yerr=[[statistics.fmean(acc) - min(acc)],
+                        [max(acc) - statistics.fmean(acc)]], fmt="o", color=f"C{index}", label=method, capsize=2)
+        floor = [r["results"]["frozen_encoder"]["metrics"]["avg_accuracy"] for r in runs]
+        ax.axhline(statistics.fmean(floor), color="grey", linestyle="--", linewidth=0.8, label="frozen encoder")
+        ax.set_title(f"{setting}, {backdoored} backdoored (seeds {len(runs)})", fontsize=9)
+        ax.set_xlabel("backdoor ASR (lower is safer)")
+        ax.set_ylabel("average clean accuracy")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, fontsize=7, loc="center right")
+    figure.tight_layout(rect=(0, 0, 1 - 1.3 / (3.6 * len(groups)), 1))
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def main() -> None:
@@ -132,11 +165,12 @@ def main() -> None:
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--summary", action="store_true")
     args = parser.parse_args()
-    if args.summary:
-        print(summary(json.loads(RESULTS.read_text())))
-        return
-    run(args)
-    (RESULTS.parent / "dam.txt").write_text(summary(json.loads(RESULTS.read_text())) + "\n")
+    if not args.summary:
+        run(args)
+    results = json.loads(RESULTS.read_text())
+    print(summary(results))
+    (RESULTS.parent / "dam.txt").write_text(summary(results) + "\n")
+    plot(results, RESULTS.parent / "dam.png")
 
 
 if __name__ == "__main__":

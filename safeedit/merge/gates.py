@@ -45,4 +45,5 @@ class ConcreteGates:
 
     def mask(self, metadata: Mapping[str, str] | None = None) -> Mask:
         """The final gates as a bool `Mask` (True = the weight's task-vector entries are kept)."""
-        return Mask({name: logit.detach().cpu() > 0 for name, logit in self.logits.items()}, dict(metadata or {}))
+        info = {"score": "learned Concrete gates", "scope": "sigma(logit) > 0.5", **(metadata or {})}
+        return Mask({name: logit.detach().cpu() > 0 for name, logit in self.logits.items()}, info)
