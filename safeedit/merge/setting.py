@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import functional_call
 
 from safeedit.batches import to_device
-from safeedit.merge.vectors import Vector, task_vectors
+from safeedit.merge.vectors import Vector, body_parameters, merged_parameters, task_vectors
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -42,10 +42,8 @@ class MergeSetting:
     def __post_init__(self) -> None:
         self.vectors = task_vectors(self.encoder, self.task_encoders)
         self.tasks = list(self.vectors)
-        self.base = {name: p.detach() for name, p in self.encoder.named_parameters() if name in
-                     next(iter(self.vectors.values()))}
+        self.base = body_parameters(self.encoder)
         self.names = list(self.base)
-        self.stacked = {name: torch.stack([self.vectors[t][name] for t in self.tasks]) for name in self.names}
         self.device = next(self.encoder.parameters()).device
         for module in (self.encoder, *self.heads.values()):
             module.eval().requires_grad_(False)
@@ -59,13 +57,11 @@ class MergeSetting:
                    ) -> dict[str, torch.Tensor]:
         """θ = θ₀ + M ⊙ Σᵢ λᵢ τᵢ. `coefficients` is [tasks] (task-wise) or [tasks, tensors] (layer-wise); tensors
         without a gate are merged unmasked."""
-        merged = {}
-        for index, name in enumerate(self.names):
-            lam = coefficients if coefficients.dim() == 1 else coefficients[:, index]
-            update = torch.tensordot(lam, self.stacked[name], dims=1)
-            gate = gates.get(name) if gates is not None else None
-            merged[name] = self.base[name] + (update * gate if gate is not None else update)
-        return merged
+        if coefficients.dim() == 1:
+            per_task = {task: coefficients[i] for i, task in enumerate(self.tasks)}
+        else:
+            per_task = {task: dict(zip(self.names, coefficients[i], strict=True)) for i, task in enumerate(self.tasks)}
+        return merged_parameters(self.base, self.vectors, per_task, gates)
 
     def logits(self, parameters: Mapping[str, torch.Tensor], task: str, batch: Mapping,
                delta: torch.Tensor | None = None) -> torch.Tensor:

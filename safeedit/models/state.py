@@ -31,7 +31,9 @@ def load_state_dict_strict(model: nn.Module, tensors: Mapping[str, torch.Tensor]
     check_finite(model, source)
 
 
-def check_finite(model: nn.Module, source: str) -> None:
-    for name, tensor in model.state_dict().items():
+def check_finite(model: nn.Module | Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse NaN or infinite values in a model's state or in a name -> tensor mapping."""
+    tensors = model.state_dict() if isinstance(model, nn.Module) else model
+    for name, tensor in tensors.items():
         if torch.is_floating_point(tensor) and not torch.isfinite(tensor).all():
             raise SafeEditError(f"{source}: tensor {name!r} holds NaN or infinite values; the checkpoint is corrupt")

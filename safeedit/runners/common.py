@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
 from pydantic import BaseModel
+from torch import nn
 
 from safeedit.data.forget import ForgetSplit, fingerprint
-from safeedit.io import save_safetensors
+from safeedit.io import cache_dir, load_safetensors, save_safetensors, sha256_text
 from safeedit.masks import Mask
+from safeedit.models.state import load_state_dict_strict
 from safeedit.record import environment, file_entry
 
 
@@ -34,6 +38,26 @@ def common_record(scenario: BaseModel, path: Path, out: Path, device: torch.devi
                   **({"forget_split": scenario.forget.seed} if hasattr(scenario, "forget") else {})},
         "environment": environment(device),
     }
+
+
+def cached_weights(folder: str, label: str, key: Mapping[str, Any], empty: Callable[[], nn.Module],
+                   train: Callable[[], nn.Module], metadata: Mapping[str, str], progress: bool
+                   ) -> tuple[nn.Module, Path, bool]:
+    """A trained model from the cache, or `train()` and cache it: the file is `<cache>/<folder>/<label>-<hash of
+    key>.safetensors`, so any change to what the key names retrains and nothing stale is reused. `empty()` builds
+    the architecture the cached tensors are loaded into (strictly). Returns the model, its file and whether it
+    came from the cache."""
+    digest = sha256_text(json.dumps(key, sort_keys=True))[:16]
+    path = cache_dir() / folder / f"{label}-{digest}.safetensors"
+    if path.exists():
+        say(f"{label}: cached ({path})", progress)
+        model = empty()
+        tensors, _ = load_safetensors(path)
+        load_state_dict_strict(model, tensors, str(path))
+        return model.eval(), path, True
+    model = train()
+    save_safetensors(model.state_dict(), path, dict(metadata))
+    return model, path, False
 
 
 def data_fingerprints(split: ForgetSplit, test: Dataset) -> dict[str, dict]:

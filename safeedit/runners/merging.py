@@ -24,7 +24,7 @@ from safeedit.attacks.backdoor import TriggerSpec, attack_success_rate, poison_d
 from safeedit.criteria import verdict
 from safeedit.data.forget import fingerprint
 from safeedit.errors import SafeEditError
-from safeedit.io import cache_dir, load_safetensors, save_safetensors, sha256_file, sha256_text
+from safeedit.io import save_safetensors, sha256_file, sha256_text
 from safeedit.merge.methods import SUMMARIES, merge
 from safeedit.merge.setting import MergeSetting
 from safeedit.merge.vectors import with_parameters
@@ -38,9 +38,8 @@ from safeedit.models.encoders import (
     loader,
     predictions,
 )
-from safeedit.models.state import load_state_dict_strict
 from safeedit.record import write_record
-from safeedit.runners.common import OutputWriter, common_record, input_entries, say
+from safeedit.runners.common import OutputWriter, cached_weights, common_record, input_entries, say
 from safeedit.scenario import MergeScenario
 
 
@@ -83,29 +82,27 @@ def cached_task_model(encoder: Encoder, base_sha256: str, task: str, train: Data
                       recipe: FinetuneRecipe, seed: int, attack: TriggerSpec | None, progress: bool
                       ) -> tuple[TaskClassifier, Path, float]:
     """Fine-tune (or load the cached fine-tune of) one task model; returns it, its file and the seconds spent."""
-    key = sha256_text(json.dumps({
-        "base": base_sha256, "task": task, "ids": fingerprint(train)["ids_sha256"], "classes": classes,
-        "poisoned": int(sum(train["poisoned"])) if "poisoned" in train.column_names else 0,
-        "recipe": recipe.model_dump(), "seed": seed, "attack": attack.model_dump() if attack else None,
-        "max_length": getattr(encoder, "max_length", None),
-        "layout": [[name, list(t.shape)] for name, t in encoder.state_dict().items()]}, sort_keys=True))[:16]
+    key = {"base": base_sha256, "task": task, "ids": fingerprint(train)["ids_sha256"], "classes": classes,
+           "poisoned": int(sum(train["poisoned"])) if "poisoned" in train.column_names else 0,
+           "recipe": recipe.model_dump(), "seed": seed, "attack": attack.model_dump() if attack else None,
+           "max_length": getattr(encoder, "max_length", None),
+           "layout": [[name, list(t.shape)] for name, t in encoder.state_dict().items()]}
     label = f"{task}{'-backdoored' if attack else ''}"
-    path = cache_dir() / "merge" / f"{label}-{key}.safetensors"
-    device = next(encoder.parameters()).device
-    if path.exists():
-        say(f"task model {label}: cached ({path})", progress)
-        model = TaskClassifier(copy.deepcopy(encoder), nn.Linear(encoder.feature_dim, classes)).to(device)
-        tensors, _ = load_safetensors(path)
-        load_state_dict_strict(model, tensors, str(path))
-        return model.eval(), path, 0.0
-    say(f"task model {label}: fine-tuning on {len(train)} examples (cached afterwards)", progress)
+
+    def empty() -> nn.Module:
+        device = next(encoder.parameters()).device
+        return TaskClassifier(copy.deepcopy(encoder), nn.Linear(encoder.feature_dim, classes)).to(device)
+
+    def train_model() -> nn.Module:
+        say(f"task model {label}: fine-tuning on {len(train)} examples (cached afterwards)", progress)
+        clean_columns = train.remove_columns([c for c in ("poisoned",) if c in train.column_names])
+        return finetune_task(encoder, clean_columns, classes, recipe, seed, progress, f"fine-tuning {label}")
+
     start = time.perf_counter()
-    model = finetune_task(encoder, train.remove_columns([c for c in ("poisoned",) if c in train.column_names]),
-                          classes, recipe, seed, progress, f"fine-tuning {label}")
-    seconds = time.perf_counter() - start
-    save_safetensors(model.state_dict(), path, {"task": task, "base_weights_sha256": base_sha256,
-                                                "backdoored": str(attack is not None)})
-    return model, path, seconds
+    model, path, cached = cached_weights("merge", label, key, empty, train_model,
+                                         {"task": task, "base_weights_sha256": base_sha256,
+                                          "backdoored": str(attack is not None)}, progress)
+    return model, path, 0.0 if cached else time.perf_counter() - start
 
 
 def run_merging(scenario: MergeScenario, path: Path, out: Path, device: torch.device, progress: bool) -> Path:

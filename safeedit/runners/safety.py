@@ -23,13 +23,12 @@ from safeedit.data.prompts import ChatExample, SafetyData, safety_data
 from safeedit.eval.judge import Judge, load_judge, validate_judge
 from safeedit.eval.safety import generate_answers, safety_metrics
 from safeedit.eval.weights import weight_changes
-from safeedit.io import cache_dir, load_safetensors, save_safetensors, sha256_file, sha256_text
+from safeedit.io import sha256_file, sha256_text
 from safeedit.models.language import load_language_model
 from safeedit.models.lm_training import FinetuneOptions, finetune_chat, with_lora
-from safeedit.models.state import load_state_dict_strict
 from safeedit.prune import PRUNE_METHODS, prune, pruning_mask
 from safeedit.record import write_record
-from safeedit.runners.common import OutputWriter, common_record, input_entries, say
+from safeedit.runners.common import OutputWriter, cached_weights, common_record, input_entries, say
 from safeedit.scenario import SafetyScenario
 
 REFERENCE_ABOUT = {
@@ -44,22 +43,20 @@ ALIGNMENT_TARGET = {"refusal": 0.8, "benign_refusal": 0.1}  # refuse ≥ 80% of 
 def cached_finetune(model: nn.Module, tokenizer: Any, examples: list[ChatExample], options: FinetuneOptions,
                     seed: int, what: str, source_sha256: str, progress: bool) -> tuple[nn.Module, Path]:
     """Fine-tune `model` (or load the cached result of the same fine-tune): keyed by the source weights, the
-    examples, the options and the seed, so any change retrains and nothing stale is reused."""
-    key = sha256_text(json.dumps({
-        "what": what, "source": source_sha256, "options": options.model_dump(), "seed": seed,
-        "examples": sha256_text(json.dumps([[e.prompt, e.answer] for e in examples])),
-    }, sort_keys=True))[:16]
-    path = cache_dir() / "lm" / f"{what}-{key}.safetensors"
-    # An unmerged LoRA fine-tune is stored and reloaded with its adapter (to prune its factors: layers `lora`).
-    tuned = with_lora(model, options) if options.lora_rank and not options.merge else copy.deepcopy(model)
-    if path.exists():
-        say(f"{what}: cached ({path})", progress)
-        tensors, _ = load_safetensors(path)
-        load_state_dict_strict(tuned, tensors, str(path))
-        return tuned.eval(), path
-    say(f"{what}: fine-tuning on {len(examples)} examples (cached afterwards)", progress)
-    tuned = finetune_chat(model, tokenizer, examples, options, seed, progress, what)
-    save_safetensors(tuned.state_dict(), path, {"what": what, "source_weights_sha256": source_sha256})
+    examples, the options and the seed."""
+    key = {"what": what, "source": source_sha256, "options": options.model_dump(), "seed": seed,
+           "examples": sha256_text(json.dumps([[e.prompt, e.answer] for e in examples]))}
+
+    def empty() -> nn.Module:
+        # An unmerged LoRA fine-tune is stored and reloaded with its adapter (to prune its factors: layers `lora`).
+        return with_lora(model, options) if options.lora_rank and not options.merge else copy.deepcopy(model)
+
+    def train() -> nn.Module:
+        say(f"{what}: fine-tuning on {len(examples)} examples (cached afterwards)", progress)
+        return finetune_chat(model, tokenizer, examples, options, seed, progress, what)
+
+    tuned, path, _ = cached_weights("lm", what, key, empty, train,
+                                    {"what": what, "source_weights_sha256": source_sha256}, progress)
     return tuned, path
 
 
