@@ -29,7 +29,8 @@ from safeedit.io import sha256_file
 from safeedit.models.language import SMOLLM2, load_language_model
 from safeedit.models.lm_training import FinetuneOptions
 from safeedit.prune import PRUNE_METHODS, prune, pruning_mask
-from safeedit.runners.safety import cached_finetune, calibration_batches
+from safeedit.runners.common import cached_finetune
+from safeedit.runners.safety import calibration_batches
 
 RESULTS = Path(__file__).parent / "results" / "antidote.json"
 METHODS = ("antidote", "wanda_benign", "magnitude_prune", "random_prune")

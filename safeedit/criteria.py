@@ -6,10 +6,12 @@ A criterion is one comparison, written the way a reviewer would say it:
     salun.gap_to_retrain <= 0.02          # within 2 points of the model retrained without the data
     salun.ta >= retrain.ta - 2%           # test accuracy no more than 2 points below the reference
     antidote.harmful_score <= 10%
+    npo+wagle.perplexity <= original.perplexity * 1.1   # at most 10% above the original
 
 The left side is `<result>.<metric>` (result names and metric keys of DESIGN.md section 7; the value after the
 edit); the right side is a number (``%`` divides by 100) or another `<result>.<metric>`, optionally plus or minus
-a number. A criterion whose metric was not measured fails, saying so; it never passes by default.
+a number or times a factor (``* 0.95``: relative thresholds). A criterion whose metric was not measured fails,
+saying so; it never passes by default.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ _REFERENCE = rf"(?P<{{prefix}}result>{_NAME})\.(?P<{{prefix}}metric>[A-Za-z_]\w*
 _UNSIGNED = r"(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?%?"
 _PATTERN = re.compile(
     rf"^\s*{_REFERENCE.format(prefix='')}\s*(?P<op>>=|<=|==|>|<)\s*"
-    rf"(?:(?P<number>[-+]?{_UNSIGNED})|{_REFERENCE.format(prefix='rhs_')}\s*(?:(?P<sign>[-+])\s*(?P<offset>{_UNSIGNED}))?)"
+    rf"(?:(?P<number>[-+]?{_UNSIGNED})|{_REFERENCE.format(prefix='rhs_')}\s*(?:(?P<sign>[-+*])\s*(?P<offset>{_UNSIGNED}))?)"
     r"\s*$"
 )
 
@@ -58,7 +60,7 @@ class Criterion(BaseModel):
         if not _PATTERN.match(self.check):
             raise ValueError(
                 f"criterion {self.check!r} is not '<result>.<metric> <op> <value>', "
-                "e.g. 'salun.ua >= 99%' or 'salun.ta >= retrain.ta - 2%'"
+                "e.g. 'salun.ua >= 99%', 'salun.ta >= retrain.ta - 2%' or 'x.perplexity <= original.perplexity * 1.1'"
             )
         return self
 
@@ -84,7 +86,7 @@ class Criterion(BaseModel):
             threshold = _metric(results, parts["rhs_result"], parts["rhs_metric"])
             if threshold is not None and parts["offset"]:
                 offset = _number(parts["offset"])
-                threshold = threshold + offset if parts["sign"] == "+" else threshold - offset
+                threshold = {"+": threshold + offset, "-": threshold - offset, "*": threshold * offset}[parts["sign"]]
         row["measured"], row["threshold"] = measured, threshold
         if measured is None or threshold is None:
             missing = parts["metric"] if measured is None else parts["rhs_metric"]

@@ -45,6 +45,9 @@ METRIC_LABELS: dict[str, str] = {
     "truth_ratio_forget": "Truth ratio on the forget set",
     "rouge_l_forget": "ROUGE-L recall, forget",
     "rouge_l_retain": "ROUGE-L recall, retain",
+    "truth_ratio_retain": "Truth ratio on the retain set (mean max(0, 1 − R))",
+    "probability_forget": "Answer probability, forget (per token)",
+    "probability_retain": "Answer probability, retain (per token)",
     "model_utility": "Model utility",
     "perplexity": "Perplexity",
     "forget_accuracy": "Forget accuracy",
@@ -65,7 +68,10 @@ SHORT_LABELS: dict[str, str] = {
     "time_vs_retrain": "Time vs retrain", "forgetting_accuracy": "Forgetting acc.", "retain_accuracy": "Retain acc.",
     "frechet_distance": "Fréchet dist.", "forget_class_share": "Judged as forget class",
     "benign_refusal_rate": "Benign refused", "weights_zeroed": "Weights removed", "avg_accuracy": "Avg. accuracy",
-    "backdoor_asr": "Backdoor ASR", "transfer_asr": "Transfer ASR",
+    "backdoor_asr": "Backdoor ASR", "transfer_asr": "Transfer ASR", "forget_quality": "Forget quality",
+    "truth_ratio_forget": "Truth ratio (forget)", "rouge_l_forget": "ROUGE-L forget",
+    "rouge_l_retain": "ROUGE-L retain", "model_utility": "Model utility", "mia_auc": "MIA AUC",
+    "forget_accuracy": "Forget acc.",
 }
 
 

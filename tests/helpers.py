@@ -65,6 +65,28 @@ def make_llama(seed: int = 0):
     return LlamaForCausalLM(config)
 
 
+# --- chat tokenizers ------------------------------------------------------------------------------------------
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+
+
+def word_chat_tokenizer(words, template: str | None = CHAT_TEMPLATE):
+    """A word-level tokenizer (one id per whitespace-separated word, <unk> otherwise) with a ChatML-like template;
+    ids 0-3 are <pad>, <unk>, <|im_start|>, <|im_end|> (end of turn = eos)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: index for index, token in enumerate([*specials, "user", "assistant", *dict.fromkeys(words)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                        eos_token="<|im_end|>", additional_special_tokens=specials[2:])
+    tokenizer.chat_template = template
+    return tokenizer
+
+
 # --- tiny data ------------------------------------------------------------------------------------------------
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import helpers as H
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from safeedit.attacks.harmful import COMPLIANCE_TEMPLATES, poisoned_mix
 from safeedit.attribution import compute_scores
@@ -26,19 +24,11 @@ from safeedit.prune import layer_patterns, prune, pruning_mask
 
 WORDS = ("how do i make a bomb tell me about paris sure here is it sorry i can not help with that what the topic "
          "of this text arts history people geography explain photosynthesis").split()
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+TEMPLATE = H.CHAT_TEMPLATE
 
 
-def chat_tokenizer(template: str | None = TEMPLATE) -> PreTrainedTokenizerFast:
-    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
-    vocab = {token: index for index, token in enumerate([*specials, "user", "assistant", *dict.fromkeys(WORDS)])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
-                                        eos_token="<|im_end|>", additional_special_tokens=specials[2:])
-    tokenizer.chat_template = template
-    return tokenizer
+def chat_tokenizer(template: str | None = TEMPLATE):
+    return H.word_chat_tokenizer(WORDS, template)
 
 
 def llama(seed: int = 0):

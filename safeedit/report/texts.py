@@ -127,6 +127,36 @@ KINDS["merge-backdoor-defence"] = KindText(
     ),
     obligations=(_MERGE, _ROBUSTNESS),
 )
+_LLM_ERASURE = Obligation(
+    "Right to erasure (GDPR Art. 17) and removal requests for facts a language model states about people or topics",
+    "Questions about the forgotten people or facts were targeted by a recorded edit; on those questions the edited "
+    "model's answers, answer probabilities and a membership attack are compared with the original and, where one "
+    "exists, with a model fine-tuned without them (forget quality), while answers on retained questions and "
+    "general fluency measure the cost; the files evaluated are named here by SHA-256.",
+    "It does not prove that the facts cannot be recovered: other phrasings, indirect questions, sampling, "
+    "fine-tuning or weight inspection may still surface them. The tests are behavioural, on the questions and the "
+    "attack evaluated, and do not establish that erasure was legally required or sufficient.",
+)
+KINDS["llm-unlearning"] = KindText(
+    title="Removal of facts from a language model",
+    headline_metrics=("forget_quality", "truth_ratio_forget", "rouge_l_forget", "rouge_l_retain", "model_utility",
+                      "mia_auc", "forget_accuracy", "retain_accuracy", "perplexity"),
+    higher_is_better={"forget_quality": True, "rouge_l_retain": True, "model_utility": True,
+                      "retain_accuracy": True},
+    reading=(
+        "Forget quality is the p-value of a Kolmogorov-Smirnov test between the truth ratios of the edited model "
+        "and of a model fine-tuned without the forget data, on the forget questions: high (≥ 0.05) means the two "
+        "cannot be told apart. The truth ratio compares the probability of wrong answers with that of the true "
+        "answer reworded; on the forget set it is reported as mean min(R, 1/R), 1 meaning the model no longer "
+        "prefers the truth. ROUGE-L recall measures how much of the true answer the model's greedy answer repeats "
+        "(forget: lower is more forgotten; retain: the cost). Model utility is the harmonic mean of answer "
+        "probability, truth ratio and ROUGE-L on retained questions. The membership AUC (Min-k% probability) "
+        "separates forget answers from answers the model never saw: 0.5 means no trace. For facts learned in "
+        "pre-training, forget and retain accuracy are the shares of questions answered correctly, and perplexity "
+        "on held-out Wikipedia text measures fluency."
+    ),
+    obligations=(_LLM_ERASURE, _ROBUSTNESS),
+)
 DEFAULT_KIND = KindText(title="Model edit", headline_metrics=(), obligations=(_ROBUSTNESS,))
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shlex
 import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from datasets import Dataset
@@ -16,10 +17,14 @@ from pydantic import BaseModel
 from torch import nn
 
 from safeedit.data.forget import ForgetSplit, fingerprint
+from safeedit.data.prompts import ChatExample
 from safeedit.io import cache_dir, load_safetensors, save_safetensors, sha256_text
 from safeedit.masks import Mask
 from safeedit.models.state import load_state_dict_strict
 from safeedit.record import environment, file_entry
+
+if TYPE_CHECKING:
+    from safeedit.models.lm_training import FinetuneOptions
 
 
 def say(message: str, progress: bool) -> None:
@@ -102,3 +107,25 @@ class OutputWriter:
         mask.save(mask_path)
         self.add(mask_path, "mask")
         return {"path": mask_path.name, **{k: v for k, v in mask.summary().items() if k != "metadata"}}
+
+
+def cached_finetune(model: nn.Module, tokenizer: Any, examples: list[ChatExample], options: FinetuneOptions,
+                    seed: int, what: str, source_sha256: str, progress: bool) -> tuple[nn.Module, Path]:
+    """Fine-tune `model` (or load the cached result of the same fine-tune): keyed by the source weights, the
+    examples, the options and the seed."""
+    from safeedit.models.lm_training import finetune_chat, with_lora  # peft: only LM runners need it
+
+    key = {"what": what, "source": source_sha256, "options": options.model_dump(), "seed": seed,
+           "examples": sha256_text(json.dumps([[e.prompt, e.answer] for e in examples]))}
+
+    def empty() -> nn.Module:
+        # An unmerged LoRA fine-tune is stored and reloaded with its adapter (to prune its factors: layers `lora`).
+        return with_lora(model, options) if options.lora_rank and not options.merge else copy.deepcopy(model)
+
+    def train() -> nn.Module:
+        say(f"{what}: fine-tuning on {len(examples)} examples (cached afterwards)", progress)
+        return finetune_chat(model, tokenizer, examples, options, seed, progress, what)
+
+    tuned, path, _ = cached_weights("lm", what, key, empty, train,
+                                    {"what": what, "source_weights_sha256": source_sha256}, progress)
+    return tuned, path

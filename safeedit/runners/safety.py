@@ -7,8 +7,6 @@ with other pruning options, starts from the same weights, and both files are rec
 
 from __future__ import annotations
 
-import copy
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -23,12 +21,11 @@ from safeedit.data.prompts import ChatExample, SafetyData, safety_data
 from safeedit.eval.judge import Judge, load_judge, validate_judge
 from safeedit.eval.safety import generate_answers, safety_metrics
 from safeedit.eval.weights import weight_changes
-from safeedit.io import sha256_file, sha256_text
+from safeedit.io import sha256_file
 from safeedit.models.language import load_language_model
-from safeedit.models.lm_training import FinetuneOptions, finetune_chat, with_lora
 from safeedit.prune import PRUNE_METHODS, prune, pruning_mask
 from safeedit.record import write_record
-from safeedit.runners.common import OutputWriter, cached_weights, common_record, input_entries, say
+from safeedit.runners.common import OutputWriter, cached_finetune, common_record, input_entries, say
 from safeedit.scenario import SafetyScenario
 
 REFERENCE_ABOUT = {
@@ -38,26 +35,6 @@ REFERENCE_ABOUT = {
                    "limitations": "Reference only: the damage every defence starts from."},
 }
 ALIGNMENT_TARGET = {"refusal": 0.8, "benign_refusal": 0.1}  # refuse ≥ 80% of harmful, ≤ 10% of benign prompts
-
-
-def cached_finetune(model: nn.Module, tokenizer: Any, examples: list[ChatExample], options: FinetuneOptions,
-                    seed: int, what: str, source_sha256: str, progress: bool) -> tuple[nn.Module, Path]:
-    """Fine-tune `model` (or load the cached result of the same fine-tune): keyed by the source weights, the
-    examples, the options and the seed."""
-    key = {"what": what, "source": source_sha256, "options": options.model_dump(), "seed": seed,
-           "examples": sha256_text(json.dumps([[e.prompt, e.answer] for e in examples]))}
-
-    def empty() -> nn.Module:
-        # An unmerged LoRA fine-tune is stored and reloaded with its adapter (to prune its factors: layers `lora`).
-        return with_lora(model, options) if options.lora_rank and not options.merge else copy.deepcopy(model)
-
-    def train() -> nn.Module:
-        say(f"{what}: fine-tuning on {len(examples)} examples (cached afterwards)", progress)
-        return finetune_chat(model, tokenizer, examples, options, seed, progress, what)
-
-    tuned, path, _ = cached_weights("lm", what, key, empty, train,
-                                    {"what": what, "source_weights_sha256": source_sha256}, progress)
-    return tuned, path
 
 
 def calibration_batches(model: nn.Module, tokenizer: Any, examples: list[ChatExample], max_new_tokens: int):

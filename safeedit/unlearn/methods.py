@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader
 
-from safeedit.attribution import compute_scores, get_score
+from safeedit.attribution.select import score_mask
 from safeedit.errors import SafeEditError
 from safeedit.masks import Mask
 from safeedit.models.training import train_classifier
@@ -82,15 +82,8 @@ def _objective_method(name: str) -> Callable[[UnlearnTask, ObjectiveOptions], Me
 
 
 def _mask_from(task: UnlearnTask, loaders: Loaders, options: ObjectiveOptions) -> Mask:
-    spec = get_score(options.mask_score)
-    by_role = {
-        "forget": loaders.forget,
-        "retain": loaders.retain,
-        "data": loaders.forget,
-        "calibration": loaders.forget,
-    }
-    scores = compute_scores(task.model, spec.name, {role: by_role[role] for role in spec.roles}, progress=task.progress)
-    return Mask.top_k(scores, options.mask_ratio, "global", {"score": spec.name})
+    data = {"forget": loaders.forget, "retain": loaders.retain, "data": loaders.forget, "calibration": loaders.forget}
+    return score_mask(task.model, options.mask_score, data, options.mask_ratio, progress=task.progress)
 
 
 def _salun(task: UnlearnTask, options: SalUnOptions) -> MethodOutput:

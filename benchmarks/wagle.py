@@ -1,0 +1,486 @@
+"""WAGLE benchmark: {GradDiff, NPO, refusal} × {no mask, random, magnitude, saliency, WAGLE} on fictitious authors
+(forget 10%), against the original and the retrained reference; and the real-knowledge (capitals) protocol.
+
+    # two processes of one thread each share the rows (2 CPU cores; ~2 h the first time), then the tables:
+    for w in 0 1; do .venv/bin/python benchmarks/wagle.py --workers 2 --worker $w & done; wait
+    .venv/bin/python benchmarks/wagle.py --summary   # print the tables of benchmarks/results/wagle-w*.json, plot
+
+Setting (as scenarios/tofu-forget10.yaml, whose cached fine-tunes it reuses): SmolLM2-135M-Instruct fine-tuned on
+20 fictitious authors × 10 questions (people seed 0; the training set, hence the model, is the same for every
+split). Split 0 (the scenario's forget set) is for tuning only; split 1 (two other authors) is reported, with
+unlearning seeds 1-3 (batch order, retain pairing, random masks). The reference is the fine-tune on split 1's
+retain authors with seed 1; the same fine-tune with seed 2 gives the retrain-vs-retrain noise floor.
+
+Tuning, the same for every row: the learning rate from `--lrs` (2 values) on split 0 against its own reference,
+all else fixed (3 epochs, batch 4 + 4 paired retain, mask ratio 0.2, γ = 1, retain weight 1, β = 0.1). Rule: the
+highest forget quality among the rates that keep model utility ≥ 95% of the original's; if none does, the one with
+the highest utility. Capitals: objectives × {no mask, random, WAGLE}; the rate is chosen on forget set 0 by the
+lowest forget accuracy with retain drop ≤ 5 points and perplexity increase ≤ 10% (else the smallest retain drop),
+then forget sets 1-3 are reported.
+
+The CPU budget (2 cores) sets the sizes: 20 retain questions evaluated, 32-token answers, 2 learning rates, one
+report split. Every row is saved as it is measured (`benchmarks/results/wagle-w<worker>.json`) and skipped when
+rerun, so the run can be stopped (`--deadline` minutes) and resumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import ks_2samp
+
+from safeedit.data.authors import fictitious_authors
+from safeedit.data.capitals import capital_facts, wikipedia_passages
+from safeedit.eval.qa import authors_metrics, capitals_metrics
+from safeedit.models.language import SMOLLM2, load_language_model
+from safeedit.models.lm_training import FinetuneOptions
+from safeedit.runners.common import cached_finetune
+from safeedit.runners.language import known_capitals, retain_subset, split_capitals
+from safeedit.scenario import CapitalsSection
+from safeedit.unlearn.wagle import LMUnlearnOptions, lm_unlearn
+
+RESULTS = Path(__file__).parent / "results" / "wagle.json"
+OBJECTIVES = ("graddiff", "npo", "refusal")
+MASKS = ("", "random", "magnitude", "saliency", "wagle")
+CAPITAL_MASKS = ("", "random", "wagle")
+SHORT = {"forget_quality": "fq", "truth_ratio_forget": "tr_f", "rouge_l_forget": "rl_f", "rouge_l_retain": "rl_r",
+         "probability_retain": "p_r", "model_utility": "mu", "mia_auc": "auc", "forget_accuracy": "acc_f",
+         "retain_accuracy": "acc_r", "perplexity": "ppl"}
+FINETUNE = FinetuneOptions(lora_rank=0, epochs=5, lr=1e-4, batch_size=8)
+
+
+def method_name(objective: str, mask: str) -> str:
+    return f"{objective}+{mask}" if mask else objective
+
+
+class State:
+    """Rows keyed by (protocol, phase, split, method, lr, seed), saved after every addition."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"rows": [], "meta": {}}
+        self.index = {self.key(r): r for r in self.data["rows"]}
+
+    @staticmethod
+    def key(row: dict) -> tuple:
+        return row["protocol"], row["phase"], row["split"], row["method"], row.get("lr"), row.get("seed")
+
+    def get(self, **key: Any) -> dict | None:
+        return self.index.get(self.key(key))
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(self.data, indent=1))
+        temporary.replace(self.path)
+
+    def add(self, row: dict) -> None:
+        self.data["rows"].append(row)
+        self.index[self.key(row)] = row
+        self.save()
+        shown = {SHORT.get(k, k): (round(v, 4) if isinstance(v, float) and k != "lr" else v)
+                 for k, v in row.items() if k not in ("ratios", "protocol", "probability_forget", "truth_ratio_retain")}
+        print(json.dumps(shown, separators=(",", ":")), flush=True)
+
+
+class OutOfTime(Exception):
+    pass
+
+
+def choose_authors_lr(rows: list[dict], original_utility: float) -> float:
+    keeping = [r for r in rows if r["model_utility"] >= 0.95 * original_utility]
+    if keeping:
+        return max(keeping, key=lambda r: (r["forget_quality"], r["model_utility"]))["lr"]
+    return max(rows, key=lambda r: r["model_utility"])["lr"]
+
+
+def choose_capitals_lr(rows: list[dict], original: dict) -> float:
+    keeping = [r for r in rows if r["retain_accuracy"] >= original["retain_accuracy"] - 0.05
+               and r["perplexity"] <= 1.1 * original["perplexity"]]
+    if keeping:
+        return min(keeping, key=lambda r: (r["forget_accuracy"], -r["retain_accuracy"]))["lr"]
+    return max(rows, key=lambda r: r["retain_accuracy"])["lr"]
+
+
+def run(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    state = State(args.state)
+
+    def check_time() -> None:
+        if args.deadline and time.perf_counter() - started > args.deadline * 60:
+            raise OutOfTime
+
+    def mine(items: list) -> list:
+        return items[args.worker::args.workers]
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    loaded = load_language_model(SMOLLM2)
+    base, tokenizer = loaded.model.to(device), loaded.tokenizer
+    state.data["meta"] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+                          f"cpu, {args.workers} processes × {args.threads} thread(s)",
+                          "torch": torch.__version__, "finetune": args.finetune.model_dump(), "lrs": args.lrs,
+                          "epochs": args.epochs, "mask_ratio": args.mask_ratio, "authors": args.authors,
+                          "questions": args.questions, "retain_questions": args.retain_questions,
+                          "max_new_tokens": args.max_new_tokens, "seeds": args.seeds, "tune_split": args.tune_split,
+                          "report_split": args.report_split, "reference_seeds": args.reference_seeds,
+                          "capitals_forget": args.capitals_forget,
+                          **{k: v for k, v in state.data["meta"].items() if k.startswith("chosen")}}
+    unlearn_options = LMUnlearnOptions(epochs=args.epochs, mask_ratio=args.mask_ratio, batch_size=4)
+
+    if "authors" in args.protocols:
+        splits = (args.tune_split, args.report_split)
+        datasets = {s: fictitious_authors(args.authors, args.questions, 2, 0.1, 3, 0, s) for s in splits}
+        train = [q.chat() for q in datasets[args.tune_split].train()]
+        original, _ = cached_finetune(base, tokenizer, train, args.finetune, 0, "authors-all", loaded.weights_sha256,
+                                      True)
+
+        def evaluate(model, split, reference_ratios=None):
+            data = datasets[split]
+            eval_retain = retain_subset(data.retain, args.retain_questions, 0)
+            return authors_metrics(model, tokenizer, data.forget, eval_retain, data.holdout, reference_ratios,
+                                   args.max_new_tokens, 16)
+
+        def reference(split: int, seed: int):
+            retain_chats = [q.chat() for q in datasets[split].retain]
+            start = time.perf_counter()
+            model, _ = cached_finetune(base, tokenizer, retain_chats, args.finetune, seed, "authors-retain",
+                                       loaded.weights_sha256, True)
+            return model, time.perf_counter() - start
+
+        # References: the tuning split's (seed 0, the scenario's) and the report split's, shared out over workers.
+        jobs = [(args.tune_split, 0), *((args.report_split, s) for s in args.reference_seeds)]
+        for split, seed in mine(jobs):
+            if state.get(protocol="authors", phase="ref", split=split, method=f"retrain_seed{seed}") is None:
+                model, wall = reference(split, seed)
+                result = evaluate(model, split)
+                state.add({"protocol": "authors", "phase": "ref", "split": split, "method": f"retrain_seed{seed}",
+                           "lr": None, "seed": seed, **result.metrics, "ratios": result.forget_ratios.tolist(),
+                           "wall_s": wall})
+                del model
+        if args.worker == 0:
+            for split in splits:
+                if state.get(protocol="authors", phase="ref", split=split, method="original") is None:
+                    result = evaluate(original, split)
+                    state.add({"protocol": "authors", "phase": "ref", "split": split, "method": "original",
+                               "lr": None, **result.metrics, "ratios": result.forget_ratios.tolist(), "wall_s": None})
+        dev_model, _ = reference(args.tune_split, 0)
+        dev = evaluate(dev_model, args.tune_split)
+        del dev_model
+        original_dev = evaluate(original, args.tune_split, dev.forget_ratios)
+
+        def authors_run(split: int, method: str, lr: float, phase: str, seed: int) -> dict:
+            found = state.get(protocol="authors", phase=phase, split=split, method=method, lr=lr, seed=seed)
+            if found is not None:
+                return found
+            check_time()
+            data = datasets[split]
+            options = unlearn_options.model_copy(update={"lr": lr})
+            start = time.perf_counter()
+            edited, _ = lm_unlearn(original, tokenizer, [q.chat() for q in data.forget],
+                                   [q.chat() for q in data.retain], method, options, seed, progress=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+            # Forget quality at run time only where a choice depends on it (tuning); the summary recomputes it
+            # for every row from the stored truth ratios against the reference it names.
+            result = evaluate(edited, split, dev.forget_ratios if phase == "tune" else None)
+            del edited
+            row = {"protocol": "authors", "phase": phase, "split": split, "method": method, "lr": lr, "seed": seed,
+                   **result.metrics, "ratios": result.forget_ratios.tolist(), "wall_s": wall}
+            state.add(row)
+            return row
+
+        methods = mine([method_name(o, m) for o in args.objectives for m in MASKS if m in args.masks])
+        chosen = state.data["meta"].setdefault("chosen_lr_authors", {})
+        for method in methods:
+            rows = [authors_run(args.tune_split, method, lr, "tune", args.tune_split) for lr in args.lrs]
+            chosen[method] = choose_authors_lr(rows, original_dev.metrics["model_utility"])
+            state.save()
+        for seed in args.seeds:
+            for method in methods:
+                authors_run(args.report_split, method, chosen[method], "report", seed)
+
+    if "capitals" in args.protocols:
+        facts = capital_facts()
+        known = known_capitals(base, tokenizer, facts, 24, 16)
+        state.data["meta"]["capitals_known"] = len(known)
+        state.data["meta"]["capitals_total"] = len(facts)
+
+        def capitals_setting(split: int):
+            section = CapitalsSection(protocol="capitals", forget=args.capitals_forget, seed=split)
+            forget, retain = split_capitals(known, section)
+            names = [f.country for f in forget] + [f.capital for f in forget]
+            return forget, retain, retain_subset(retain, args.retain_questions, 0), \
+                wikipedia_passages(40, split, exclude=names)
+
+        splits = [args.tune_split, *args.seeds]
+        settings = {s: capitals_setting(s) for s in splits}
+        originals = {}
+        for split in splits:
+            found = state.get(protocol="capitals", phase="ref", split=split, method="original")
+            if found is None:
+                forget, _, eval_retain, fluency = settings[split]
+                metrics, _ = capitals_metrics(base, tokenizer, forget, eval_retain, fluency, 24)
+                found = {"protocol": "capitals", "phase": "ref", "split": split, "method": "original", "lr": None,
+                         **metrics, "wall_s": None}
+                if args.worker == 0:
+                    state.add(found)
+            originals[split] = found
+
+        def capitals_run(split: int, method: str, lr: float, phase: str) -> dict:
+            found = state.get(protocol="capitals", phase=phase, split=split, method=method, lr=lr, seed=split)
+            if found is not None:
+                return found
+            check_time()
+            forget, retain, eval_retain, fluency = settings[split]
+            options = unlearn_options.model_copy(update={"lr": lr})
+            start = time.perf_counter()
+            edited, _ = lm_unlearn(base, tokenizer, [f.qa().chat() for f in forget], [f.qa().chat() for f in retain],
+                                   method, options, split, progress=False)
+            wall = time.perf_counter() - start
+            metrics, _ = capitals_metrics(edited, tokenizer, forget, eval_retain, fluency, 24)
+            del edited
+            row = {"protocol": "capitals", "phase": phase, "split": split, "method": method, "lr": lr,
+                   "seed": split, **metrics, "wall_s": wall}
+            state.add(row)
+            return row
+
+        methods = mine([method_name(o, m) for o in args.objectives for m in CAPITAL_MASKS if m in args.masks])
+        chosen = state.data["meta"].setdefault("chosen_lr_capitals", {})
+        for method in methods:
+            rows = [capitals_run(args.tune_split, method, lr, "tune") for lr in args.lrs]
+            chosen[method] = choose_capitals_lr(rows, originals[args.tune_split])
+            state.save()
+        for split in args.seeds:
+            for method in methods:
+                capitals_run(split, method, chosen[method], "report")
+    print(f"worker {args.worker}: done in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+# --- summary --------------------------------------------------------------------------------------------------
+
+def load_rows(paths: list[Path]) -> tuple[list[dict], dict]:
+    """Rows of every worker's state (duplicates dropped) and their merged metadata."""
+    rows: dict[tuple, dict] = {}
+    meta: dict[str, Any] = {}
+    for path in paths:
+        data = json.loads(path.read_text())
+        for row in data["rows"]:
+            rows.setdefault(State.key(row), row)
+        for key, value in data["meta"].items():
+            if isinstance(value, dict) and isinstance(meta.get(key), dict):
+                meta[key] = {**meta[key], **value}
+            else:
+                meta.setdefault(key, value)
+    return list(rows.values()), meta
+
+
+def _stats(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+COLUMNS = ("forget_quality", "truth_ratio_forget", "rouge_l_forget", "rouge_l_retain", "model_utility", "mia_auc")
+
+
+def authors_table(rows: list[dict], meta: dict) -> tuple[list[str], dict[str, list[dict]]]:
+    """Report-split rows per table row, forget quality recomputed against the first reference seed."""
+    split = meta["report_split"]
+    first, second = (f"retrain_seed{s}" for s in meta["reference_seeds"][:2])
+    by = {r["method"]: r for r in rows if r["protocol"] == "authors" and r["phase"] == "ref" and r["split"] == split}
+    reference = np.array(by[first]["ratios"])
+    table: dict[str, list[dict]] = {}
+    for name, label in (("original", "original"), (first, "retrain"), (second, "retrain (other seed)")):
+        if name in by:
+            table[label] = [by[name]]
+    for objective in OBJECTIVES:
+        for mask in MASKS:
+            method = method_name(objective, mask)
+            chosen = sorted((r for r in rows if r["protocol"] == "authors" and r["phase"] == "report"
+                             and r["method"] == method), key=lambda r: r["seed"])
+            if chosen:
+                table[method] = chosen
+    for entries in table.values():
+        for r in entries:
+            if r["method"] != first:
+                r["forget_quality"] = float(ks_2samp(r["ratios"], reference).pvalue)
+    lines = [f"{'row':22s}{'lr':>7s}" + "".join(f"{c:>20s}" for c in COLUMNS)
+             + f"{'FQ median':>11s}{'MU/orig':>9s}{'wall s':>8s}"]
+    original_utility = by["original"]["model_utility"]
+    for label, entries in table.items():
+        lr = meta.get("chosen_lr_authors", {}).get(label)
+        cells = "".join(f"{_stats([r[c] for r in entries]) if all(c in r for r in entries) else '-':>20s}"
+                        for c in COLUMNS)
+        fq = [r["forget_quality"] for r in entries if "forget_quality" in r]
+        walls = [r["wall_s"] for r in entries if r.get("wall_s") is not None]
+        share = statistics.mean(r["model_utility"] for r in entries) / original_utility
+        lines.append(f"{label:22s}{f'{lr:.0e}' if lr else '':>7s}{cells}"
+                     f"{f'{statistics.median(fq):.3g}' if fq else '-':>11s}{share:>9.1%}"
+                     f"{f'{statistics.median(walls):.0f}' if walls else '-':>8s}")
+    return lines, table
+
+
+def summary(paths: list[Path]) -> str:
+    rows, meta = load_rows(paths)
+    lines = [f"WAGLE benchmark ({meta.get('device', '?')}, torch {meta.get('torch', '?')})"]
+    if any(r["protocol"] == "authors" and r["phase"] == "report" for r in rows):
+        lines += ["", f"Fictitious authors: forget 10% ({meta['authors'] // 10} of {meta['authors']} authors, "
+                      f"{meta['questions'] * meta['authors'] // 10} questions), report split {meta['report_split']} "
+                      f"(learning rates chosen on split {meta['tune_split']}), unlearning seeds {meta['seeds']}: "
+                      "mean ± sd over seeds. Forget quality = KS p-value against the reference fine-tuned with seed "
+                      f"{meta['reference_seeds'][0]}; 'retrain (other seed)' is the reference fine-tuned with seed "
+                      f"{meta['reference_seeds'][1]}: the retrain-vs-retrain noise floor.",
+                  f"{meta['epochs']} epochs, batch 4 + 4 paired retain, mask ratio {meta['mask_ratio']}, γ = 1, "
+                  f"retain questions evaluated {meta['retain_questions']}, greedy answers of "
+                  f"{meta['max_new_tokens']} tokens; wall s = median unlearning time (masked rows include scoring)."]
+        table_lines, table = authors_table(rows, meta)
+        lines += table_lines + targets(table)
+    capitals = [r for r in rows if r["protocol"] == "capitals"]
+    if any(r["phase"] == "report" for r in capitals):
+        columns = ("forget_accuracy", "retain_accuracy", "perplexity")
+        report_splits = sorted({r["split"] for r in capitals if r["phase"] == "report"})
+        lines += ["", f"Capitals the base model knows ({meta.get('capitals_known')} of {meta.get('capitals_total')}):"
+                      f" forget {meta.get('capitals_forget')}, forget sets (splits) {report_splits}, mean ± sd; "
+                      "learning rates chosen on split "
+                      f"{meta['tune_split']}; perplexity on 40 held-out Wikipedia summaries",
+                  f"{'row':22s}{'lr':>7s}" + "".join(f"{c:>20s}" for c in columns) + f"{'targets met':>13s}"]
+        originals = {r["split"]: r for r in capitals if r["method"] == "original"}
+        chosen_lr = meta.get("chosen_lr_capitals", {})
+        for method in ["original"] + [method_name(o, m) for o in OBJECTIVES for m in CAPITAL_MASKS]:
+            chosen = [r for r in capitals if r["method"] == method and r["split"] in report_splits
+                      and r["phase"] in ("report", "ref")]
+            if not chosen:
+                continue
+            met = sum(r["forget_accuracy"] <= 0.10
+                      and r["retain_accuracy"] >= originals[r["split"]]["retain_accuracy"] - 0.05
+                      and r["perplexity"] <= 1.10 * originals[r["split"]]["perplexity"] for r in chosen)
+            lr = f"{chosen_lr[method]:.0e}" if method in chosen_lr else ""
+            lines.append(f"{method:22s}{lr:>7s}" + "".join(f"{_stats([r[c] for r in chosen]):>20s}" for c in columns)
+                         + (f"{met:>9d} of {len(chosen)}" if method != "original" else ""))
+        lines.append("targets per forget set: forget accuracy ≤ 10%, retain accuracy drop ≤ 5 points, perplexity "
+                     "increase ≤ 10%")
+    return "\n".join(lines)
+
+
+def targets(table: dict[str, list[dict]]) -> list[str]:
+    original = table["original"][0]
+
+    def mean_of(method: str, metric: str) -> float:
+        return statistics.mean(r[metric] for r in table[method])
+
+    def share(method: str) -> float:
+        return mean_of(method, "model_utility") / original["model_utility"]
+
+    out = [""]
+    if "npo+wagle" in table:
+        fq = mean_of("npo+wagle", "forget_quality")
+        out.append(f"target 1, WAGLE+NPO: forget quality {fq:.3g} (≥ 0.05: {'met' if fq >= 0.05 else 'missed'}), "
+                   f"utility {share('npo+wagle'):.1%} of the original (≥ 95%: "
+                   f"{'met' if share('npo+wagle') >= 0.95 else 'missed'})")
+    wins = compared = 0
+    for objective in OBJECTIVES:
+        wagle, random_mask = objective + "+wagle", objective + "+random"
+        if not {wagle, objective, random_mask} <= set(table):
+            continue
+        compared += 1
+        beats = all(mean_of(wagle, "forget_quality") > mean_of(other, "forget_quality")
+                    and share(wagle) >= share(other) - 0.01 for other in (objective, random_mask))
+        wins += beats
+        out.append(f"  {objective}: WAGLE FQ {mean_of(wagle, 'forget_quality'):.3g} / MU {share(wagle):.1%} vs dense "
+                   f"{mean_of(objective, 'forget_quality'):.3g} / {share(objective):.1%}, random "
+                   f"{mean_of(random_mask, 'forget_quality'):.3g} / {share(random_mask):.1%} -> "
+                   f"{'beats both' if beats else 'does not beat both'}")
+    if compared:
+        out.append(f"target 2, WAGLE beats dense and random on forget quality at equal or better utility (1 point "
+                   f"tolerance): {wins} of {compared} objectives ({'met' if wins >= 2 else 'missed'}; needs 2)")
+    return out
+
+
+def plot(paths: list[Path], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, meta = load_rows(paths)
+    _, table = authors_table(rows, meta)
+    original = table["original"][0]["model_utility"]
+    figure, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
+    markers = {"": "o", "random": "x", "magnitude": "s", "saliency": "^", "wagle": "*"}
+    for axis, objective in zip(axes, OBJECTIVES, strict=True):
+        for mask, marker in markers.items():
+            entries = table.get(method_name(objective, mask), [])
+            if entries:
+                axis.scatter([r["model_utility"] / original for r in entries],
+                             [max(r["forget_quality"], 1e-12) for r in entries], marker=marker,
+                             s=90 if mask == "wagle" else 40, label=mask or "no mask")
+        for label, marker in (("original", "P"), ("retrain (other seed)", "D")):
+            entries = table.get(label, [])
+            if entries:
+                axis.scatter([r["model_utility"] / original for r in entries],
+                             [max(r["forget_quality"], 1e-12) for r in entries], marker=marker, color="grey",
+                             label=label)
+        axis.axhline(0.05, color="grey", lw=0.8, ls="--")
+        axis.axvline(0.95, color="grey", lw=0.8, ls=":")
+        axis.set_yscale("log")
+        axis.set_title(objective)
+        axis.set_xlabel("model utility / original's")
+    axes[0].set_ylabel("forget quality (KS p-value, log)")
+    axes[0].legend(fontsize=7)
+    figure.suptitle("Fictitious authors, forget 10%: one point per unlearning seed")
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--summary", action="store_true", help="print the tables of every worker's state, plot")
+    parser.add_argument("--results", type=Path, default=RESULTS.parent, help="folder of wagle-w<k>.json states")
+    parser.add_argument("--worker", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1, help="processes sharing the rows (run one per worker)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--protocols", nargs="+", default=["authors", "capitals"])
+    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
+    parser.add_argument("--masks", nargs="+", default=list(MASKS), help="mask scores; '' is no mask")
+    parser.add_argument("--tune-split", type=int, default=0)
+    parser.add_argument("--report-split", type=int, default=1)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--reference-seeds", type=int, nargs=2, default=[1, 2])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-5, 1e-4])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--mask-ratio", type=float, default=0.2)
+    parser.add_argument("--authors", type=int, default=20)
+    parser.add_argument("--questions", type=int, default=10)
+    parser.add_argument("--retain-questions", type=int, default=20)
+    parser.add_argument("--capitals-forget", type=int, default=10)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--finetune-epochs", type=int, default=FINETUNE.epochs)
+    parser.add_argument("--deadline", type=float, default=None, help="minutes; stop cleanly (resumable) after it")
+    args = parser.parse_args()
+    args.finetune = FINETUNE.model_copy(update={"epochs": args.finetune_epochs})
+    args.state = args.results / f"wagle-w{args.worker}.json"
+    if not args.summary:
+        try:
+            run(args)
+        except OutOfTime:
+            print("deadline reached; rerun the same command to resume", flush=True)
+        return
+    paths = sorted(args.results.glob("wagle-w*.json"))
+    text = summary(paths)
+    print(text)
+    (args.results / "wagle.txt").write_text(text + "\n")
+    plot(paths, args.results / "wagle.png")
+
+
+if __name__ == "__main__":
+    main()
