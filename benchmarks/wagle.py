@@ -468,14 +468,15 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=None, help="minutes; stop cleanly (resumable) after it")
     args = parser.parse_args()
     args.finetune = FINETUNE.model_copy(update={"epochs": args.finetune_epochs})
-    args.state = args.results / f"wagle-w{args.worker}.json"
+    prefix = "wagle" if "authors" in args.protocols else "wagle-capitals"  # separate runs of capitals alone
+    args.state = args.results / f"{prefix}-w{args.worker}.json"
     if not args.summary:
         try:
             run(args)
         except OutOfTime:
             print("deadline reached; rerun the same command to resume", flush=True)
         return
-    paths = sorted(args.results.glob("wagle-w*.json"))
+    paths = sorted(args.results.glob("wagle-*w[0-9]*.json"))
     text = summary(paths)
     print(text)
     (args.results / "wagle.txt").write_text(text + "\n")
