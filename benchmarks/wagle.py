@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> None:
         # References: the tuning split's (seed 0, the scenario's) and the report split's, shared out over workers.
         jobs = [(args.tune_split, 0), *((args.report_split, s) for s in args.reference_seeds)]
         for split, seed in mine(jobs):
-            if state.get(protocol="authors", phase="ref", split=split, method=f"retrain_seed{seed}") is None:
+            if state.get(protocol="authors", phase="ref", split=split, method=f"retrain_seed{seed}", seed=seed) is None:
                 model, wall = reference(split, seed)
                 result = evaluate(model, split)
                 state.add({"protocol": "authors", "phase": "ref", "split": split, "method": f"retrain_seed{seed}",
@@ -171,10 +171,11 @@ def run(args: argparse.Namespace) -> None:
                     result = evaluate(original, split)
                     state.add({"protocol": "authors", "phase": "ref", "split": split, "method": "original",
                                "lr": None, **result.metrics, "ratios": result.forget_ratios.tolist(), "wall_s": None})
-        dev_model, _ = reference(args.tune_split, 0)
-        dev = evaluate(dev_model, args.tune_split)
-        del dev_model
-        original_dev = evaluate(original, args.tune_split, dev.forget_ratios)
+        if not args.no_tune:
+            dev_model, _ = reference(args.tune_split, 0)
+            dev = evaluate(dev_model, args.tune_split)
+            del dev_model
+            original_dev = evaluate(original, args.tune_split, dev.forget_ratios)
 
         def authors_run(split: int, method: str, lr: float, phase: str, seed: int) -> dict:
             found = state.get(protocol="authors", phase=phase, split=split, method=method, lr=lr, seed=seed)
@@ -198,9 +199,12 @@ def run(args: argparse.Namespace) -> None:
             state.add(row)
             return row
 
-        methods = mine([method_name(o, m) for o in args.objectives for m in MASKS if m in args.masks])
+        methods = mine(args.methods or [method_name(o, m) for o in args.objectives for m in MASKS if m in args.masks])
         chosen = state.data["meta"].setdefault("chosen_lr_authors", {})
         for method in methods:
+            if args.no_tune:
+                chosen[method] = args.lrs[0]
+                continue
             rows = [authors_run(args.tune_split, method, lr, "tune", args.tune_split) for lr in args.lrs]
             chosen[method] = choose_authors_lr(rows, original_dev.metrics["model_utility"])
             state.save()
@@ -289,6 +293,7 @@ def _stats(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+GAP_METRICS = ("truth_ratio_forget", "rouge_l_forget", "mia_auc")  # forget-side behaviour the reference shows
 COLUMNS = ("forget_quality", "truth_ratio_forget", "rouge_l_forget", "rouge_l_retain", "model_utility", "mia_auc")
 
 
@@ -313,8 +318,11 @@ def authors_table(rows: list[dict], meta: dict) -> tuple[list[str], dict[str, li
         for r in entries:
             if r["method"] != first:
                 r["forget_quality"] = float(ks_2samp(r["ratios"], reference).pvalue)
+    for entries in table.values():
+        for r in entries:
+            r["gap_to_retrain"] = statistics.mean(abs(r[m] - by[first][m]) for m in GAP_METRICS)
     lines = [f"{'row':22s}{'lr':>7s}" + "".join(f"{c:>20s}" for c in COLUMNS)
-             + f"{'FQ median':>11s}{'MU/orig':>9s}{'wall s':>8s}"]
+             + f"{'FQ median':>11s}{'MU/orig':>9s}{'gap':>7s}{'wall s':>8s}"]
     original_utility = by["original"]["model_utility"]
     for label, entries in table.items():
         lr = meta.get("chosen_lr_authors", {}).get(label)
@@ -325,8 +333,16 @@ def authors_table(rows: list[dict], meta: dict) -> tuple[list[str], dict[str, li
         share = statistics.mean(r["model_utility"] for r in entries) / original_utility
         lines.append(f"{label:22s}{f'{lr:.0e}' if lr else '':>7s}{cells}"
                      f"{f'{statistics.median(fq):.3g}' if fq else '-':>11s}{share:>9.1%}"
+                     f"{statistics.mean(r['gap_to_retrain'] for r in entries):>7.3f}"
                      f"{f'{statistics.median(walls):.0f}' if walls else '-':>8s}")
     return lines, table
+
+
+def was_tuned(rows: list[dict]) -> bool:
+    """Every reported authors method has tuning rows (runs started with --no-tune have none)."""
+    reported = {r["method"] for r in rows if r["protocol"] == "authors" and r["phase"] == "report"}
+    tuned = {r["method"] for r in rows if r["protocol"] == "authors" and r["phase"] == "tune"}
+    return bool(reported) and reported <= tuned
 
 
 def summary(paths: list[Path]) -> str:
@@ -335,16 +351,29 @@ def summary(paths: list[Path]) -> str:
     if any(r["protocol"] == "authors" and r["phase"] == "report" for r in rows):
         lines += ["", f"Fictitious authors: forget 10% ({meta['authors'] // 10} of {meta['authors']} authors, "
                       f"{meta['questions'] * meta['authors'] // 10} questions), report split {meta['report_split']} "
-                      f"(learning rates chosen on split {meta['tune_split']}), unlearning seeds {meta['seeds']}: "
+                      + (f"(learning rates chosen on split {meta['tune_split']})" if was_tuned(rows) else
+                         f"(learning rate {meta['lrs'][0]:g} for every row, set before any measurement, not tuned)")
+                      + f", unlearning seeds {meta['seeds']}: "
                       "mean ± sd over seeds. Forget quality = KS p-value against the reference fine-tuned with seed "
                       f"{meta['reference_seeds'][0]}; 'retrain (other seed)' is the reference fine-tuned with seed "
                       f"{meta['reference_seeds'][1]}: the retrain-vs-retrain noise floor.",
                   f"{meta['epochs']} epochs, batch 4 + 4 paired retain, mask ratio {meta['mask_ratio']}, γ = 1, "
                   f"retain questions evaluated {meta['retain_questions']}, greedy answers of "
-                  f"{meta['max_new_tokens']} tokens; wall s = median unlearning time (masked rows include scoring)."]
+                  f"{meta['max_new_tokens']} tokens; wall s = median unlearning time (masked rows include scoring); "
+                  "gap = mean |Δ| to the reference over truth ratio, ROUGE-L and MIA AUC on the forget set."]
         table_lines, table = authors_table(rows, meta)
         lines += table_lines + targets(table)
     capitals = [r for r in rows if r["protocol"] == "capitals"]
+    tuning = sorted((r for r in capitals if r["phase"] == "tune"), key=lambda r: (r["method"], r["lr"]))
+    if tuning:
+        original = next(r for r in capitals if r["method"] == "original" and r["split"] == meta["tune_split"])
+        lines += ["", f"Capitals, forget set {meta['tune_split']} (tuning; {meta.get('capitals_known')} of "
+                      f"{meta.get('capitals_total')} capitals known, forget 10, retain accuracy on 20 others): "
+                      f"original forget {original['forget_accuracy']:.2f}, retain {original['retain_accuracy']:.2f}, "
+                      f"perplexity {original['perplexity']:.2f}",
+                  f"{'row':22s}{'lr':>7s}{'forget_accuracy':>20s}{'retain_accuracy':>20s}{'perplexity':>20s}"]
+        lines += [f"{r['method']:22s}{r['lr']:>7.0e}{r['forget_accuracy']:>20.2f}{r['retain_accuracy']:>20.2f}"
+                  f"{r['perplexity']:>20.2f}" for r in tuning]
     if any(r["phase"] == "report" for r in capitals):
         columns = ("forget_accuracy", "retain_accuracy", "perplexity")
         report_splits = sorted({r["split"] for r in capitals if r["phase"] == "report"})
@@ -452,6 +481,8 @@ def main() -> None:
     parser.add_argument("--protocols", nargs="+", default=["authors", "capitals"])
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
     parser.add_argument("--masks", nargs="+", default=list(MASKS), help="mask scores; '' is no mask")
+    parser.add_argument("--methods", nargs="+", default=None, help="explicit method names (overrides the grid)")
+    parser.add_argument("--no-tune", action="store_true", help="use the first of --lrs for every row, untuned")
     parser.add_argument("--tune-split", type=int, default=0)
     parser.add_argument("--report-split", type=int, default=1)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -476,7 +507,7 @@ def main() -> None:
         except OutOfTime:
             print("deadline reached; rerun the same command to resume", flush=True)
         return
-    paths = sorted(args.results.glob("wagle-*w[0-9]*.json"))
+    paths = sorted(args.results.glob("wagle-*w[0-9]*.json"), key=lambda p: ("capitals" in p.name, p.name))
     text = summary(paths)
     print(text)
     (args.results / "wagle.txt").write_text(text + "\n")
