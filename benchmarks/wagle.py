@@ -26,6 +26,7 @@ rerun, so the run can be stopped (`--deadline` minutes) and resumed.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -194,6 +195,7 @@ def run(args: argparse.Namespace) -> None:
             # for every row from the stored truth ratios against the reference it names.
             result = evaluate(edited, split, dev.forget_ratios if phase == "tune" else None)
             del edited
+            gc.collect()  # a long run of 135M-parameter copies otherwise grows the heap (seen: an OOM kill)
             row = {"protocol": "authors", "phase": phase, "split": split, "method": method, "lr": lr, "seed": seed,
                    **result.metrics, "ratios": result.forget_ratios.tolist(), "wall_s": wall}
             state.add(row)

@@ -156,6 +156,7 @@ def test_masked_out_weights_stay_bit_identical(method):
         assert torch.equal(p.detach()[~keep], before[name][~keep]), name
         changed += int((p.detach() != before[name]).sum())
         assert torch.equal(dict(model.named_parameters())[name].detach(), before[name])  # input untouched
+        assert dict(model.named_parameters())[name].requires_grad
     assert changed > 0
 
 

@@ -99,11 +99,11 @@ def graddiff_loss(retain_weight: float) -> Loss:
 
 
 def npo_loss(reference: nn.Module, beta: float, retain_weight: float) -> Loss:
-    reference = reference.eval().requires_grad_(False)
-
     def loss(model: nn.Module, batch: dict) -> torch.Tensor:
-        with torch.no_grad():
-            reference_nll = sequence_nll(reference, batch["forget"])
+        was_training = reference.training
+        with torch.no_grad():  # the reference (the caller's model) is read in eval mode, its flags put back
+            reference_nll = sequence_nll(reference.eval(), batch["forget"])
+        reference.train(was_training)
         margin = beta * (sequence_nll(model, batch["forget"]) - reference_nll)
         return -(2 / beta) * F.logsigmoid(margin).mean() + retain_weight * default_loss(model, batch["retain"])
 
