@@ -323,7 +323,7 @@ def authors_table(rows: list[dict], meta: dict) -> tuple[list[str], dict[str, li
     for entries in table.values():
         for r in entries:
             r["gap_to_retrain"] = statistics.mean(abs(r[m] - by[first][m]) for m in GAP_METRICS)
-    lines = [f"{'row':22s}{'lr':>7s}" + "".join(f"{c:>20s}" for c in COLUMNS)
+    lines = [f"{'row':26s}{'lr':>7s}" + "".join(f"{c:>20s}" for c in COLUMNS)
              + f"{'FQ median':>11s}{'MU/orig':>9s}{'gap':>7s}{'wall s':>8s}"]
     original_utility = by["original"]["model_utility"]
     for label, entries in table.items():
@@ -333,7 +333,9 @@ def authors_table(rows: list[dict], meta: dict) -> tuple[list[str], dict[str, li
         fq = [r["forget_quality"] for r in entries if "forget_quality" in r]
         walls = [r["wall_s"] for r in entries if r.get("wall_s") is not None]
         share = statistics.mean(r["model_utility"] for r in entries) / original_utility
-        lines.append(f"{label:22s}{f'{lr:.0e}' if lr else '':>7s}{cells}"
+        if entries[0]["phase"] == "report" and len(entries) < len(meta["seeds"]):
+            label = f"{label} ({len(entries)} seed{'s' * (len(entries) > 1)})"
+        lines.append(f"{label:26s}{f'{lr:.0e}' if lr else '':>7s}{cells}"
                      f"{f'{statistics.median(fq):.3g}' if fq else '-':>11s}{share:>9.1%}"
                      f"{statistics.mean(r['gap_to_retrain'] for r in entries):>7.3f}"
                      f"{f'{statistics.median(walls):.0f}' if walls else '-':>8s}")
