@@ -449,13 +449,15 @@ def plot(paths: list[Path], out: Path) -> None:
     original = table["original"][0]["model_utility"]
     figure, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
     markers = {"": "o", "random": "x", "magnitude": "s", "saliency": "^", "wagle": "*"}
+    colors = {"": "tab:blue", "random": "tab:orange", "magnitude": "tab:brown", "saliency": "tab:red",
+              "wagle": "tab:green"}
     for axis, objective in zip(axes, OBJECTIVES, strict=True):
         for mask, marker in markers.items():
             entries = table.get(method_name(objective, mask), [])
             if entries:
                 axis.scatter([r["model_utility"] / original for r in entries],
                              [max(r["forget_quality"], 1e-12) for r in entries], marker=marker,
-                             s=90 if mask == "wagle" else 40, label=mask or "no mask")
+                             color=colors[mask], s=90 if mask == "wagle" else 40, label=mask or "no mask")
         for label, marker in (("original", "P"), ("retrain (other seed)", "D")):
             entries = table.get(label, [])
             if entries:
@@ -468,7 +470,7 @@ def plot(paths: list[Path], out: Path) -> None:
         axis.set_title(objective)
         axis.set_xlabel("model utility / original's")
     axes[0].set_ylabel("forget quality (KS p-value, log)")
-    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
     figure.suptitle("Fictitious authors, forget 10%: one point per unlearning seed")
     figure.tight_layout()
     figure.savefig(out, dpi=110)
