@@ -38,12 +38,12 @@ import torch
 from scipy.stats import ks_2samp
 
 from safeedit.data.authors import fictitious_authors
-from safeedit.data.capitals import capital_facts, wikipedia_passages
+from safeedit.data.capitals import capital_facts
 from safeedit.eval.qa import authors_metrics, capitals_metrics
 from safeedit.models.language import SMOLLM2, load_language_model
 from safeedit.models.lm_training import FinetuneOptions
 from safeedit.runners.common import cached_finetune
-from safeedit.runners.language import known_capitals, retain_subset, split_capitals
+from safeedit.runners.language import capitals_setting, known_capitals, retain_subset
 from safeedit.scenario import CapitalsSection
 from safeedit.unlearn.wagle import LMUnlearnOptions, lm_unlearn
 
@@ -220,21 +220,17 @@ def run(args: argparse.Namespace) -> None:
         state.data["meta"]["capitals_known"] = len(known)
         state.data["meta"]["capitals_total"] = len(facts)
 
-        def capitals_setting(split: int):
-            section = CapitalsSection(protocol="capitals", forget=args.capitals_forget, seed=split)
-            forget, retain = split_capitals(known, section)
-            names = [f.country for f in forget] + [f.capital for f in forget]
-            return forget, retain, retain_subset(retain, args.retain_questions, 0), \
-                wikipedia_passages(40, split, exclude=names)
-
         splits = [args.tune_split, *args.seeds]
-        settings = {s: capitals_setting(s) for s in splits}
+        settings = {s: capitals_setting(known, CapitalsSection(protocol="capitals", forget=args.capitals_forget,
+                                                               seed=s, fluency_texts=40), args.retain_questions, 0)
+                    for s in splits}
         originals = {}
         for split in splits:
             found = state.get(protocol="capitals", phase="ref", split=split, method="original")
             if found is None:
-                forget, _, eval_retain, fluency = settings[split]
-                metrics, _ = capitals_metrics(base, tokenizer, forget, eval_retain, fluency, 24)
+                setting = settings[split]
+                metrics, _ = capitals_metrics(base, tokenizer, setting.forget, setting.evaluated_retain,
+                                              setting.fluency, 24)
                 found = {"protocol": "capitals", "phase": "ref", "split": split, "method": "original", "lr": None,
                          **metrics, "wall_s": None}
                 if args.worker == 0:
@@ -246,13 +242,14 @@ def run(args: argparse.Namespace) -> None:
             if found is not None:
                 return found
             check_time()
-            forget, retain, eval_retain, fluency = settings[split]
+            setting = settings[split]
             options = unlearn_options.model_copy(update={"lr": lr})
             start = time.perf_counter()
-            edited, _ = lm_unlearn(base, tokenizer, [f.qa().chat() for f in forget], [f.qa().chat() for f in retain],
-                                   method, options, split, progress=False)
+            edited, _ = lm_unlearn(base, tokenizer, [f.qa().chat() for f in setting.forget],
+                                   [f.qa().chat() for f in setting.retain], method, options, split, progress=False)
             wall = time.perf_counter() - start
-            metrics, _ = capitals_metrics(edited, tokenizer, forget, eval_retain, fluency, 24)
+            metrics, _ = capitals_metrics(edited, tokenizer, setting.forget, setting.evaluated_retain, setting.fluency,
+                                          24)
             del edited
             row = {"protocol": "capitals", "phase": phase, "split": split, "method": method, "lr": lr,
                    "seed": split, **metrics, "wall_s": wall}

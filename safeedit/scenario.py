@@ -13,6 +13,7 @@ each kind has its own strict schema (unknown keys are errors) and runner in
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,6 +81,13 @@ class ScenarioCore(Strict):
     seed: int = 0
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads (tiny models: 1 is fastest)")
 
+    def validated(self, method: str, build: Callable[..., BaseModel], given: dict[str, Any] | None) -> BaseModel:
+        """`build(**given)`, a validation error reported in one line that names `methods.<method>`."""
+        try:
+            return build(**(given or {}))
+        except pydantic.ValidationError as error:
+            raise SafeEditError(f"scenario '{self.name}': methods.{method}: {first_problem(error)}") from None
+
 
 class ScenarioBase(ScenarioCore):
     model: ModelSection
@@ -94,10 +102,7 @@ class ScenarioBase(ScenarioCore):
             if name not in registry:
                 choices = ", ".join(registry)
                 raise SafeEditError(f"scenario '{self.name}': unknown method {name!r}; choose from {choices}")
-            try:
-                options[name] = registry[name].options(**(given or {}))
-            except pydantic.ValidationError as error:
-                raise SafeEditError(f"scenario '{self.name}': methods.{name}: {first_problem(error)}") from None
+            options[name] = self.validated(name, registry[name].options, given)
         return options
 
     def method_registry(self) -> dict[str, Any]:
@@ -216,10 +221,7 @@ class MergeScenario(ScenarioCore):
             if name not in MERGE_METHODS:
                 raise SafeEditError(f"scenario '{self.name}': unknown method {name!r}; choose from "
                                     f"{', '.join(MERGE_METHODS)}")
-            try:
-                options[name] = MERGE_METHODS[name](**(given or {}))
-            except pydantic.ValidationError as error:
-                raise SafeEditError(f"scenario '{self.name}': methods.{name}: {first_problem(error)}") from None
+            options[name] = self.validated(name, MERGE_METHODS[name], given)
         return options
 
     def result_names(self) -> set[str]:
@@ -282,10 +284,8 @@ class LMScenario(ScenarioCore):
                 parse_method(name)
             except SafeEditError as error:
                 raise SafeEditError(f"scenario '{self.name}': {error}") from None
-            try:
-                options[name] = LMUnlearnOptions(**{**self.unlearning.model_dump(), **(given or {})})
-            except pydantic.ValidationError as error:
-                raise SafeEditError(f"scenario '{self.name}': methods.{name}: {first_problem(error)}") from None
+            options[name] = self.validated(name, lambda **given: LMUnlearnOptions(**{**self.unlearning.model_dump(),
+                                                                                     **given}), given)
         unknown = [m for m in self.save_weights or [] if m not in self.methods]
         if unknown:
             raise SafeEditError(f"scenario '{self.name}': save_weights names {unknown[0]!r}, which is not a method")

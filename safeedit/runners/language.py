@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
 from safeedit.criteria import verdict
 from safeedit.data.authors import fictitious_authors, qa_fingerprint
-from safeedit.data.capitals import CapitalFact, capital_facts, wikipedia_passages
+from safeedit.data.capitals import CapitalFact, answer_mentions, capital_facts, wikipedia_passages
 from safeedit.errors import SafeEditError
-from safeedit.eval.qa import authors_metrics, capitals_metrics, knowledge_accuracy
+from safeedit.eval.qa import authors_metrics, capitals_metrics
 from safeedit.eval.safety import generate_answers
 from safeedit.eval.weights import weight_changes
 from safeedit.io import sha256_file
@@ -32,6 +35,7 @@ from safeedit.runners.common import OutputWriter, cached_finetune, common_record
 from safeedit.scenario import AuthorsSection, CapitalsSection, LMScenario
 from safeedit.unlearn.wagle import lm_unlearn, parse_method
 
+Measured = TypeVar("Measured")
 ABOUT_OBJECTIVE = {
     "graddiff": "gradient ascent on the forget answers, descent on paired retain answers (GradDiff)",
     "npo": "negative preference optimization against the frozen original (NPO, β = 0.1) plus the retain NLL",
@@ -72,16 +76,32 @@ def retain_subset(items: list[Any], count: int, seed: int) -> list[Any]:
 
 def known_capitals(model: nn.Module, tokenizer: Any, facts: list[CapitalFact], max_new_tokens: int,
                    batch_size: int) -> list[CapitalFact]:
+    """The facts whose capital the model names in its greedy answer."""
     answers = generate_answers(model, tokenizer, [f.qa().question for f in facts], max_new_tokens, batch_size)
-    return [f for f, a in zip(facts, answers, strict=True) if knowledge_accuracy([a], [f]) == 1.0]
+    return [f for f, a in zip(facts, answers, strict=True) if answer_mentions(a, f.capital)]
 
 
-def split_capitals(known: list[CapitalFact], section: CapitalsSection) -> tuple[list[CapitalFact], list[CapitalFact]]:
+@dataclass(frozen=True)
+class CapitalsSetting:
+    forget: list[CapitalFact]
+    retain: list[CapitalFact]
+    evaluated_retain: list[CapitalFact]  # the seeded subset of `retain` whose answers are checked
+    fluency: list[str]  # held-out Wikipedia summaries naming no forgotten country or capital
+
+
+def capitals_setting(known: list[CapitalFact], section: CapitalsSection, retain_questions: int,
+                     subset_seed: int) -> CapitalsSetting:
+    """Split the known capitals into forget (`section.forget`, drawn with `section.seed`) and retain, and pick the
+    evaluated retain questions and the perplexity texts."""
     if len(known) <= section.forget:
         raise SafeEditError(f"the model answers only {len(known)} capital question(s) correctly; lower data.forget "
                             f"(now {section.forget}) so that some known capitals are retained")
     chosen = set(random.Random(section.seed).sample(range(len(known)), section.forget))
-    return ([f for i, f in enumerate(known) if i in chosen], [f for i, f in enumerate(known) if i not in chosen])
+    forget = [f for i, f in enumerate(known) if i in chosen]
+    retain = [f for i, f in enumerate(known) if i not in chosen]
+    names = [f.country for f in forget] + [f.capital for f in forget]
+    return CapitalsSetting(forget, retain, retain_subset(retain, retain_questions, subset_seed),
+                           wikipedia_passages(section.fluency_texts, section.seed, exclude=names))
 
 
 def run_llm_unlearning(scenario: LMScenario, path: Path, out: Path, device: torch.device, progress: bool) -> Path:
@@ -98,6 +118,14 @@ def run_llm_unlearning(scenario: LMScenario, path: Path, out: Path, device: torc
     evaluation_time = 0.0
     section = scenario.data
 
+    def timed(name: str, measure: Callable[[], Measured]) -> Measured:
+        nonlocal evaluation_time
+        start = time.perf_counter()
+        say(f"evaluating {name}", progress)
+        result = measure()
+        evaluation_time += time.perf_counter() - start
+        return result
+
     if isinstance(section, AuthorsSection):
         data = fictitious_authors(section.authors, section.questions_per_author, section.holdout_authors,
                                   section.forget_ratio, section.perturbed, section.seed, section.split_seed)
@@ -107,8 +135,14 @@ def run_llm_unlearning(scenario: LMScenario, path: Path, out: Path, device: torc
         original, original_path = cached_finetune(
             base, tokenizer, [q.chat() for q in data.train()], scenario.finetune, scenario.seed,
             "authors-all", loaded.weights_sha256, progress)
-        inputs["model to unlearn (fine-tuned on all authors, cached)"] = {str(original_path):
-                                                                          sha256_file(original_path)}
+        source_sha = sha256_file(original_path)
+        inputs["model to unlearn (fine-tuned on all authors, cached)"] = {str(original_path): source_sha}
+
+        def authors_evaluation(model: nn.Module, name: str, reference_ratios: np.ndarray | None):
+            return timed(name, lambda: authors_metrics(
+                model, tokenizer, forget_items, eval_retain, holdout, reference_ratios, evaluation.max_new_tokens,
+                evaluation.batch_size, evaluation.min_k))
+
         reference_ratios = None
         if scenario.retrain:
             reference, reference_path = cached_finetune(
@@ -116,21 +150,13 @@ def run_llm_unlearning(scenario: LMScenario, path: Path, out: Path, device: torc
                 "authors-retain", loaded.weights_sha256, progress)
             inputs["reference (fine-tuned on the retain authors only, cached)"] = {
                 str(reference_path): sha256_file(reference_path)}
+            retrained = authors_evaluation(reference, "retrain", None)
+            reference_ratios = retrained.forget_ratios
+            results["retrain"] = {"metrics": {"after": retrained.metrics}, "wall_time_s": None,
+                                  "about": REFERENCE_ABOUT["retrain"]}
 
         def evaluate(model: nn.Module, name: str) -> dict[str, float]:
-            nonlocal evaluation_time
-            start = time.perf_counter()
-            say(f"evaluating {name}", progress)
-            result = authors_metrics(model, tokenizer, forget_items, eval_retain, holdout, reference_ratios,
-                                     evaluation.max_new_tokens, evaluation.batch_size, evaluation.min_k)
-            evaluation_time += time.perf_counter() - start
-            return result.metrics if name != "retrain" else {**result.metrics, "_ratios": result.forget_ratios}
-
-        if scenario.retrain:
-            reference_metrics = evaluate(reference, "retrain")
-            reference_ratios = reference_metrics.pop("_ratios")
-            results["retrain"] = {"metrics": {"after": reference_metrics}, "wall_time_s": None,
-                                  "about": REFERENCE_ABOUT["retrain"]}
+            return authors_evaluation(model, name, reference_ratios).metrics
         forget_chats, retain_chats = [q.chat() for q in forget_items], [q.chat() for q in retain_items]
         data_fingerprints = data.fingerprints()
         notes.append(f"{len(data.forget_authors)} of {section.authors} fictitious authors are forgotten "
@@ -138,23 +164,16 @@ def run_llm_unlearning(scenario: LMScenario, path: Path, out: Path, device: torc
                      f"{len(retain_items)} retain questions; the membership attack compares the forget answers with "
                      f"answers about {section.holdout_authors} authors the model never saw.")
     else:
-        original = base
-        original_path = None
+        original, source_sha = base, loaded.weights_sha256
         facts = capital_facts()
         known = known_capitals(base, tokenizer, facts, 24, evaluation.batch_size)
-        forget_facts, retain_facts = split_capitals(known, section)
-        eval_retain = retain_subset(retain_facts, evaluation.retain_questions, scenario.seed)
-        names = [f.country for f in forget_facts] + [f.capital for f in forget_facts]
-        fluency = wikipedia_passages(section.fluency_texts, section.seed, exclude=names)
+        setting = capitals_setting(known, section, evaluation.retain_questions, scenario.seed)
+        forget_facts, retain_facts, eval_retain, fluency = (setting.forget, setting.retain,
+                                                            setting.evaluated_retain, setting.fluency)
 
         def evaluate(model: nn.Module, name: str) -> dict[str, float]:
-            nonlocal evaluation_time
-            start = time.perf_counter()
-            say(f"evaluating {name}", progress)
-            metrics, _ = capitals_metrics(model, tokenizer, forget_facts, eval_retain, fluency, 24,
-                                          evaluation.batch_size)
-            evaluation_time += time.perf_counter() - start
-            return metrics
+            return timed(name, lambda: capitals_metrics(model, tokenizer, forget_facts, eval_retain, fluency, 24,
+                                                        evaluation.batch_size)[0])
 
         forget_chats = [f.qa().chat() for f in forget_facts]
         retain_chats = [f.qa().chat() for f in retain_facts]
@@ -169,7 +188,6 @@ def run_llm_unlearning(scenario: LMScenario, path: Path, out: Path, device: torc
     original_metrics = evaluate(original, "the original model")
     results["original"] = {"metrics": {"after": original_metrics}, "wall_time_s": None,
                            "about": REFERENCE_ABOUT["original"]}
-    source_sha = sha256_file(original_path) if original_path else loaded.weights_sha256
     writer = OutputWriter(out, scenario.name, source_sha)
     for index, (name, method_options) in enumerate(options.items(), 1):
         say(f"method {index}/{len(options)}: {name} ({method_options.epochs} epochs, lr {method_options.lr:g}"
