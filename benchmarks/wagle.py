@@ -51,6 +51,7 @@ RESULTS = Path(__file__).parent / "results" / "wagle.json"
 OBJECTIVES = ("graddiff", "npo", "refusal")
 MASKS = ("", "random", "magnitude", "saliency", "wagle")
 CAPITAL_MASKS = ("", "random", "wagle")
+UNTUNED_LR = 3e-5  # scenarios/tofu-forget10.yaml's rate, set before any measurement: the no-search table
 SHORT = {"forget_quality": "fq", "truth_ratio_forget": "tr_f", "rouge_l_forget": "rl_f", "rouge_l_retain": "rl_r",
          "probability_retain": "p_r", "model_utility": "mu", "mia_auc": "auc", "forget_accuracy": "acc_f",
          "retain_accuracy": "acc_r", "perplexity": "ppl"}
@@ -219,6 +220,7 @@ def run(args: argparse.Namespace) -> None:
         known = known_capitals(base, tokenizer, facts, 24, 16)
         state.data["meta"]["capitals_known"] = len(known)
         state.data["meta"]["capitals_total"] = len(facts)
+        state.data["meta"]["capitals_lrs"] = args.lrs
 
         splits = [args.tune_split, *args.seeds]
         settings = {s: capitals_setting(known, CapitalsSection(protocol="capitals", forget=args.capitals_forget,
@@ -296,8 +298,9 @@ GAP_METRICS = ("truth_ratio_forget", "rouge_l_forget", "mia_auc")  # forget-side
 COLUMNS = ("forget_quality", "truth_ratio_forget", "rouge_l_forget", "rouge_l_retain", "model_utility", "mia_auc")
 
 
-def authors_table(rows: list[dict], meta: dict) -> tuple[list[str], dict[str, list[dict]]]:
-    """Report-split rows per table row, forget quality recomputed against the first reference seed."""
+def authors_table(rows: list[dict], meta: dict, rates: dict[str, float]) -> tuple[list[str], dict[str, list[dict]]]:
+    """Report-split rows per table row, each method at its rate in `rates`; forget quality recomputed against the
+    first reference seed."""
     split = meta["report_split"]
     first, second = (f"retrain_seed{s}" for s in meta["reference_seeds"][:2])
     by = {r["method"]: r for r in rows if r["protocol"] == "authors" and r["phase"] == "ref" and r["split"] == split}
@@ -310,7 +313,8 @@ def authors_table(rows: list[dict], meta: dict) -> tuple[list[str], dict[str, li
         for mask in MASKS:
             method = method_name(objective, mask)
             chosen = sorted((r for r in rows if r["protocol"] == "authors" and r["phase"] == "report"
-                             and r["method"] == method), key=lambda r: r["seed"])
+                             and r["method"] == method and method in rates and np.isclose(r["lr"], rates[method])),
+                            key=lambda r: r["seed"])
             if chosen:
                 table[method] = chosen
     for entries in table.values():
@@ -324,7 +328,7 @@ def authors_table(rows: list[dict], meta: dict) -> tuple[list[str], dict[str, li
              + f"{'FQ median':>11s}{'MU/orig':>9s}{'gap':>7s}{'wall s':>8s}"]
     original_utility = by["original"]["model_utility"]
     for label, entries in table.items():
-        lr = meta.get("chosen_lr_authors", {}).get(label)
+        lr = rates.get(label)
         cells = "".join(f"{_stats([r[c] for r in entries]) if all(c in r for r in entries) else '-':>20s}"
                         for c in COLUMNS)
         fq = [r["forget_quality"] for r in entries if "forget_quality" in r]
@@ -339,22 +343,50 @@ def authors_table(rows: list[dict], meta: dict) -> tuple[list[str], dict[str, li
     return lines, table
 
 
-def was_tuned(rows: list[dict]) -> bool:
-    """Every reported authors method has tuning rows (runs started with --no-tune have none)."""
-    reported = {r["method"] for r in rows if r["protocol"] == "authors" and r["phase"] == "report"}
-    tuned = {r["method"] for r in rows if r["protocol"] == "authors" and r["phase"] == "tune"}
-    return bool(reported) and reported <= tuned
+def reported_methods(rows: list[dict]) -> list[str]:
+    found = {r["method"] for r in rows if r["protocol"] == "authors" and r["phase"] == "report"}
+    return [m for m in (method_name(o, k) for o in OBJECTIVES for k in MASKS) if m in found]
+
+
+def tuned_rates(rows: list[dict], meta: dict) -> dict[str, float]:
+    """The rate the tuning rule picks for every reported method on the tuning split; empty unless every reported
+    method has a tuning row at every rate of the search (a partial search is not an equal budget)."""
+    tuning = [r for r in rows if r["protocol"] == "authors" and r["phase"] == "tune"]
+    original = next((r for r in rows if r["protocol"] == "authors" and r["phase"] == "ref"
+                     and r["split"] == meta["tune_split"] and r["method"] == "original"), None)
+    rates: dict[str, float] = {}
+    for method in reported_methods(rows):
+        mine = [r for r in tuning if r["method"] == method]
+        if original is None or len({r["lr"] for r in mine}) < len(meta["lrs"]) or len(meta["lrs"]) < 2:
+            return {}
+        rates[method] = choose_authors_lr(mine, original["model_utility"])
+    return rates
+
+
+def tuning_table(rows: list[dict], meta: dict, rates: dict[str, float]) -> list[str]:
+    """Split-0 search: forget quality (against split 0's own reference) and utility share per rate."""
+    original = next(r for r in rows if r["protocol"] == "authors" and r["phase"] == "ref"
+                    and r["split"] == meta["tune_split"] and r["method"] == "original")
+    lrs = sorted(meta["lrs"])
+    lines = [f"{'row':26s}" + "".join(f"{f'FQ @ {lr:.0e}':>14s}{f'MU @ {lr:.0e}':>14s}" for lr in lrs)
+             + f"{'chosen':>9s}"]
+    for method in rates:
+        by_lr = {r["lr"]: r for r in rows if r["protocol"] == "authors" and r["phase"] == "tune"
+                 and r["method"] == method}
+        cells = "".join(f"{by_lr[lr]['forget_quality']:>14.3g}"
+                        f"{by_lr[lr]['model_utility'] / original['model_utility']:>14.1%}" for lr in lrs)
+        lines.append(f"{method:26s}{cells}{rates[method]:>9.0e}")
+    return lines
 
 
 def summary(paths: list[Path]) -> str:
     rows, meta = load_rows(paths)
     lines = [f"WAGLE benchmark ({meta.get('device', '?')}, torch {meta.get('torch', '?')})"]
     if any(r["protocol"] == "authors" and r["phase"] == "report" for r in rows):
+        untuned = {method: UNTUNED_LR for method in reported_methods(rows)}
         lines += ["", f"Fictitious authors: forget 10% ({meta['authors'] // 10} of {meta['authors']} authors, "
-                      f"{meta['questions'] * meta['authors'] // 10} questions), report split {meta['report_split']} "
-                      + (f"(learning rates chosen on split {meta['tune_split']})" if was_tuned(rows) else
-                         f"(learning rate {meta['lrs'][0]:g} for every row, set before any measurement, not tuned)")
-                      + f", unlearning seeds {meta['seeds']}: "
+                      f"{meta['questions'] * meta['authors'] // 10} questions), report split {meta['report_split']}, "
+                      f"unlearning seeds {meta['seeds']}: "
                       "mean ± sd over seeds. Forget quality = KS p-value against the reference fine-tuned with seed "
                       f"{meta['reference_seeds'][0]}; 'retrain (other seed)' is the reference fine-tuned with seed "
                       f"{meta['reference_seeds'][1]}: the retrain-vs-retrain noise floor.",
@@ -362,43 +394,66 @@ def summary(paths: list[Path]) -> str:
                   f"retain questions evaluated {meta['retain_questions']}, greedy answers of "
                   f"{meta['max_new_tokens']} tokens; wall s = median unlearning time (masked rows include scoring); "
                   "gap = mean |Δ| to the reference over truth ratio, ROUGE-L and MIA AUC on the forget set."]
-        table_lines, table = authors_table(rows, meta)
-        lines += table_lines + targets(table)
+        table_lines, table = authors_table(rows, meta, untuned)
+        lines += ["", f"A. No search: learning rate {UNTUNED_LR:g} for every row (the scenario's value, set before "
+                      "any measurement)", *table_lines, *targets(table)]
+        rates = tuned_rates(rows, meta)
+        if rates:
+            lines += ["", f"B. Equal search budget: learning rate in {sorted(meta['lrs'])} chosen per row on split "
+                          f"{meta['tune_split']} (against split {meta['tune_split']}'s own reference; rule: highest "
+                          "forget quality with utility >= 95% of the original's, else the highest utility)"]
+            lines += tuning_table(rows, meta, rates)
+            table_lines, table = authors_table(rows, meta, rates)
+            lines += ["", f"Reported on split {meta['report_split']} at the chosen rates:", *table_lines,
+                      *targets(table)]
     capitals = [r for r in rows if r["protocol"] == "capitals"]
-    tuning = sorted((r for r in capitals if r["phase"] == "tune"), key=lambda r: (r["method"], r["lr"]))
-    if tuning:
-        original = next(r for r in capitals if r["method"] == "original" and r["split"] == meta["tune_split"])
-        lines += ["", f"Capitals, forget set {meta['tune_split']} (tuning; {meta.get('capitals_known')} of "
-                      f"{meta.get('capitals_total')} capitals known, forget 10, retain accuracy on 20 others): "
-                      f"original forget {original['forget_accuracy']:.2f}, retain {original['retain_accuracy']:.2f}, "
-                      f"perplexity {original['perplexity']:.2f}",
-                  f"{'row':22s}{'lr':>7s}{'forget_accuracy':>20s}{'retain_accuracy':>20s}{'perplexity':>20s}"]
-        lines += [f"{r['method']:22s}{r['lr']:>7.0e}{r['forget_accuracy']:>20.2f}{r['retain_accuracy']:>20.2f}"
-                  f"{r['perplexity']:>20.2f}" for r in tuning]
-    if any(r["phase"] == "report" for r in capitals):
-        columns = ("forget_accuracy", "retain_accuracy", "perplexity")
-        report_splits = sorted({r["split"] for r in capitals if r["phase"] == "report"})
-        lines += ["", f"Capitals the base model knows ({meta.get('capitals_known')} of {meta.get('capitals_total')}):"
-                      f" forget {meta.get('capitals_forget')}, forget sets (splits) {report_splits}, mean ± sd; "
-                      "learning rates chosen on split "
-                      f"{meta['tune_split']}; perplexity on 40 held-out Wikipedia summaries",
-                  f"{'row':22s}{'lr':>7s}" + "".join(f"{c:>20s}" for c in columns) + f"{'targets met':>13s}"]
-        originals = {r["split"]: r for r in capitals if r["method"] == "original"}
-        chosen_lr = meta.get("chosen_lr_capitals", {})
-        for method in ["original"] + [method_name(o, m) for o in OBJECTIVES for m in CAPITAL_MASKS]:
-            chosen = [r for r in capitals if r["method"] == method and r["split"] in report_splits
-                      and r["phase"] in ("report", "ref")]
-            if not chosen:
-                continue
-            met = sum(r["forget_accuracy"] <= 0.10
-                      and r["retain_accuracy"] >= originals[r["split"]]["retain_accuracy"] - 0.05
-                      and r["perplexity"] <= 1.10 * originals[r["split"]]["perplexity"] for r in chosen)
-            lr = f"{chosen_lr[method]:.0e}" if method in chosen_lr else ""
-            lines.append(f"{method:22s}{lr:>7s}" + "".join(f"{_stats([r[c] for r in chosen]):>20s}" for c in columns)
-                         + (f"{met:>9d} of {len(chosen)}" if method != "original" else ""))
-        lines.append("targets per forget set: forget accuracy ≤ 10%, retain accuracy drop ≤ 5 points, perplexity "
-                     "increase ≤ 10%")
+    if capitals:
+        lines += capitals_summary(capitals, meta)
     return "\n".join(lines)
+
+
+def capitals_summary(capitals: list[dict], meta: dict) -> list[str]:
+    """The tuning table of forget set `tune_split` and the report table at the rates the rule picks among those
+    searched for every method (rates tried for some methods only are shown but not used)."""
+    columns = ("forget_accuracy", "retain_accuracy", "perplexity")
+    tuning = sorted((r for r in capitals if r["phase"] == "tune"), key=lambda r: (r["method"], r["lr"]))
+    originals = {r["split"]: r for r in capitals if r["method"] == "original"}
+    original = originals[meta["tune_split"]]
+    methods = [m for m in (method_name(o, k) for o in OBJECTIVES for k in CAPITAL_MASKS)
+               if any(r["method"] == m for r in tuning)]
+    searched = set(meta.get("capitals_lrs", ()))
+    rates = {m: choose_capitals_lr([r for r in tuning if r["method"] == m and r["lr"] in searched], original)
+             for m in methods} if searched else {}
+    lines = ["", f"Capitals, forget set {meta['tune_split']} (tuning; {meta.get('capitals_known')} of "
+                 f"{meta.get('capitals_total')} capitals known, forget {meta.get('capitals_forget')}, retain accuracy "
+                 f"on 20 others): original forget {original['forget_accuracy']:.2f}, retain "
+                 f"{original['retain_accuracy']:.2f}, perplexity {original['perplexity']:.2f}; rates searched for "
+                 f"every row: {sorted(searched)} (rule: lowest forget accuracy meeting the retain and perplexity "
+                 "targets, else the highest retain accuracy); other rates were tried earlier for some rows only",
+             f"{'row':22s}{'lr':>7s}" + "".join(f"{c:>20s}" for c in columns) + f"{'':>9s}"]
+    lines += [f"{r['method']:22s}{r['lr']:>7.0e}" + "".join(f"{r[c]:>20.2f}" for c in columns)
+              + f"{'chosen' if rates.get(r['method']) == r['lr'] else '':>9s}" for r in tuning]
+    report_splits = sorted({r["split"] for r in capitals if r["phase"] == "report"})
+    if not report_splits:
+        return lines
+    lines += ["", f"Capitals the base model knows ({meta.get('capitals_known')} of {meta.get('capitals_total')}):"
+                  f" forget {meta.get('capitals_forget')}, forget sets (splits) {report_splits}, mean ± sd; "
+                  f"learning rates chosen on split {meta['tune_split']}; perplexity on 40 held-out Wikipedia summaries",
+              f"{'row':22s}{'lr':>7s}" + "".join(f"{c:>20s}" for c in columns) + f"{'targets met':>13s}"]
+    for method in ["original", *methods]:
+        chosen = [r for r in capitals if r["method"] == method and r["split"] in report_splits
+                  and (r["phase"] == "ref" or (r["phase"] == "report" and np.isclose(r["lr"], rates.get(method, -1))))]
+        if not chosen:
+            continue
+        met = sum(r["forget_accuracy"] <= 0.10
+                  and r["retain_accuracy"] >= originals[r["split"]]["retain_accuracy"] - 0.05
+                  and r["perplexity"] <= 1.10 * originals[r["split"]]["perplexity"] for r in chosen)
+        lr = f"{rates[method]:.0e}" if method in rates else ""
+        lines.append(f"{method:22s}{lr:>7s}" + "".join(f"{_stats([r[c] for r in chosen]):>20s}" for c in columns)
+                     + (f"{met:>9d} of {len(chosen)}" if method != "original" else ""))
+    lines.append("targets per forget set: forget accuracy ≤ 10%, retain accuracy drop ≤ 5 points, perplexity "
+                 "increase ≤ 10%")
+    return lines
 
 
 def targets(table: dict[str, list[dict]]) -> list[str]:
@@ -442,7 +497,8 @@ def plot(paths: list[Path], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows, meta = load_rows(paths)
-    _, table = authors_table(rows, meta)
+    rates = tuned_rates(rows, meta)
+    _, table = authors_table(rows, meta, rates or {method: UNTUNED_LR for method in reported_methods(rows)})
     original = table["original"][0]["model_utility"]
     figure, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
     markers = {"": "o", "random": "x", "magnitude": "s", "saliency": "^", "wagle": "*"}
@@ -468,7 +524,8 @@ def plot(paths: list[Path], out: Path) -> None:
         axis.set_xlabel("model utility / original's")
     axes[0].set_ylabel("forget quality (KS p-value, log)")
     axes[1].legend(fontsize=7)
-    figure.suptitle("Fictitious authors, forget 10%: one point per unlearning seed")
+    figure.suptitle("Fictitious authors, forget 10%: one point per unlearning seed ("
+                    + ("learning rates chosen on the tuning split)" if rates else f"lr {UNTUNED_LR:g}, no search)"))
     figure.tight_layout()
     figure.savefig(out, dpi=110)
 
