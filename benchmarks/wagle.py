@@ -1,9 +1,13 @@
 """WAGLE benchmark: {GradDiff, NPO, refusal} × {no mask, random, magnitude, saliency, WAGLE} on fictitious authors
 (forget 10%), against the original and the retrained reference; and the real-knowledge (capitals) protocol.
 
-    # two processes of one thread each share the rows (2 CPU cores; ~2 h the first time), then the tables:
-    for w in 0 1; do .venv/bin/python benchmarks/wagle.py --workers 2 --worker $w & done; wait
-    .venv/bin/python benchmarks/wagle.py --summary   # print the tables of benchmarks/results/wagle-w*.json, plot
+    # two processes of one thread each share the rows (2 CPU cores; ~3 h the first time); rerun each worker until
+    # it prints "done in" (it stops between runs past --max-rss-gb and at --deadline, and resumes from its state):
+    for w in 0 1; do .venv/bin/python benchmarks/wagle.py --workers 2 --worker $w --protocols authors \
+        --lrs 3e-5 1e-4 --max-rss-gb 7.5 & done; wait
+    for w in 0 1; do .venv/bin/python benchmarks/wagle.py --workers 2 --worker $w --protocols capitals \
+        --objectives npo --masks "" random wagle --lrs 3e-6 1e-5 & done; wait
+    .venv/bin/python benchmarks/wagle.py --summary   # print the tables of benchmarks/results/wagle-*w*.json, plot
 
 Setting (as scenarios/tofu-forget10.yaml, whose cached fine-tunes it reuses): SmolLM2-135M-Instruct fine-tuned on
 20 fictitious authors × 10 questions (people seed 0; the training set, hence the model, is the same for every
@@ -16,7 +20,8 @@ all else fixed (3 epochs, batch 4 + 4 paired retain, mask ratio 0.2, γ = 1, ret
 highest forget quality among the rates that keep model utility ≥ 95% of the original's; if none does, the one with
 the highest utility. Capitals: objectives × {no mask, random, WAGLE}; the rate is chosen on forget set 0 by the
 lowest forget accuracy with retain drop ≤ 5 points and perplexity increase ≤ 10% (else the smallest retain drop),
-then forget sets 1-3 are reported.
+then forget sets 1-3 are reported. The summary's table A is the no-search run (`--no-tune --lrs 3e-5`: every
+row at the scenario's rate, set before any measurement), table B the equal-search one.
 
 The CPU budget (2 cores) sets the sizes: 20 retain questions evaluated, 32-token answers, 2 learning rates, one
 report split. Every row is saved as it is measured (`benchmarks/results/wagle-w<worker>.json`) and skipped when
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -96,6 +102,19 @@ class OutOfTime(Exception):
     pass
 
 
+class OutOfMemory(Exception):
+    """The process passed --max-rss-gb between runs: memory grows by ~1 GB per unlearning run in one long process
+    (not diagnosed), so the worker stops cleanly and is restarted; its state file resumes it."""
+
+
+def resident_gb() -> float:
+    """This process's resident memory (Linux /proc; 0 where unavailable)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def choose_authors_lr(rows: list[dict], original_utility: float) -> float:
     keeping = [r for r in rows if r["model_utility"] >= 0.95 * original_utility]
     if keeping:
@@ -118,6 +137,8 @@ def run(args: argparse.Namespace) -> None:
     def check_time() -> None:
         if args.deadline and time.perf_counter() - started > args.deadline * 60:
             raise OutOfTime
+        if args.max_rss_gb and resident_gb() > args.max_rss_gb:
+            raise OutOfMemory
 
     def mine(items: list) -> list:
         return items[args.worker::args.workers]
@@ -174,10 +195,19 @@ def run(args: argparse.Namespace) -> None:
                     state.add({"protocol": "authors", "phase": "ref", "split": split, "method": "original",
                                "lr": None, **result.metrics, "ratios": result.forget_ratios.tolist(), "wall_s": None})
         if not args.no_tune:
-            dev_model, _ = reference(args.tune_split, 0)
-            dev = evaluate(dev_model, args.tune_split)
-            del dev_model
-            original_dev = evaluate(original, args.tune_split, dev.forget_ratios)
+            # The tuning split's reference ratios and the original's utility there, from any worker's state (a
+            # restarted worker does not evaluate them again), else evaluated now.
+            stored, _ = load_rows(sorted(args.results.glob("wagle-w[0-9]*.json")))
+            found = {r["method"]: r for r in stored
+                     if r["protocol"] == "authors" and r["phase"] == "ref" and r["split"] == args.tune_split}
+            if "retrain_seed0" in found and "original" in found:
+                dev_ratios = np.array(found["retrain_seed0"]["ratios"])
+                original_dev_utility = found["original"]["model_utility"]
+            else:
+                dev_model, _ = reference(args.tune_split, 0)
+                dev_ratios = evaluate(dev_model, args.tune_split).forget_ratios
+                del dev_model
+                original_dev_utility = evaluate(original, args.tune_split).metrics["model_utility"]
 
         def authors_run(split: int, method: str, lr: float, phase: str, seed: int) -> dict:
             found = state.get(protocol="authors", phase=phase, split=split, method=method, lr=lr, seed=seed)
@@ -194,7 +224,7 @@ def run(args: argparse.Namespace) -> None:
             wall = time.perf_counter() - start
             # Forget quality at run time only where a choice depends on it (tuning); the summary recomputes it
             # for every row from the stored truth ratios against the reference it names.
-            result = evaluate(edited, split, dev.forget_ratios if phase == "tune" else None)
+            result = evaluate(edited, split, dev_ratios if phase == "tune" else None)
             del edited
             gc.collect()  # a long run of 135M-parameter copies otherwise grows the heap (seen: an OOM kill)
             row = {"protocol": "authors", "phase": phase, "split": split, "method": method, "lr": lr, "seed": seed,
@@ -209,7 +239,7 @@ def run(args: argparse.Namespace) -> None:
                 chosen[method] = args.lrs[0]
                 continue
             rows = [authors_run(args.tune_split, method, lr, "tune", args.tune_split) for lr in args.lrs]
-            chosen[method] = choose_authors_lr(rows, original_dev.metrics["model_utility"])
+            chosen[method] = choose_authors_lr(rows, original_dev_utility)
             state.save()
         for seed in args.seeds:
             for method in methods:
@@ -557,6 +587,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--finetune-epochs", type=int, default=FINETUNE.epochs)
     parser.add_argument("--deadline", type=float, default=None, help="minutes; stop cleanly (resumable) after it")
+    parser.add_argument("--max-rss-gb", type=float, default=None,
+                        help="stop cleanly (resumable) between runs once the process holds more memory than this")
     args = parser.parse_args()
     args.finetune = FINETUNE.model_copy(update={"epochs": args.finetune_epochs})
     prefix = "wagle" if "authors" in args.protocols else "wagle-capitals"  # separate runs of capitals alone
@@ -566,6 +598,8 @@ def main() -> None:
             run(args)
         except OutOfTime:
             print("deadline reached; rerun the same command to resume", flush=True)
+        except OutOfMemory:
+            print(f"memory limit reached ({resident_gb():.1f} GB); rerun the same command to resume", flush=True)
         return
     paths = sorted(args.results.glob("wagle-*w[0-9]*.json"), key=lambda p: ("capitals" in p.name, p.name))
     text = summary(paths)

@@ -30,9 +30,16 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-@lru_cache(maxsize=64)
 def _accepted_keys(forward) -> frozenset[str] | None:
-    parameters = inspect.signature(forward).parameters.values()
+    """Keyword names `forward` takes (None: it takes **kwargs). Cached per class function, never per bound method:
+    a cache keyed on `model.forward` holds the model, and kept every edited copy alive (~1 GB per LLM run)."""
+    function = getattr(forward, "__func__", None)
+    return _signature_keys(function) if function is not None else _signature_keys.__wrapped__(forward)
+
+
+@lru_cache(maxsize=256)
+def _signature_keys(function) -> frozenset[str] | None:
+    parameters = inspect.signature(function).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return None
     return frozenset(p.name for p in parameters)

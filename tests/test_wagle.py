@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import helpers as H
 import pytest
 import torch
@@ -192,3 +195,15 @@ def test_bad_requests_fail_with_clear_errors():
     with pytest.raises(SafeEditError, match="unknown mask"):
         parse_method("npo+fisher")
     assert parse_method("npo") == ("npo", None) and parse_method("graddiff+wagle") == ("graddiff", "wagle")
+
+
+def test_unlearned_copy_is_freed_once_dropped():
+    # Regression: a signature cache keyed on the bound `forward` kept every edited copy alive (~1 GB per run on
+    # SmolLM2; a long benchmark process was OOM-killed).
+    tok, model = tokenizer(), llama()
+    edited, _ = lm_unlearn(model, tok, FORGET, RETAIN, "npo+wagle", LMUnlearnOptions(epochs=1, batch_size=2),
+                           seed=0, progress=False)
+    alive = weakref.ref(edited)
+    del edited
+    gc.collect()
+    assert alive() is None
