@@ -194,11 +194,12 @@ def run(args: argparse.Namespace) -> None:
                     result = evaluate(original, split)
                     state.add({"protocol": "authors", "phase": "ref", "split": split, "method": "original",
                                "lr": None, **result.metrics, "ratios": result.forget_ratios.tolist(), "wall_s": None})
+        # Rows any worker has measured (a worker's share of methods depends on --methods and --workers).
+        measured = {State.key(r): r for r in load_rows(sorted(args.results.glob("wagle-w[0-9]*.json")))[0]}
         if not args.no_tune:
             # The tuning split's reference ratios and the original's utility there, from any worker's state (a
             # restarted worker does not evaluate them again), else evaluated now.
-            stored, _ = load_rows(sorted(args.results.glob("wagle-w[0-9]*.json")))
-            found = {r["method"]: r for r in stored
+            found = {r["method"]: r for r in measured.values()
                      if r["protocol"] == "authors" and r["phase"] == "ref" and r["split"] == args.tune_split}
             if "retrain_seed0" in found and "original" in found:
                 dev_ratios = np.array(found["retrain_seed0"]["ratios"])
@@ -210,7 +211,8 @@ def run(args: argparse.Namespace) -> None:
                 original_dev_utility = evaluate(original, args.tune_split).metrics["model_utility"]
 
         def authors_run(split: int, method: str, lr: float, phase: str, seed: int) -> dict:
-            found = state.get(protocol="authors", phase=phase, split=split, method=method, lr=lr, seed=seed)
+            key = {"protocol": "authors", "phase": phase, "split": split, "method": method, "lr": lr, "seed": seed}
+            found = state.get(**key) or measured.get(State.key(key))  # or another worker measured it
             if found is not None:
                 return found
             check_time()
@@ -354,7 +356,7 @@ def authors_table(rows: list[dict], meta: dict, rates: dict[str, float]) -> tupl
     for entries in table.values():
         for r in entries:
             r["gap_to_retrain"] = statistics.mean(abs(r[m] - by[first][m]) for m in GAP_METRICS)
-    lines = [f"{'row':26s}{'lr':>7s}" + "".join(f"{c:>20s}" for c in COLUMNS)
+    lines = [f"{'row':29s}{'lr':>7s}" + "".join(f"{c:>20s}" for c in COLUMNS)
              + f"{'FQ median':>11s}{'MU/orig':>9s}{'gap':>7s}{'wall s':>8s}"]
     original_utility = by["original"]["model_utility"]
     for label, entries in table.items():
@@ -366,7 +368,7 @@ def authors_table(rows: list[dict], meta: dict, rates: dict[str, float]) -> tupl
         share = statistics.mean(r["model_utility"] for r in entries) / original_utility
         if entries[0]["phase"] == "report" and len(entries) < len(meta["seeds"]):
             label = f"{label} ({len(entries)} seed{'s' * (len(entries) > 1)})"
-        lines.append(f"{label:26s}{f'{lr:.0e}' if lr else '':>7s}{cells}"
+        lines.append(f"{label:29s}{f'{lr:.0e}' if lr else '':>7s}{cells}"
                      f"{f'{statistics.median(fq):.3g}' if fq else '-':>11s}{share:>9.1%}"
                      f"{statistics.mean(r['gap_to_retrain'] for r in entries):>7.3f}"
                      f"{f'{statistics.median(walls):.0f}' if walls else '-':>8s}")
@@ -398,14 +400,14 @@ def tuning_table(rows: list[dict], meta: dict, rates: dict[str, float]) -> list[
     original = next(r for r in rows if r["protocol"] == "authors" and r["phase"] == "ref"
                     and r["split"] == meta["tune_split"] and r["method"] == "original")
     lrs = sorted(meta["lrs"])
-    lines = [f"{'row':26s}" + "".join(f"{f'FQ @ {lr:.0e}':>14s}{f'MU @ {lr:.0e}':>14s}" for lr in lrs)
+    lines = [f"{'row':29s}" + "".join(f"{f'FQ @ {lr:.0e}':>14s}{f'MU @ {lr:.0e}':>14s}" for lr in lrs)
              + f"{'chosen':>9s}"]
     for method in rates:
         by_lr = {r["lr"]: r for r in rows if r["protocol"] == "authors" and r["phase"] == "tune"
                  and r["method"] == method}
         cells = "".join(f"{by_lr[lr]['forget_quality']:>14.3g}"
                         f"{by_lr[lr]['model_utility'] / original['model_utility']:>14.1%}" for lr in lrs)
-        lines.append(f"{method:26s}{cells}{rates[method]:>9.0e}")
+        lines.append(f"{method:29s}{cells}{rates[method]:>9.0e}")
     return lines
 
 
@@ -527,35 +529,38 @@ def plot(paths: list[Path], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows, meta = load_rows(paths)
-    rates = tuned_rates(rows, meta)
-    _, table = authors_table(rows, meta, rates or {method: UNTUNED_LR for method in reported_methods(rows)})
-    original = table["original"][0]["model_utility"]
-    figure, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
+    panels = [(f"A. lr {UNTUNED_LR:g} for every row, no search",
+               {method: UNTUNED_LR for method in reported_methods(rows)})]
+    if rates := tuned_rates(rows, meta):
+        panels.append((f"B. lr chosen per row on split {meta['tune_split']}", rates))
+    figure, grid = plt.subplots(len(panels), 3, figsize=(13, 4 * len(panels)), sharey=True, squeeze=False)
     markers = {"": "o", "random": "x", "magnitude": "s", "saliency": "^", "wagle": "*"}
     colors = {"": "tab:blue", "random": "tab:orange", "magnitude": "tab:brown", "saliency": "tab:red",
               "wagle": "tab:green"}
-    for axis, objective in zip(axes, OBJECTIVES, strict=True):
-        for mask, marker in markers.items():
-            entries = table.get(method_name(objective, mask), [])
-            if entries:
-                axis.scatter([r["model_utility"] / original for r in entries],
-                             [max(r["forget_quality"], 1e-12) for r in entries], marker=marker,
-                             color=colors[mask], s=90 if mask == "wagle" else 40, label=mask or "no mask")
-        for label, marker in (("original", "P"), ("retrain (other seed)", "D")):
-            entries = table.get(label, [])
-            if entries:
-                axis.scatter([r["model_utility"] / original for r in entries],
-                             [max(r["forget_quality"], 1e-12) for r in entries], marker=marker, color="grey",
-                             label=label)
-        axis.axhline(0.05, color="grey", lw=0.8, ls="--")
-        axis.axvline(0.95, color="grey", lw=0.8, ls=":")
-        axis.set_yscale("log")
-        axis.set_title(objective)
-        axis.set_xlabel("model utility / original's")
-    axes[0].set_ylabel("forget quality (KS p-value, log)")
-    axes[1].legend(fontsize=7)
-    figure.suptitle("Fictitious authors, forget 10%: one point per unlearning seed ("
-                    + ("learning rates chosen on the tuning split)" if rates else f"lr {UNTUNED_LR:g}, no search)"))
+    for axes, (title, panel_rates) in zip(grid, panels, strict=True):
+        _, table = authors_table(rows, meta, panel_rates)
+        original = table["original"][0]["model_utility"]
+        for axis, objective in zip(axes, OBJECTIVES, strict=True):
+            for mask, marker in markers.items():
+                entries = table.get(method_name(objective, mask), [])
+                if entries:
+                    axis.scatter([r["model_utility"] / original for r in entries],
+                                 [max(r["forget_quality"], 1e-12) for r in entries], marker=marker,
+                                 color=colors[mask], s=90 if mask == "wagle" else 40, label=mask or "no mask")
+            for label, marker in (("original", "P"), ("retrain (other seed)", "D")):
+                entries = table.get(label, [])
+                if entries:
+                    axis.scatter([r["model_utility"] / original for r in entries],
+                                 [max(r["forget_quality"], 1e-12) for r in entries], marker=marker, color="grey",
+                                 label=label)
+            axis.axhline(0.05, color="grey", lw=0.8, ls="--")
+            axis.axvline(0.95, color="grey", lw=0.8, ls=":")
+            axis.set_yscale("log")
+            axis.set_title(f"{title}: {objective}", fontsize=9)
+            axis.set_xlabel("model utility / original's")
+        axes[0].set_ylabel("forget quality (KS p-value, log)")
+        axes[1].legend(fontsize=7)
+    figure.suptitle("Fictitious authors, forget 10% (report split): one point per unlearning seed")
     figure.tight_layout()
     figure.savefig(out, dpi=110)
 
