@@ -1,10 +1,9 @@
 """WAGLE benchmark: {GradDiff, NPO, refusal} × {no mask, random, magnitude, saliency, WAGLE} on fictitious authors
 (forget 10%), against the original and the retrained reference; and the real-knowledge (capitals) protocol.
 
-    # two processes of one thread each share the rows (2 CPU cores; ~3 h the first time); rerun each worker until
-    # it prints "done in" (it stops between runs past --max-rss-gb and at --deadline, and resumes from its state):
+    # two processes of one thread each share the rows (2 CPU cores; ~3 h the first time; resumable):
     for w in 0 1; do .venv/bin/python benchmarks/wagle.py --workers 2 --worker $w --protocols authors \
-        --lrs 3e-5 1e-4 --max-rss-gb 7.5 & done; wait
+        --lrs 3e-5 1e-4 & done; wait
     for w in 0 1; do .venv/bin/python benchmarks/wagle.py --workers 2 --worker $w --protocols capitals \
         --objectives npo --masks "" random wagle --lrs 3e-6 1e-5 & done; wait
     .venv/bin/python benchmarks/wagle.py --summary   # print the tables of benchmarks/results/wagle-*w*.json, plot
@@ -31,11 +30,10 @@ rerun, so the run can be stopped (`--deadline` minutes) and resumed.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
 import statistics
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -102,19 +100,6 @@ class OutOfTime(Exception):
     pass
 
 
-class OutOfMemory(Exception):
-    """The process passed --max-rss-gb between runs: memory grows by ~1 GB per unlearning run in one long process
-    (not diagnosed), so the worker stops cleanly and is restarted; its state file resumes it."""
-
-
-def resident_gb() -> float:
-    """This process's resident memory (Linux /proc; 0 where unavailable)."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
 def choose_authors_lr(rows: list[dict], original_utility: float) -> float:
     keeping = [r for r in rows if r["model_utility"] >= 0.95 * original_utility]
     if keeping:
@@ -137,8 +122,6 @@ def run(args: argparse.Namespace) -> None:
     def check_time() -> None:
         if args.deadline and time.perf_counter() - started > args.deadline * 60:
             raise OutOfTime
-        if args.max_rss_gb and resident_gb() > args.max_rss_gb:
-            raise OutOfMemory
 
     def mine(items: list) -> list:
         return items[args.worker::args.workers]
@@ -154,8 +137,7 @@ def run(args: argparse.Namespace) -> None:
                           "questions": args.questions, "retain_questions": args.retain_questions,
                           "max_new_tokens": args.max_new_tokens, "seeds": args.seeds, "tune_split": args.tune_split,
                           "report_split": args.report_split, "reference_seeds": args.reference_seeds,
-                          "capitals_forget": args.capitals_forget,
-                          **{k: v for k, v in state.data["meta"].items() if k.startswith("chosen")}}
+                          "capitals_forget": args.capitals_forget}
     unlearn_options = LMUnlearnOptions(epochs=args.epochs, mask_ratio=args.mask_ratio, batch_size=4)
 
     if "authors" in args.protocols:
@@ -199,8 +181,7 @@ def run(args: argparse.Namespace) -> None:
         if not args.no_tune:
             # The tuning split's reference ratios and the original's utility there, from any worker's state (a
             # restarted worker does not evaluate them again), else evaluated now.
-            found = {r["method"]: r for r in measured.values()
-                     if r["protocol"] == "authors" and r["phase"] == "ref" and r["split"] == args.tune_split}
+            found = reference_rows(measured.values(), args.tune_split)
             if "retrain_seed0" in found and "original" in found:
                 dev_ratios = np.array(found["retrain_seed0"]["ratios"])
                 original_dev_utility = found["original"]["model_utility"]
@@ -228,21 +209,19 @@ def run(args: argparse.Namespace) -> None:
             # for every row from the stored truth ratios against the reference it names.
             result = evaluate(edited, split, dev_ratios if phase == "tune" else None)
             del edited
-            gc.collect()  # a long run of 135M-parameter copies otherwise grows the heap (seen: an OOM kill)
             row = {"protocol": "authors", "phase": phase, "split": split, "method": method, "lr": lr, "seed": seed,
                    **result.metrics, "ratios": result.forget_ratios.tolist(), "wall_s": wall}
             state.add(row)
             return row
 
         methods = mine(args.methods or [method_name(o, m) for o in args.objectives for m in MASKS if m in args.masks])
-        chosen = state.data["meta"].setdefault("chosen_lr_authors", {})
+        chosen = {}  # the summary derives the same choice from the stored tuning rows
         for method in methods:
             if args.no_tune:
                 chosen[method] = args.lrs[0]
                 continue
             rows = [authors_run(args.tune_split, method, lr, "tune", args.tune_split) for lr in args.lrs]
             chosen[method] = choose_authors_lr(rows, original_dev_utility)
-            state.save()
         for seed in args.seeds:
             for method in methods:
                 authors_run(args.report_split, method, chosen[method], "report", seed)
@@ -291,11 +270,10 @@ def run(args: argparse.Namespace) -> None:
             return row
 
         methods = mine([method_name(o, m) for o in args.objectives for m in CAPITAL_MASKS if m in args.masks])
-        chosen = state.data["meta"].setdefault("chosen_lr_capitals", {})
+        chosen = {}  # the summary derives the same choice from the stored tuning rows
         for method in methods:
             rows = [capitals_run(args.tune_split, method, lr, "tune") for lr in args.lrs]
             chosen[method] = choose_capitals_lr(rows, originals[args.tune_split])
-            state.save()
         for split in args.seeds:
             for method in methods:
                 capitals_run(split, method, chosen[method], "report")
@@ -320,6 +298,11 @@ def load_rows(paths: list[Path]) -> tuple[list[dict], dict]:
     return list(rows.values()), meta
 
 
+def reference_rows(rows: Iterable[dict], split: int) -> dict[str, dict]:
+    """The authors reference rows (original, retrain_seed<k>) of `split`, by method."""
+    return {r["method"]: r for r in rows if r["protocol"] == "authors" and r["phase"] == "ref" and r["split"] == split}
+
+
 def _stats(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
@@ -335,7 +318,7 @@ def authors_table(rows: list[dict], meta: dict, rates: dict[str, float]) -> tupl
     first reference seed."""
     split = meta["report_split"]
     first, second = (f"retrain_seed{s}" for s in meta["reference_seeds"][:2])
-    by = {r["method"]: r for r in rows if r["protocol"] == "authors" and r["phase"] == "ref" and r["split"] == split}
+    by = reference_rows(rows, split)
     reference = np.array(by[first]["ratios"])
     table: dict[str, list[dict]] = {}
     for name, label in (("original", "original"), (first, "retrain"), (second, "retrain (other seed)")):
@@ -380,12 +363,16 @@ def reported_methods(rows: list[dict]) -> list[str]:
     return [m for m in (method_name(o, k) for o in OBJECTIVES for k in MASKS) if m in found]
 
 
+def untuned_rates(rows: list[dict]) -> dict[str, float]:
+    """Table A: every reported method at the rate set before any measurement."""
+    return {method: UNTUNED_LR for method in reported_methods(rows)}
+
+
 def tuned_rates(rows: list[dict], meta: dict) -> dict[str, float]:
     """The rate the tuning rule picks for every reported method on the tuning split; empty unless every reported
     method has a tuning row at every rate of the search (a partial search is not an equal budget)."""
     tuning = [r for r in rows if r["protocol"] == "authors" and r["phase"] == "tune"]
-    original = next((r for r in rows if r["protocol"] == "authors" and r["phase"] == "ref"
-                     and r["split"] == meta["tune_split"] and r["method"] == "original"), None)
+    original = reference_rows(rows, meta["tune_split"]).get("original")
     rates: dict[str, float] = {}
     for method in reported_methods(rows):
         mine = [r for r in tuning if r["method"] == method]
@@ -397,8 +384,7 @@ def tuned_rates(rows: list[dict], meta: dict) -> dict[str, float]:
 
 def tuning_table(rows: list[dict], meta: dict, rates: dict[str, float]) -> list[str]:
     """Split-0 search: forget quality (against split 0's own reference) and utility share per rate."""
-    original = next(r for r in rows if r["protocol"] == "authors" and r["phase"] == "ref"
-                    and r["split"] == meta["tune_split"] and r["method"] == "original")
+    original = reference_rows(rows, meta["tune_split"])["original"]
     lrs = sorted(meta["lrs"])
     lines = [f"{'row':29s}" + "".join(f"{f'FQ @ {lr:.0e}':>14s}{f'MU @ {lr:.0e}':>14s}" for lr in lrs)
              + f"{'chosen':>9s}"]
@@ -415,7 +401,6 @@ def summary(paths: list[Path]) -> str:
     rows, meta = load_rows(paths)
     lines = [f"WAGLE benchmark ({meta.get('device', '?')}, torch {meta.get('torch', '?')})"]
     if any(r["protocol"] == "authors" and r["phase"] == "report" for r in rows):
-        untuned = {method: UNTUNED_LR for method in reported_methods(rows)}
         lines += ["", f"Fictitious authors: forget 10% ({meta['authors'] // 10} of {meta['authors']} authors, "
                       f"{meta['questions'] * meta['authors'] // 10} questions), report split {meta['report_split']}, "
                       f"unlearning seeds {meta['seeds']}: "
@@ -426,7 +411,7 @@ def summary(paths: list[Path]) -> str:
                   f"retain questions evaluated {meta['retain_questions']}, greedy answers of "
                   f"{meta['max_new_tokens']} tokens; wall s = median unlearning time (masked rows include scoring); "
                   "gap = mean |Δ| to the reference over truth ratio, ROUGE-L and MIA AUC on the forget set."]
-        table_lines, table = authors_table(rows, meta, untuned)
+        table_lines, table = authors_table(rows, meta, untuned_rates(rows))
         lines += ["", f"A. No search: learning rate {UNTUNED_LR:g} for every row (the scenario's value, set before "
                       "any measurement)", *table_lines, *targets(table)]
         rates = tuned_rates(rows, meta)
@@ -530,7 +515,7 @@ def plot(paths: list[Path], out: Path) -> None:
 
     rows, meta = load_rows(paths)
     panels = [(f"A. lr {UNTUNED_LR:g} for every row, no search",
-               {method: UNTUNED_LR for method in reported_methods(rows)})]
+               untuned_rates(rows))]
     if rates := tuned_rates(rows, meta):
         panels.append((f"B. lr chosen per row on split {meta['tune_split']}", rates))
     figure, grid = plt.subplots(len(panels), 3, figsize=(13, 4 * len(panels)), sharey=True, squeeze=False)
@@ -592,8 +577,6 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--finetune-epochs", type=int, default=FINETUNE.epochs)
     parser.add_argument("--deadline", type=float, default=None, help="minutes; stop cleanly (resumable) after it")
-    parser.add_argument("--max-rss-gb", type=float, default=None,
-                        help="stop cleanly (resumable) between runs once the process holds more memory than this")
     args = parser.parse_args()
     args.finetune = FINETUNE.model_copy(update={"epochs": args.finetune_epochs})
     prefix = "wagle" if "authors" in args.protocols else "wagle-capitals"  # separate runs of capitals alone
@@ -603,8 +586,6 @@ def main() -> None:
             run(args)
         except OutOfTime:
             print("deadline reached; rerun the same command to resume", flush=True)
-        except OutOfMemory:
-            print(f"memory limit reached ({resident_gb():.1f} GB); rerun the same command to resume", flush=True)
         return
     paths = sorted(args.results.glob("wagle-*w[0-9]*.json"), key=lambda p: ("capitals" in p.name, p.name))
     text = summary(paths)
