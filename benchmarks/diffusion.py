@@ -62,7 +62,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     entry = EMBEDDED_DIFFUSION["digits-ddpm"]
-    original, weights = entry.load(progress=True)
+    original, weights, _ = entry.load(progress=True)
     judge = load_model("digits-cnn", progress=False).model.eval()
     train, test = load_data("digits:train"), load_data("digits:test")
     split = split_forget(train, ForgetRequest(kind="class", label=FORGET_CLASS))

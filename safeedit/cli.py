@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
+import traceback
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -17,6 +19,7 @@ from safeedit.attribution import SCORES, compute_scores, get_score
 from safeedit.errors import SafeEditError
 from safeedit.io import load_safetensors, save_safetensors, sha256_file
 from safeedit.masks import SCOPES, Mask
+from safeedit.progress import configure as configure_output
 
 ROLE_HELP = {
     "forget": "data to forget (saliency, wagle)",
@@ -70,15 +73,48 @@ def _add_attribution_arguments(parser: argparse.ArgumentParser, scores_optional:
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     run.add_argument("--threads", type=int, help="torch CPU threads (small models run fastest with 1)")
     run.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code (off by default)")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 3, 130, 141
+EXIT_CODES_HELP = """exit status:
+  0    success (for `run`: the verdict is PASS, or the scenario declares no criteria)
+  1    a FAIL verdict (`run`), or a mismatch (`verify`)
+  2    a user error: bad arguments, input or configuration (one line on stderr names the problem and the fix)
+  3    an internal error (a bug; -v prints the traceback)
+  130  interrupted (Ctrl-C); nothing partial is left under a final name
+  141  the reader of stdout went away (e.g. `| head`)"""
+
+
+def _shared_options() -> argparse.ArgumentParser:
+    """Options every command takes, before or after the command name."""
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress output, no library progress bars or warnings")
+    shared.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debugging output: library logs, and the traceback of any error")
+    return shared
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from safeedit import __version__
+
+    shared = _shared_options()
     parser = argparse.ArgumentParser(
         prog="safeedit",
         description="Find the weights responsible for data, concepts or behaviour, and edit only those.",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[shared],
     )
+    parser.add_argument("--version", action="version", version=f"safeedit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_parser = commands.add_parser
+
+    def add_command(name: str, **kwargs) -> argparse.ArgumentParser:
+        """A subcommand that takes the shared options and shows the exit codes in its help."""
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs["epilog"] = (kwargs.get("epilog", "") + "\n\n" + EXIT_CODES_HELP).strip()
+        return add_parser(name, parents=[shared], **kwargs)
+
+    commands.add_parser = add_command
 
     scores = commands.add_parser(
         "scores",
@@ -120,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("scenario", help="a scenario YAML file, e.g. scenarios/digits-forget-class.yaml")
     run.add_argument("--out", help="output folder (default runs/<scenario name>)")
-    run.add_argument("--quiet", action="store_true", help="no progress output")
     run.add_argument("--no-pdf", action="store_true", help="write the HTML report only (no Chromium needed)")
+    run.add_argument("--json", action="store_true", help="print a machine-readable summary (verdict, criteria, "
+                     "metrics, paths) on stdout; the human-readable lines go to stderr")
     run.set_defaults(func=cmd_run)
 
     merge = commands.add_parser(
@@ -177,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
     inspect.set_defaults(func=cmd_inspect)
+
+    zoo = commands.add_parser(
+        "zoo", help="list the embedded models, or train one again here from its recipe",
+        description="The embedded models ship inside the package (safetensors, SHA-256 in a manifest), so every "
+        "machine starts from the same weights. `zoo train NAME` trains NAME again on this machine from its recipe "
+        "and seed (cached under $SAFEEDIT_CACHE/zoo/) and says whether the bytes equal the shipped ones (another "
+        "CPU's kernels usually give other bytes); a scenario uses that training with `weights: trained`.",
+    )
+    zoo.add_argument("action", choices=("list", "train"))
+    zoo.add_argument("name", nargs="?", help="the model to train (see `safeedit zoo list`)")
+    zoo.add_argument("--ship", action="store_true", help="developers: make this training the shipped copy")
+    zoo.set_defaults(func=cmd_zoo)
     return parser
 
 
@@ -339,17 +388,35 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     record_path = run_scenario(args.scenario, args.out, progress=not args.quiet)
     record = json.loads(record_path.read_text())
-    _print_results(record["results"], record["kind"])
+    human = sys.stderr if args.json else sys.stdout
+    _print_results(record["results"], record["kind"], human)
     pdf = not args.no_pdf and find_chromium() is not None
     if not args.no_pdf and not pdf:
         print("no Chromium found, so no PDF (sudo apt-get install chromium); the HTML report has the same content",
               file=sys.stderr)
     files = write_report(record_path, pdf=pdf)
-    print(_verdict_line(record["verdict"]))
-    print(f"record: {record_path}")
+    print(_verdict_line(record["verdict"]), file=human)
+    print(f"record: {record_path}", file=human)
     if files.pdf:
-        print(f"report (PDF): {files.pdf}")
-    print(f"report: {files.html}")
+        print(f"report (PDF): {files.pdf}", file=human)
+    print(f"report: {files.html}", file=human)
+    if args.json:
+        print(json.dumps(_run_summary(record, record_path, files), indent=2))
+    return EXIT_FAIL if record["verdict"]["passed"] is False else EXIT_OK
+
+
+def _run_summary(record: dict, record_path, files) -> dict:
+    """What `run --json` prints: the verdict, each criterion, every result's metrics and the files written."""
+    return {
+        "scenario": record["scenario"]["name"], "kind": record["kind"],
+        "verdict": {"passed": record["verdict"]["passed"], "criteria": [
+            {key: row[key] for key in ("check", "measured", "threshold", "passed")}
+            for row in record["verdict"]["criteria"]]},
+        "metrics": {name: entry["metrics"]["after"] for name, entry in record["results"].items()},
+        "paths": {"folder": str(record_path.parent), "record": str(record_path), "report_html": str(files.html),
+                  "report_pdf": str(files.pdf) if files.pdf else None,
+                  "outputs": [entry["path"] for entry in record["outputs"]]},
+    }
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -417,8 +484,9 @@ def cmd_verify(args: argparse.Namespace) -> None:
     for problem in result.problems:
         print(f"MISMATCH {problem}")
     if not result.ok:
-        raise SystemExit(1)
+        return EXIT_FAIL
     print(f"verified {result.record_path}: " + ", ".join(result.checked))
+    return EXIT_OK
 
 
 def cmd_keygen(args: argparse.Namespace) -> None:
@@ -429,17 +497,18 @@ def cmd_keygen(args: argparse.Namespace) -> None:
           f"{key_fingerprint(load_public_key(public))})")
 
 
-def _print_results(results: dict, kind: str) -> None:
+def _print_results(results: dict, kind: str, file=None) -> None:
     from safeedit.report.texts import headline_metrics
 
+    print_ = functools.partial(print, file=file or sys.stdout)
     measured = {m for entry in results.values() for m in entry["metrics"]["after"]}
     columns = headline_metrics(kind, measured) or ("ua", "ra", "ta", "mia_efficacy", "gap_to_retrain")
-    print(f"{'method':16s}" + "".join(f"{c[:19]:>20s}" for c in columns) + f"{'wall s':>9s}")
+    print_(f"{'method':16s}" + "".join(f"{c[:19]:>20s}" for c in columns) + f"{'wall s':>9s}")
     for name, entry in results.items():
         after = entry["metrics"]["after"]
         cells = "".join(f"{after[c]:20.3f}" if after.get(c) is not None else f"{'-':>20s}" for c in columns)
         wall = entry.get("wall_time_s")
-        print(f"{name:16s}{cells}{wall if wall is None else round(wall, 1)!s:>9}")
+        print_(f"{name:16s}{cells}{wall if wall is None else round(wall, 1)!s:>9}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -468,17 +537,64 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(f"  overlap with {args.compare}: Jaccard {result['jaccard']:.3f}")
 
 
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from safeedit.models.shipped import folder_hashes, manifest, ship, zoo_entries
+
+    entries, shipped = zoo_entries(), manifest()
+    if args.action == "list":
+        for name, entry in entries.items():
+            files = shipped.get(name, {}).get("files", {})
+            local = entry.trained_folder()
+            state = ("not trained here" if not local.is_dir() else
+                     "trained here: same bytes as shipped" if folder_hashes(local) == files else
+                     "trained here: other bytes than shipped")
+            weights = next((sha for path, sha in files.items() if path.endswith(".safetensors")), None)
+            print(f"{name:26s} {entry.summary}; shipped {weights[:16] + '…' if weights else 'no'}; {state}")
+        return EXIT_OK
+    if args.name not in entries:
+        raise SafeEditError(f"zoo train: give a model name, one of {', '.join(entries)}")
+    entry = entries[args.name]
+    folder = entry.trained_folder()
+    from safeedit.io import atomic_dir
+
+    with atomic_dir(folder) as partial:
+        entry.train(partial, not args.quiet)
+    same = folder_hashes(folder) == shipped.get(args.name, {}).get("files")
+    print(f"trained {args.name} into {folder}: {'the same bytes as' if same else 'other bytes than'} the shipped "
+          "weights" + ("" if same else " (expected on another CPU or kernel set); use it with `weights: trained`"))
+    if args.ship:
+        ship(entry, folder)
+        print(f"shipped: {args.name} now ships this training (commit safeedit/models/shipped/)")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; the exit status follows EXIT_CODES_HELP."""
     args = build_parser().parse_args(argv)
+    args.quiet, args.verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
     try:
-        args.func(args)
+        configure_output(quiet=args.quiet, verbose=args.verbose)
+        status = args.func(args) or EXIT_OK
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not in the interpreter's exit
+        return status
     except SafeEditError as error:
+        if args.verbose:
+            traceback.print_exc()
         print(f"safeedit: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("safeedit: interrupted; nothing partial was written", file=sys.stderr)
-        return 130
-    return 0
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader closed stdout (`| head`): point stdout at /dev/null so the interpreter's final flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
+    except Exception as error:  # a bug: one line, the traceback on request
+        if args.verbose:
+            traceback.print_exc()
+        print(f"safeedit: internal error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+              " (a bug; rerun with -v for the traceback and please report it)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ an edit that recomputed it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import math
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -250,7 +252,31 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch_threads": torch.get_num_threads(),
+        **cpu_numerics(),
     }
+
+
+def cpu_numerics() -> dict[str, Any]:
+    """What decides CPU floating point, so a re-run elsewhere can be judged: the CPU, the kernel set PyTorch
+    dispatches to (AVX512, AVX2, DEFAULT; `ATEN_CPU_CAPABILITY` lowers it), BLAS, and MKL's reproducibility mode."""
+    config = torch.__config__.show()
+    blas = re.search(r"BLAS_INFO=(\w+)", config)
+    return {
+        "cpu_model": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"),
+        "blas": blas.group(1) if blas else "unknown",
+        "mkl_cbwr": os.environ.get("MKL_CBWR"),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+    }
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def _plain(value: Any) -> Any:

@@ -66,11 +66,16 @@ def test_forgetting_objectives_raise_unlearning_accuracy(task, name, options):
 
 
 def test_fine_tune_repairs_retain_loss_after_damage(task):
-    """Start from a model gradient ascent damaged; fine-tuning on retain must bring the retain loss back down."""
+    """Start from a model gradient ascent damaged; fine-tuning on retain must bring the retain loss back down.
+
+    Thresholds by meaning, not by one machine's numbers: the damage is real (retain loss at least 10× the
+    original's; measured ~400×) and fine-tuning undoes most of it (at least 4× lower again; measured ~7× under the
+    AVX-512, AVX2 and default kernel sets alike)."""
     damaged = METHODS["ga"].run(task, METHODS["ga"].options(epochs=3, lr=0.01)).model
     retain = make_loader(task.retain, task.model, None, 256)
-    repaired = METHODS["ft"].run(dataclasses.replace(task, model=damaged), METHODS["ft"].options(epochs=2)).model
-    assert mean_loss(repaired, retain) < 0.5 * mean_loss(damaged, retain)
+    repaired = METHODS["ft"].run(dataclasses.replace(task, model=damaged), METHODS["ft"].options(epochs=3)).model
+    assert mean_loss(damaged, retain) > 10 * mean_loss(task.model, retain)
+    assert mean_loss(repaired, retain) < mean_loss(damaged, retain) / 4
     assert metrics(task, repaired)["ra"] > metrics(task, damaged)["ra"]
 
 

@@ -18,6 +18,7 @@ from safeedit.data import vision_tasks as vision_tasks_module
 from safeedit.data.vision_tasks import VISION_TASKS, stratified_sample, vision_task, vision_tasks
 from safeedit.errors import SafeEditError
 from safeedit.models import vision
+from safeedit.models.shipped import SHIPPED_DIR
 
 TRAIN, TEST = 40, 20  # synthetic Fashion-MNIST sizes
 
@@ -205,8 +206,9 @@ def test_load_refuses_bad_folders(tmp_path):
         vision.load_vision_model(str(tmp_path / "pickled" / "pytorch_model.bin"))
 
 
-def test_embedded_base_is_cached(cache, monkeypatch):
-    """The first use pretrains (here a stand-in) and saves atomically; later uses load without training."""
+def test_embedded_base_is_shipped_and_a_local_pretraining_is_cached(cache, monkeypatch):
+    """By default the shipped base loads (no training); `weights: trained` pretrains here once (a stand-in),
+    saves atomically under the cache, and later uses load without training."""
     calls = []
 
     def stand_in(progress=True):
@@ -215,14 +217,16 @@ def test_embedded_base_is_cached(cache, monkeypatch):
         return transformers.ViTModel(vision.vit_config(), add_pooling_layer=False), {"seconds": 0.0}
 
     monkeypatch.setattr(vision, "pretrain_rotation", stand_in)
-    folder = vision.vision_model_folder()
-    assert folder.parent == cache / "models" and folder.name == f"{vision.VISION_BASE}-{vision.recipe_key()}"
-    first = vision.load_vision_model(vision.VISION_BASE, progress=False)
+    shipped = vision.load_vision_model(vision.VISION_BASE, progress=False)
+    assert calls == [] and vision.vision_model_folder() == SHIPPED_DIR / vision.VISION_BASE
+    folder = vision.ZOO_ENTRY.trained_folder()
+    assert folder.parent == cache / "zoo" and folder.name == f"{vision.VISION_BASE}-{vision.recipe_key()}"
+    first = vision.pretrained_vision_model(progress=False, weights="trained")
     assert calls == [False] and (folder / "model.safetensors").exists()
     assert json.loads((folder / vision.INFO_FILE).read_text()) == {"seconds": 0.0}
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folder left behind
-    second = vision.pretrained_vision_model(progress=False)
-    assert calls == [False] and same_weights(first, second)
+    second = vision.pretrained_vision_model(progress=False, weights="trained")
+    assert calls == [False] and same_weights(first, second) and not same_weights(first, shipped)
 
 
 def test_recipe_change_changes_the_folder(monkeypatch):

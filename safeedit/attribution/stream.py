@@ -16,6 +16,7 @@ from safeedit.attribution.registry import get_score
 from safeedit.attribution.statistics import BatchContext, Tensors
 from safeedit.batches import default_forward, default_loss, to_device
 from safeedit.errors import SafeEditError
+from safeedit.progress import bars_off
 
 LossFunction = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -46,7 +47,7 @@ def _progress(batches: Iterable, description: str, show: bool) -> Iterable:
         total = len(batches)
     except TypeError:  # streaming data sets have no length
         total = None
-    return tqdm(batches, desc=description, total=total, unit="batch", disable=not show, leave=False)
+    return tqdm(batches, desc=description, total=total, unit="batch", disable=bars_off(show), leave=False)
 
 
 def compute_scores(

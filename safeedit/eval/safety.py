@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from safeedit.data.chat import prompt_loader
 from safeedit.data.prompts import ChatExample
 from safeedit.eval.judge import Judge
+from safeedit.progress import bars_off
 
 
 @torch.no_grad()
@@ -30,7 +31,7 @@ def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], m
     answers: list[str] = []
     try:
         loader = prompt_loader(tokenizer, prompts, batch_size)
-        for batch in tqdm(loader, desc=description, unit="batch", disable=not progress, leave=False):
+        for batch in tqdm(loader, desc=description, unit="batch", disable=bars_off(progress), leave=False):
             batch = {key: value.to(device) for key, value in batch.items()}
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)

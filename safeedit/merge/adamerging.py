@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from safeedit.merge.setting import MergeSetting
+from safeedit.progress import bars_off
 
 
 class AdaMergingOptions(BaseModel):
@@ -31,7 +32,7 @@ def adamerging(setting: MergeSetting, options: AdaMergingOptions, progress: bool
     shape = (len(setting.tasks),) if options.granularity == "task" else (len(setting.tasks), len(setting.names))
     coefficients = torch.full(shape, options.init, device=setting.device, requires_grad=True)
     optimizer = torch.optim.Adam([coefficients], lr=options.lr)
-    for _ in tqdm(range(options.steps), desc="adamerging", disable=not progress, leave=False):
+    for _ in tqdm(range(options.steps), desc="adamerging", disable=bars_off(progress), leave=False):
         batches = {task: setting.batch(task) for task in setting.tasks}
         optimizer.zero_grad(set_to_none=True)
         setting.entropy_loss(setting.parameters(coefficients), batches).backward()

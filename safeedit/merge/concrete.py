@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from safeedit.masks import Mask
 from safeedit.merge.gates import ConcreteGates
 from safeedit.merge.setting import MergeSetting
+from safeedit.progress import bars_off
 
 
 class GateOptions(BaseModel):
@@ -31,7 +32,7 @@ def concrete_task_arithmetic(setting: MergeSetting, options: GateOptions, seed: 
     gates = ConcreteGates(setting.shapes(), options.init_logit, device=setting.device)
     optimizer = torch.optim.Adam(gates.parameters(), lr=options.lr)
     coefficients = torch.full((len(setting.tasks),), options.scale, device=setting.device)
-    for _ in tqdm(range(options.steps), desc="concrete task arithmetic", disable=not progress, leave=False):
+    for _ in tqdm(range(options.steps), desc="concrete task arithmetic", disable=bars_off(progress), leave=False):
         batches = {task: setting.batch(task) for task in setting.tasks}
         optimizer.zero_grad(set_to_none=True)
         setting.entropy_loss(setting.parameters(coefficients, gates.sample(generator)), batches).backward()

@@ -28,6 +28,7 @@ from safeedit.masks import Mask
 from safeedit.merge.concrete import GateOptions
 from safeedit.merge.gates import ConcreteGates
 from safeedit.merge.setting import MergeSetting, entropy
+from safeedit.progress import bars_off
 
 
 class DAMOptions(GateOptions):
@@ -81,7 +82,7 @@ def dam(setting: MergeSetting, options: DAMOptions, seed: int, progress: bool = 
     coefficients = torch.full((len(setting.tasks),), options.scale, device=setting.device)
     triggers = {task: setting.encoder.new_delta(generator) for task in setting.tasks}
 
-    for step in tqdm(range(options.steps), desc="dam", disable=not progress, leave=False):
+    for step in tqdm(range(options.steps), desc="dam", disable=bars_off(progress), leave=False):
         batches = {task: setting.batch(task) for task in setting.tasks}
         # 1. task-shared mask M₁, with a first-order meta step on λ
         shared_gates, backdoor_gates = shared.sample(generator), _detached(backdoor.sample(generator))

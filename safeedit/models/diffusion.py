@@ -3,7 +3,7 @@
 The embedded `digits-ddpm` is trained by the project on scikit-learn's 8×8 handwritten digits (train split),
 pixels mapped from [0, 1] to [-1, 1], with classifier-free guidance: the class label is replaced by a null class
 (index `num_classes`) for `p_uncond` of the examples, so sampling can steer with a guidance scale. One intra-op
-thread and a fixed seed give the same weights on every machine; they are cached as safetensors.
+thread and a fixed seed give the same weights on one machine; the package ships them (`safeedit.models.shipped`).
 
 Any diffusers UNet given by path works too: a folder with `config.json` and `diffusion_pytorch_model.safetensors`
 (`UNet2DModel.save_pretrained`), with its scheduler in `scheduler/` or the folder itself (else the default DDPM
@@ -23,8 +23,12 @@ from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
 from safeedit.errors import SafeEditError
-from safeedit.io import cache_dir, load_safetensors, save_safetensors, sha256_file
+from safeedit.io import load_safetensors, save_safetensors, sha256_file
+from safeedit.models.shipped import ZooEntry, embedded_weights, register_zoo
 from safeedit.models.state import load_state_dict_strict
+from safeedit.progress import bars_off
+
+WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass
@@ -115,7 +119,7 @@ def train_diffusion(model: DiffusionModel, images: torch.Tensor, labels: torch.T
     model.unet.train()
     order = torch.randperm(len(images), generator=generator)
     cursor = 0
-    for _ in tqdm(range(recipe.steps), desc=description, unit="step", disable=not progress, leave=False,
+    for _ in tqdm(range(recipe.steps), desc=description, unit="step", disable=bars_off(progress), leave=False,
                   mininterval=2.0):
         if cursor + recipe.batch_size > len(order):
             order, cursor = torch.randperm(len(images), generator=generator), 0
@@ -162,24 +166,26 @@ class EmbeddedDiffusion:
     data: str
     recipe: DiffusionRecipe
 
-    def weights_path(self) -> Path:
-        return cache_dir() / "models" / f"{self.name}-seed{self.recipe.seed}.safetensors"
-
     def build(self) -> DiffusionModel:
         return DiffusionModel(digits_unet(), default_scheduler(), num_classes=10)
 
-    def load(self, progress: bool = True) -> tuple[DiffusionModel, Path]:
-        """The cached model, trained first (single thread, seeded) if not cached."""
-        path = self.weights_path()
-        if not path.is_file():
-            trained = train_embedded(self, progress)
-            save_safetensors(trained.unet.state_dict(), path, {"recipe": json.dumps(self.recipe.__dict__),
-                                                                "data": self.data})
+    def recipe_dict(self) -> dict:
+        return {"model": self.name, "data": self.data, **self.recipe.__dict__}
+
+    def write(self, folder: Path, progress: bool = True) -> None:
+        trained = train_embedded(self, progress)
+        save_safetensors(trained.unet.state_dict(), folder / WEIGHTS_FILE,
+                         {"recipe": json.dumps(self.recipe.__dict__), "data": self.data})
+
+    def load(self, progress: bool = True, weights: str | None = None) -> tuple[DiffusionModel, Path, str]:
+        """The shipped model (`weights` None or 'shipped'), this machine's own training ('trained', single thread,
+        seeded, cached), or a safetensors file of the UNet; with the weights file and that origin."""
+        path, origin = embedded_weights(self.name, weights, progress, WEIGHTS_FILE)
         model = self.build()
         tensors, _ = load_safetensors(path)
         load_state_dict_strict(model.unet, tensors, str(path))
         model.unet.eval()
-        return model, path
+        return model, path, origin
 
 
 def train_embedded(entry: EmbeddedDiffusion, progress: bool) -> DiffusionModel:
@@ -199,26 +205,35 @@ def train_embedded(entry: EmbeddedDiffusion, progress: bool) -> DiffusionModel:
 EMBEDDED_DIFFUSION: dict[str, EmbeddedDiffusion] = {
     "digits-ddpm": EmbeddedDiffusion("digits-ddpm", "digits", DiffusionRecipe()),
 }
+for _entry in EMBEDDED_DIFFUSION.values():
+    register_zoo(ZooEntry(_entry.name, f"class-conditional DDPM trained on {_entry.data}", _entry.recipe_dict,
+                          _entry.write))
 
 
 @dataclass
 class LoadedDiffusion:
     model: DiffusionModel
     files: dict[str, str]  # the weight file's path -> SHA-256 of its bytes, hashed once at load
+    origin: str = "folder"  # shipped | trained | file (embedded models), folder (a diffusers folder)
 
     @property
     def weights_sha256(self) -> str:
         return next(iter(self.files.values()))
 
 
-def load_diffusion(spec: str, num_classes: int | None = None, progress: bool = True) -> LoadedDiffusion:
-    """An embedded diffusion model by name, or a diffusers UNet folder (safetensors only, never pickles)."""
+def load_diffusion(spec: str, num_classes: int | None = None, progress: bool = True,
+                   weights: str | None = None) -> LoadedDiffusion:
+    """An embedded diffusion model by name (`weights`: shipped, trained or a UNet safetensors file), or a
+    diffusers UNet folder (safetensors only, never pickles)."""
     if spec in EMBEDDED_DIFFUSION:
-        model, path = EMBEDDED_DIFFUSION[spec].load(progress)
-        return LoadedDiffusion(model, {str(path): sha256_file(path)})
+        model, path, origin = EMBEDDED_DIFFUSION[spec].load(progress, weights)
+        return LoadedDiffusion(model, {str(path): sha256_file(path)}, origin)
+    if weights is not None:
+        raise SafeEditError(f"weights: applies to embedded diffusion models ({', '.join(EMBEDDED_DIFFUSION)}); "
+                            f"for {spec!r} put the weights in its folder")
     folder = Path(spec)
-    weights = folder / "diffusion_pytorch_model.safetensors"
-    if not (folder / "config.json").is_file() or not weights.is_file():
+    weights_file = folder / "diffusion_pytorch_model.safetensors"
+    if not (folder / "config.json").is_file() or not weights_file.is_file():
         choices = ", ".join(EMBEDDED_DIFFUSION)
         raise SafeEditError(f"{spec}: not an embedded diffusion model ({choices}) nor a diffusers UNet folder with "
                             "config.json and diffusion_pytorch_model.safetensors")
@@ -232,4 +247,5 @@ def load_diffusion(spec: str, num_classes: int | None = None, progress: bool = T
     scheduler_folder = next((f for f in (folder / "scheduler", folder) if (f / "scheduler_config.json").is_file()),
                             None)
     scheduler = DDPMScheduler.from_pretrained(os.fspath(scheduler_folder)) if scheduler_folder else default_scheduler()
-    return LoadedDiffusion(DiffusionModel(unet.eval(), scheduler, classes), {str(weights): sha256_file(weights)})
+    files = {str(weights_file): sha256_file(weights_file)}
+    return LoadedDiffusion(DiffusionModel(unet.eval(), scheduler, classes), files)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from safeedit.batches import to_device
 from safeedit.errors import SafeEditError
+from safeedit.progress import bars_off
 
 MINILM = "all-minilm-l6-v2"
 
@@ -238,7 +239,7 @@ def finetune_task(encoder: Encoder, train: Dataset, num_classes: int, recipe: Fi
     optimizer = torch.optim.AdamW(tuned.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     batches = loader(encoder, train, recipe.batch_size, shuffle=True, seed=seed)
     tuned.train()
-    with tqdm(total=recipe.epochs * len(batches), desc=description, disable=not progress, leave=False) as bar:
+    with tqdm(total=recipe.epochs * len(batches), desc=description, disable=bars_off(progress), leave=False) as bar:
         for _ in range(recipe.epochs):
             for batch in batches:
                 batch = to_device(batch, device)

@@ -28,6 +28,7 @@ class LoadedModel:
     tokenizer: Any = None
     image_processor: Any = None
     files: dict[str, str] = field(default_factory=dict)  # weight file path -> SHA-256 of its bytes
+    origin: str = "folder"  # embedded models: shipped | trained | file; otherwise folder or hub
 
     @property
     def weights_sha256(self) -> str:
@@ -43,10 +44,11 @@ def load_model(
     progress: bool = True,
 ) -> LoadedModel:
     """`spec` is an embedded model name (`digits-cnn`), a folder with `config.json` and safetensors weights, or a
-    hub id. `weights` replaces an embedded model's weights with a safetensors file of the same architecture."""
+    hub id. For an embedded model, `weights` is `shipped` (the default: the bytes the package ships), `trained`
+    (this machine's own training from the recipe) or a safetensors file of the same architecture."""
     if spec in EMBEDDED_MODELS:
-        model, path = EMBEDDED_MODELS[spec].load(progress, Path(weights) if weights is not None else None)
-        return LoadedModel(model.eval(), spec, files={str(path): sha256_file(path)})
+        model, path, origin = EMBEDDED_MODELS[spec].load(progress, weights)
+        return LoadedModel(model.eval(), spec, files={str(path): sha256_file(path)}, origin=origin)
     if weights is not None:
         raise SafeEditError(
             f"--weights applies to embedded models ({', '.join(EMBEDDED_MODELS)}); "
@@ -104,4 +106,5 @@ def _load_transformers(spec: str, dtype: torch.dtype | None, trust_remote_code: 
         with contextlib.suppress(Exception):
             image_processor = transformers.AutoImageProcessor.from_pretrained(spec)
     files = {str(p): sha256_file(p) for p in sorted(Path(spec).glob("*.safetensors"))} if Path(spec).is_dir() else {}
-    return LoadedModel(model.eval(), spec, tokenizer, image_processor, files)
+    return LoadedModel(model.eval(), spec, tokenizer, image_processor, files,
+                       origin="folder" if Path(spec).is_dir() else "hub")

@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from safeedit.batches import default_forward, default_loss, labels_of, logits_of, to_device
+from safeedit.progress import bars_off
 
 
 def train_classifier(
@@ -23,7 +24,7 @@ def train_classifier(
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     model.train()
-    for _ in tqdm(range(epochs), desc=description, unit="epoch", disable=not progress, leave=False):
+    for _ in tqdm(range(epochs), desc=description, unit="epoch", disable=bars_off(progress), leave=False):
         for batch in loader:
             optimizer.zero_grad(set_to_none=True)
             default_loss(model, to_device(batch, device)).backward()

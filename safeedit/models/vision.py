@@ -15,17 +15,14 @@ accuracy is measured on held-out test-split images (all four turns of each).
 Inputs are pixels in [0, 1] as the data sets give them, shaped [N, 1, 28, 28], with no mean / std normalisation
 (the model saves no image processor): callers pass `pixel_values` unchanged.
 
-Reproducible: seed 0 for weights, order and turns, one intra-op thread (float sums in one order on every machine,
-and tiny models train fastest that way). It takes about 70 s on one CPU core (67-76 s measured) (see `RECIPE`); the
-first use trains and saves `save_pretrained(safe_serialization=True)` under
-`$SAFEEDIT_CACHE/models/vit-tiny-mnist-rotation-KEY`, KEY a hash of the config and recipe (so a changed recipe
-retrains), written atomically; later uses load it in about a second. Needs Fashion-MNIST (see
-`safeedit.data.fashion`).
+Shipped: the package carries the pretrained base (`safeedit.models.shipped`), so every machine starts from the
+same bytes. Its recipe stays reproducible on one machine (seed 0 for weights, order and turns, one intra-op thread):
+`safeedit zoo train vit-tiny-mnist-rotation` pretrains it again here in about 70 s on one CPU core (see `RECIPE`;
+needs Fashion-MNIST, see `safeedit.data.fashion`) and saves it under `$SAFEEDIT_CACHE/zoo/`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -40,8 +37,9 @@ from tqdm.auto import tqdm
 
 from safeedit.data.vision_tasks import source_arrays
 from safeedit.errors import SafeEditError
-from safeedit.io import atomic_dir, cache_dir
+from safeedit.models.shipped import ZooEntry, origin_of, register_zoo, zoo_folder
 from safeedit.models.state import check_finite
+from safeedit.progress import bars_off
 
 VISION_BASE = "vit-tiny-mnist-rotation"
 ARCHITECTURE: dict[str, Any] = {
@@ -83,24 +81,35 @@ def vit_config() -> transformers.ViTConfig:
 
 
 def recipe_key() -> str:
-    """Short hash of architecture + recipe: the cache folder changes, so the model retrains, when either does."""
-    text = json.dumps({"architecture": ARCHITECTURE, "recipe": RECIPE}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    """Short hash of architecture + recipe: a local pretraining's folder changes, so it retrains, when either does."""
+    return ZOO_ENTRY.recipe_key()
 
 
-def vision_model_folder() -> Path:
-    return cache_dir() / "models" / f"{VISION_BASE}-{recipe_key()}"
+def write_pretrained(folder: Path, progress: bool = True) -> None:
+    """Pretrain the base and save it into `folder` (save_pretrained, plus what the pretraining measured)."""
+    model, info = pretrain_rotation(progress)
+    model.save_pretrained(folder, safe_serialization=True)
+    (folder / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def pretrained_vision_model(progress: bool = True) -> transformers.ViTModel:
-    """The embedded base, in eval mode: loaded from the cache, pretrained once first (~70 s) if not cached."""
-    folder = vision_model_folder()
-    if not (folder / "model.safetensors").exists():
-        model, info = pretrain_rotation(progress)
-        with atomic_dir(folder) as temporary:
-            model.save_pretrained(temporary, safe_serialization=True)
-            (temporary / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return _from_folder(str(folder), VISION_BASE, progress)
+ZOO_ENTRY = register_zoo(ZooEntry(VISION_BASE, "tiny ViT pretrained by rotation prediction (merging base)",
+                                  lambda: {"architecture": ARCHITECTURE, "recipe": RECIPE}, write_pretrained))
+
+
+def vision_model_folder(weights: str | None = None, progress: bool = True) -> Path:
+    """The shipped base's folder (`weights` None or 'shipped'), or this machine's own pretraining ('trained':
+    `$SAFEEDIT_CACHE/zoo/vit-tiny-mnist-rotation-KEY`, KEY a hash of architecture and recipe, so a changed recipe
+    pretrains again)."""
+    origin = origin_of(weights)
+    if origin is None:
+        raise SafeEditError(f"weights: {weights!r}: the embedded {VISION_BASE} takes shipped or trained; for other "
+                            "weights give their save_pretrained folder as the model")
+    return zoo_folder(ZOO_ENTRY, origin, progress)
+
+
+def pretrained_vision_model(progress: bool = True, weights: str | None = None) -> transformers.ViTModel:
+    """The embedded base, in eval mode: shipped, or pretrained here once (~70 s) and cached."""
+    return _from_folder(str(vision_model_folder(weights, progress)), VISION_BASE, progress)
 
 
 def load_vision_model(spec: str, progress: bool = True) -> transformers.ViTModel:
@@ -182,7 +191,7 @@ def _pretrain(progress: bool) -> tuple[transformers.ViTModel, dict[str, Any]]:
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     generator = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=steps, desc=f"pretraining {VISION_BASE}", disable=not progress)
+    bar = tqdm(total=steps, desc=f"pretraining {VISION_BASE}", disable=bars_off(progress))
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(images), generator=generator)

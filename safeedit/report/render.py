@@ -88,6 +88,11 @@ def _copy_unless_same(source: Path, target: Path) -> Path:
     return target
 
 
+# How a run got its model's weights (record.model.origin).
+ORIGIN_TEXT = {"shipped": "weights shipped with safeedit", "trained": "trained on this machine from the shipped recipe",
+               "file": "weights from a file", "folder": "a model folder", "hub": "a hub model"}
+
+
 def render_html(record: dict[str, Any], record_path: Path, verification, signature: dict | None) -> str:
     """The report page as a string; `verification` is a `verify.Verification` run just before."""
     metrics = _headline(record)
@@ -106,6 +111,7 @@ def render_html(record: dict[str, Any], record_path: Path, verification, signatu
         labels=METRIC_LABELS,
         short={m: short_label(m) for m in metrics},
         reference_rows=REFERENCE_ROWS,
+        ORIGIN_TEXT=ORIGIN_TEXT,
         figures={**all_figures(record, metrics), **_output_images(record, record_path.parent)},
         layer_changes=layer_changes,
         verification=verification,

@@ -123,7 +123,7 @@ def run_classification(scenario: Scenario, path: Path, out: Path, device: torch.
         "inputs": input_entries(path, {"model weights": loaded.files}),
         "outputs": writer.entries,
         "data": data_fingerprints(split, test),
-        "model": {"source": scenario.model.name, "weights_sha256": weights_sha256},
+        "model": {"source": scenario.model.name, "origin": loaded.origin, "weights_sha256": weights_sha256},
         "timings": run_timings(started, evaluation_time, retrain_time),
         "notes": notes,
         "mia_informative": mia_informative,

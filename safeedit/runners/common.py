@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import shlex
-import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,15 +20,11 @@ from safeedit.data.prompts import ChatExample
 from safeedit.io import cache_dir, load_safetensors, save_safetensors, sha256_text
 from safeedit.masks import Mask
 from safeedit.models.state import load_state_dict_strict
+from safeedit.progress import say
 from safeedit.record import environment, file_entry
 
 if TYPE_CHECKING:
     from safeedit.models.lm_training import FinetuneOptions
-
-
-def say(message: str, progress: bool) -> None:
-    if progress:
-        print(f"[safeedit] {message}", file=sys.stderr, flush=True)
 
 
 def common_record(scenario: BaseModel, path: Path, out: Path, device: torch.device) -> dict[str, Any]:

@@ -53,7 +53,7 @@ def run_generation(scenario: GenerationScenario, path: Path, out: Path, device: 
     forget_class = int(scenario.forget.label)
 
     say(f"scenario {scenario.name}: loading diffusion model {scenario.model.name}", progress)
-    loaded = load_diffusion(scenario.model.name, progress=progress)
+    loaded = load_diffusion(scenario.model.name, progress=progress, weights=scenario.model.weights)
     original = loaded.model
     original.unet.to(device)
     judge_loaded = load_model(scenario.judge.name, scenario.judge.weights, progress=progress)
@@ -132,8 +132,9 @@ def run_generation(scenario: GenerationScenario, path: Path, out: Path, device: 
         "inputs": input_entries(path, {"model weights": loaded.files, "judge weights": judge_loaded.files}),
         "outputs": writer.entries,
         "data": data_fingerprints(split, test),
-        "model": {"source": scenario.model.name, "weights_sha256": loaded.weights_sha256,
-                  "judge": scenario.judge.name, "judge_weights_sha256": judge_loaded.weights_sha256,
+        "model": {"source": scenario.model.name, "origin": loaded.origin, "weights_sha256": loaded.weights_sha256,
+                  "judge": scenario.judge.name, "judge_origin": judge_loaded.origin,
+                  "judge_weights_sha256": judge_loaded.weights_sha256,
                   "judge_test_accuracy": judge_test_accuracy},
         "timings": run_timings(started, evaluation_time, retrain_time),
         "notes": notes,

@@ -38,6 +38,7 @@ from safeedit.models.encoders import (
     loader,
     predictions,
 )
+from safeedit.models.shipped import SHIPPED, zoo_entries
 from safeedit.record import write_record
 from safeedit.runners.common import OutputWriter, cached_weights, common_record, input_entries, say
 from safeedit.scenario import MergeScenario
@@ -233,7 +234,9 @@ def run_merging(scenario: MergeScenario, path: Path, out: Path, device: torch.de
         "inputs": input_entries(path, inputs),
         "outputs": writer.entries,
         "data": fingerprints,
-        "model": {"source": scenario.model.name, "modality": scenario.model.modality, "weights_sha256": base_sha,
+        "model": {"source": scenario.model.name, "modality": scenario.model.modality,
+                  "origin": SHIPPED if scenario.model.name in zoo_entries() else "folder or hub",
+                  "weights_sha256": base_sha,
                   "tasks": {n: classes[n] for n in data}},
         "timings": {"total_s": time.perf_counter() - started, "evaluation_s": evaluation_time,
                     "finetune_s": finetune_s},

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from safeedit.batches import to_device
 from safeedit.errors import SafeEditError
 from safeedit.masks import Mask
+from safeedit.progress import bars_off
 from safeedit.unlearn.masked import masked_training
 from safeedit.unlearn.objectives import Objective
 
@@ -55,10 +56,11 @@ def unlearn(
                                     weight_decay=options.weight_decay)
     edited.train()
     with masked_training(edited, mask.to(device), optimizer):
-        for epoch in tqdm(range(options.epochs), desc=description, unit="epoch", disable=not progress, leave=False):
+        epochs = tqdm(range(options.epochs), desc=description, unit="epoch", disable=bars_off(progress), leave=False)
+        for epoch in epochs:
             for phase in objective(epoch):
                 batches = tqdm(phase.loader, desc=f"{description}: {phase.name}", unit="batch",
-                               disable=not progress, leave=False)
+                               disable=bars_off(progress), leave=False)
                 for batch in batches:
                     optimizer.zero_grad(set_to_none=True)
                     loss = phase.loss(edited, to_device(batch, device))
