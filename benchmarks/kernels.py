@@ -30,7 +30,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 KERNELS = ("native", "avx2", "default")
 CLASSIFICATION = ("digits-forget-class", "digits-forget-random", "fashion-forget-class", "fashion-forget-random")
 METRICS = ("ua", "ra", "ta", "mia_efficacy", "gap_to_retrain", "forgetting_accuracy", "retain_accuracy",
-           "frechet_distance")
+           "frechet_distance", "avg_accuracy", "backdoor_asr", "transfer_asr")
 
 
 def run(scenario: str, kernel: str, runs: Path, no_retrain: bool) -> None:
