@@ -113,7 +113,8 @@ def run_merging(scenario: MergeScenario, path: Path, out: Path, device: torch.de
     encoder, files = load_encoder(scenario.model.name, scenario.model.modality, scenario.model.max_length, progress)
     encoder = encoder.to(device)
     base_files = {str(f): sha256_file(f) for f in files}
-    base_sha = sha256_text(json.dumps(base_files, sort_keys=True))
+    # By file name, not path: the same weights hash the same wherever safeedit or the model is installed.
+    base_sha = sha256_text(json.dumps({Path(f).name: digest for f, digest in base_files.items()}, sort_keys=True))
     data = load_tasks(scenario)
     seed, tasks = scenario.seed, scenario.tasks
 
