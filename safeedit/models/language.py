@@ -8,15 +8,20 @@ pulls an unrelated CLI).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import unittest.mock
 from pathlib import Path
 
 import torch
 import transformers
+import transformers.modeling_gguf_pytorch_utils
+from tqdm.auto import tqdm
 
 from safeedit.errors import SafeEditError
 from safeedit.io import atomic_dir, cache_dir
 from safeedit.models.loading import LoadedModel, load_model
+from safeedit.progress import bars_off, say
 
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -41,9 +46,12 @@ def smollm2_folder(progress: bool = True) -> Path:
     if (folder / "model.safetensors").exists():
         return folder
     gguf = smollm2_gguf()
-    if progress:
-        print(f"[safeedit] converting {gguf.name} to fp32 safetensors (once, ~20 s)", flush=True)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    say(f"converting {gguf.name} to fp32 safetensors (once, ~20 s)", progress)
+    # transformers' GGUF reader draws its own tqdm bar, out of reach of its progress-bar switch: give it ours.
+    reader = transformers.modeling_gguf_pytorch_utils
+    with unittest.mock.patch.object(reader, "tqdm", functools.partial(tqdm, disable=bars_off(progress))):
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                                   dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = loaded.config
     if hasattr(config, "quantization_config"):
