@@ -30,7 +30,7 @@ from safeedit.errors import SafeEditError, first_problem
 from safeedit.merge.methods import MERGE_METHODS
 from safeedit.models.encoders import FinetuneRecipe
 from safeedit.models.lm_training import FinetuneOptions
-from safeedit.prune import PRUNE_METHODS
+from safeedit.prune import PRUNE_METHODS, PruningOptions
 from safeedit.unlearn.diffusion import GENERATION_METHODS, DiffusionRetrainOptions
 from safeedit.unlearn.methods import METHODS, RetrainOptions
 from safeedit.unlearn.wagle import LMUnlearnOptions, parse_method
@@ -138,15 +138,6 @@ class PruningOverrides(Strict):
     ratio: float | None = Field(default=None, gt=0, le=1)
     layers: str | None = None
     target: Literal["weights", "update"] | None = None
-
-
-class PruningOptions(Strict):
-    """How much, where, and what a pruning method removes (shared by Antidote and its baselines)."""
-
-    ratio: float = Field(default=0.01, gt=0, le=1, description="share of each output row removed")
-    layers: str = Field(default="linear", description="linear | attention | mlp | lora | a regular expression")
-    target: Literal["weights", "update"] = Field(
-        default="weights", description="weights: zero them; update: reset them to their value before the fine-tune")
 
 
 class AttackSection(Strict):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from safeedit.attribution import compute_scores
@@ -38,6 +39,16 @@ LAYER_SETS: dict[str, str] = {
     "mlp": r"(mlp|feed_forward|ffn)\..*\.weight$",
     "lora": r"lora_[AB]\.[^.]+\.weight$",
 }
+
+
+class PruningOptions(BaseModel):
+    """How much, where, and what a pruning method removes (shared by Antidote and its baselines)."""
+
+    model_config = ConfigDict(extra="forbid")
+    ratio: float = Field(default=0.01, gt=0, le=1, description="share of each output row removed")
+    layers: str = Field(default="linear", description="linear | attention | mlp | lora | a regular expression")
+    target: Literal["weights", "update"] = Field(
+        default="weights", description="weights: zero them; update: reset them to their value before the fine-tune")
 
 
 @dataclass(frozen=True)
