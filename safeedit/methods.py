@@ -18,7 +18,10 @@ Language-model methods are an objective × mask pair named `<objective>+<mask sc
 
 from __future__ import annotations
 
+import functools
+import importlib
 import inspect
+import pkgutil
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,16 +34,22 @@ from torch import nn
 from safeedit.errors import SafeEditError, first_problem
 from safeedit.masks import Mask
 
-# Kinds of method: what a method edits and what its runner hands it.
-KINDS = ("classification", "generation", "llm-unlearning", "pruning", "merge")
+# Kinds of method, each with the module that registers its core methods. On first use the rest of that module's
+# package is imported too, so a new method is one new file in `safeedit/<package>/` (plus its test), registered
+# wherever it is looked up, whatever happened to be imported before.
+KIND_MODULES = {"classification": "safeedit.unlearn.methods", "generation": "safeedit.unlearn.diffusion",
+                "llm-unlearning": "safeedit.unlearn.wagle", "pruning": "safeedit.prune.antidote",
+                "merge": "safeedit.merge.methods"}
+KINDS = tuple(KIND_MODULES)
 
 
 @dataclass
 class EditResult:
-    """What every method returns: the edited model (or, for merges, the merged parameters; `None` for reference
-    rows that edit nothing), its masks by name, and details worth recording (coefficients, counts)."""
+    """What every method returns: the edited model (an `nn.Module`, or the kind's wrapper such as a
+    `DiffusionModel`; for merges the merged parameters instead; neither for reference rows that edit nothing), its
+    masks by name, and details worth recording (coefficients, counts)."""
 
-    model: nn.Module | None = None
+    model: nn.Module | Any = None
     parameters: dict[str, torch.Tensor] | None = None
     masks: dict[str, Mask] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
@@ -60,6 +69,7 @@ class MethodSpec:
     summary: str
     limitations: str
     paper: str | None = None
+    mask_scores: tuple[str, ...] | None = None  # the scores `<name>+<score>` may name; None: every attribution score
 
     def validate(self, given: Mapping[str, Any] | None, where: str = "") -> pydantic.BaseModel:
         """The method's options from `given` (a scenario's mapping); a bad key or value is one line naming it."""
@@ -82,7 +92,8 @@ REGISTRY: dict[str, dict[str, MethodSpec]] = {kind: {} for kind in KINDS}
 
 
 def register_method(kind: str, *, summary: str, limitations: str, paper: str | None = None,
-                    name: str | None = None) -> Callable[[Callable[..., EditResult]], Callable[..., EditResult]]:
+                    name: str | None = None, mask_scores: tuple[str, ...] | None = None,
+                    ) -> Callable[[Callable[..., EditResult]], Callable[..., EditResult]]:
     """Register a method of `kind` (see the module docstring for the signature it must have)."""
     if kind not in REGISTRY:
         raise ValueError(f"unknown method kind {kind!r}; one of {', '.join(KINDS)}")
@@ -95,7 +106,8 @@ def register_method(kind: str, *, summary: str, limitations: str, paper: str | N
         if not (isinstance(options, type) and issubclass(options, pydantic.BaseModel)):
             raise TypeError(f"method {function.__name__}: annotate its options with a pydantic model")
         registered = name or function.__name__
-        REGISTRY[kind][registered] = MethodSpec(kind, registered, function, options, summary, limitations, paper)
+        REGISTRY[kind][registered] = MethodSpec(kind, registered, function, options, summary, limitations, paper,
+                                               mask_scores)
         return function
 
     return decorate
@@ -103,11 +115,20 @@ def register_method(kind: str, *, summary: str, limitations: str, paper: str | N
 
 def methods(kind: str) -> dict[str, MethodSpec]:
     """The registered methods of `kind`, by name, in registration order."""
+    _load(kind)
     return REGISTRY[kind]
 
 
+@functools.cache
+def _load(kind: str) -> None:
+    module = importlib.import_module(KIND_MODULES[kind])
+    package = module.__name__.rpartition(".")[0]
+    for found in pkgutil.iter_modules(importlib.import_module(package).__path__, f"{package}."):
+        importlib.import_module(found.name)
+
+
 def get_method(kind: str, name: str) -> MethodSpec:
-    if name not in REGISTRY[kind]:
+    if name not in methods(kind):
         raise SafeEditError(f"unknown method {name!r}; choose from {', '.join(REGISTRY[kind])}")
     return REGISTRY[kind][name]
 
@@ -125,11 +146,13 @@ def resolve(kind: str, name: str) -> Resolved:
     from safeedit.attribution import SCORES
 
     base, plus, mask_score = name.partition("+")
+    spec = get_method(kind, base)
+    allowed = spec.mask_scores or tuple(sorted(SCORES))
     if plus and not mask_score:
-        raise SafeEditError(f"method {name!r}: name a mask score after '+', one of {', '.join(sorted(SCORES))}")
-    if mask_score and mask_score not in SCORES:
-        raise SafeEditError(f"method {name!r}: unknown mask score {mask_score!r}; one of {', '.join(sorted(SCORES))}")
-    return Resolved(get_method(kind, base), mask_score or None)
+        raise SafeEditError(f"method {name!r}: name a mask score after '+', one of {', '.join(allowed)}")
+    if mask_score and mask_score not in allowed:
+        raise SafeEditError(f"method {name!r}: unknown mask score {mask_score!r}; one of {', '.join(allowed)}")
+    return Resolved(spec, mask_score or None)
 
 
 def check_mask_score(name: str | None) -> str | None:

@@ -2,12 +2,12 @@
 
 from safeedit.prune.antidote import (
     LAYER_SETS,
-    PRUNE_METHODS,
-    PruneMethod,
+    PRUNE_SCORES,
+    PruneSetting,
     PruningOptions,
     layer_patterns,
     prune,
     pruning_mask,
 )
 
-__all__ = ["LAYER_SETS", "PRUNE_METHODS", "PruneMethod", "PruningOptions", "layer_patterns", "prune", "pruning_mask"]
+__all__ = ["LAYER_SETS", "PRUNE_SCORES", "PruneSetting", "PruningOptions", "layer_patterns", "prune", "pruning_mask"]

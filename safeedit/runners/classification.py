@@ -15,6 +15,7 @@ from safeedit.data.forget import split_forget
 from safeedit.errors import SafeEditError
 from safeedit.eval.classification import evaluate_classifier, gap_to_retrain, mia_is_informative
 from safeedit.eval.weights import weight_changes
+from safeedit.methods import get_method
 from safeedit.models import EMBEDDED_MODELS, load_model
 from safeedit.record import write_record
 from safeedit.runners.common import (
@@ -26,7 +27,7 @@ from safeedit.runners.common import (
     say,
 )
 from safeedit.scenario import Scenario
-from safeedit.unlearn.methods import METHODS, REFERENCE_ABOUT, UnlearnTask, retrain
+from safeedit.unlearn.methods import REFERENCE_ABOUT, UnlearnTask, retrain
 
 
 def run_classification(scenario: Scenario, path: Path, out: Path, device: torch.device, progress: bool) -> Path:
@@ -57,8 +58,7 @@ def run_classification(scenario: Scenario, path: Path, out: Path, device: torch.
         evaluation = evaluate_classifier(model, eval_loaders["forget"], eval_loaders["retain"], eval_loaders["test"],
                                          seed=scenario.seed, max_mia_examples=scenario.evaluation.max_mia_examples)
         evaluation_time += time.perf_counter() - start
-        about = REFERENCE_ABOUT.get(name) or {"summary": METHODS[name].summary,
-                                              "limitations": METHODS[name].limitations}
+        about = REFERENCE_ABOUT.get(name) or get_method("classification", name).about
         entry = {"metrics": {"after": evaluation.metrics}, "evidence": evaluation.evidence, "about": about}
         if name not in ("original", "retrain"):
             entry["weight_changes"] = weight_changes(original, model, mask)
@@ -91,9 +91,10 @@ def run_classification(scenario: Scenario, path: Path, out: Path, device: torch.
         writer.save("retrain", reference.state_dict(), None)
 
     for index, (name, method_options) in enumerate(options.items(), 1):
-        say(f"method {index}/{len(options)}: {name} ({METHODS[name].summary})", progress)
+        spec = get_method("classification", name)
+        say(f"method {index}/{len(options)}: {name} ({spec.summary})", progress)
         start = time.perf_counter()
-        output = METHODS[name].run(task, method_options)
+        output = spec.run(task, method_options, scenario.seed, progress)
         wall = time.perf_counter() - start
         result = evaluate(output.model, name, output.mask)
         after = result["metrics"]["after"]

@@ -17,6 +17,7 @@ from safeedit.data.forget import split_forget
 from safeedit.errors import SafeEditError
 from safeedit.eval.generation import generation_metrics, judge_accuracy, sample_grid
 from safeedit.eval.weights import weight_changes
+from safeedit.methods import get_method
 from safeedit.models import load_model
 from safeedit.models.diffusion import (
     EMBEDDED_DIFFUSION,
@@ -36,7 +37,7 @@ from safeedit.runners.common import (
     say,
 )
 from safeedit.scenario import GenerationScenario
-from safeedit.unlearn.diffusion import GENERATION_METHODS, salun_diffusion
+from safeedit.unlearn.diffusion import GenerationTask
 
 REFERENCE_ABOUT = {
     "original": {"summary": "the generator before any edit", "limitations": "Reference only; not a method."},
@@ -82,8 +83,7 @@ def run_generation(scenario: GenerationScenario, path: Path, out: Path, device: 
         metrics, samples[name] = generation_metrics(model, judge, forget_class, real_retain, evaluation.per_class,
                                                     evaluation.sampling_steps, evaluation.guidance, scenario.seed)
         evaluation_time += time.perf_counter() - start
-        about = REFERENCE_ABOUT.get(name) or {"summary": GENERATION_METHODS[name].summary,
-                                              "limitations": GENERATION_METHODS[name].limitations}
+        about = REFERENCE_ABOUT.get(name) or get_method("generation", name).about
         return {"metrics": {"after": metrics}, "about": about, "evidence": None}
 
     writer = OutputWriter(out, scenario.name, loaded.weights_sha256)
@@ -107,9 +107,11 @@ def run_generation(scenario: GenerationScenario, path: Path, out: Path, device: 
         writer.save("retrain", reference.unet.state_dict(), None)
 
     for index, (name, method_options) in enumerate(options.items(), 1):
-        say(f"method {index}/{len(options)}: {name} ({GENERATION_METHODS[name].summary})", progress)
+        spec = get_method("generation", name)
+        say(f"method {index}/{len(options)}: {name} ({spec.summary})", progress)
         start = time.perf_counter()
-        edited, mask = salun_diffusion(original, forget, retain, method_options, scenario.seed, progress, name)
+        output = spec.run(GenerationTask(original, forget, retain), method_options, scenario.seed, progress)
+        edited, mask = output.model, output.mask
         wall = time.perf_counter() - start
         result = evaluate(edited, name)
         if retrain_time:

@@ -1,6 +1,6 @@
 """The LLM unlearning runner: build the setting (fictitious authors or known capitals), run each
-`<objective>[+<mask>]` method on the same model, evaluate with the protocol's metrics, write masks, weights and the
-record.
+`<objective>[+<mask>]` method (registered, kind `llm-unlearning`) on the same model, evaluate with the protocol's
+metrics, write masks, weights and the record.
 
 Fictitious authors: the model to unlearn is the base model fine-tuned on every trained author, the reference the
 same fine-tune on the retain authors only; both are cached (they are the setting, not the method) and recorded as
@@ -29,41 +29,20 @@ from safeedit.eval.qa import authors_metrics, capitals_metrics
 from safeedit.eval.safety import generate_answers
 from safeedit.eval.weights import weight_changes
 from safeedit.io import sha256_file
+from safeedit.methods import resolve
 from safeedit.models.language import load_language_model
 from safeedit.record import write_record
 from safeedit.runners.common import OutputWriter, cached_finetune, common_record, input_entries, say
 from safeedit.scenario import AuthorsSection, CapitalsSection, LMScenario
-from safeedit.unlearn.wagle import lm_unlearn, parse_method
+from safeedit.unlearn.wagle import KIND, LMUnlearnSetting, about
 
 Measured = TypeVar("Measured")
-ABOUT_OBJECTIVE = {
-    "graddiff": "gradient ascent on the forget answers, descent on paired retain answers (GradDiff)",
-    "npo": "negative preference optimization against the frozen original (NPO, β = 0.1) plus the retain NLL",
-    "refusal": "teach a refusal answer to the forget questions, plus the retain NLL",
-}
-ABOUT_MASK = {
-    None: "every weight may change",
-    "wagle": "only the top-r weights by WAGLE attribution |(θ − g_r/γ) ⊙ g_f| change (Jia et al. 2024)",
-    "saliency": "only the top-r weights by forget-gradient saliency |g_f| change",
-    "magnitude": "only the top-r weights by magnitude change",
-    "random": "only a random r of the weights change (the control for the masks)",
-}
-LIMITATIONS = (
-    "Approximate unlearning: the edited model is not proven identical to one never trained on the forget data; "
-    "the evidence is behavioural (answers, answer probabilities, a membership attack) on the questions evaluated "
-    "here, and paraphrased or indirect questions may still recover the facts. Hyper-parameters were chosen on "
-    "other forget sets (benchmarks/wagle.py); another model or request may need them re-tuned.")
 REFERENCE_ABOUT = {
     "original": {"summary": "the model before unlearning", "limitations": "Reference only; not a method."},
     "retrain": {"summary": "the base model fine-tuned on the retain authors only: what exact unlearning would give",
                 "limitations": "One fine-tune on one seed; the retrain-vs-retrain spread is measured in "
                                "benchmarks/wagle.py."},
 }
-
-
-def describe(method: str) -> dict[str, str]:
-    objective, score = parse_method(method)
-    return {"summary": f"{ABOUT_OBJECTIVE[objective]}; {ABOUT_MASK[score]}", "limitations": LIMITATIONS}
 
 
 def retain_subset(items: list[Any], count: int, seed: int) -> list[Any]:
@@ -190,11 +169,13 @@ def run_llm_unlearning(scenario: LMScenario, path: Path, out: Path, device: torc
                            "about": REFERENCE_ABOUT["original"]}
     writer = OutputWriter(out, scenario.name, source_sha)
     for index, (name, method_options) in enumerate(options.items(), 1):
+        resolved = resolve(KIND, name)
         say(f"method {index}/{len(options)}: {name} ({method_options.epochs} epochs, lr {method_options.lr:g}"
-            + (f", mask ratio {method_options.mask_ratio:g})" if "+" in name else ")"), progress)
+            + (f", mask ratio {method_options.mask_ratio:g})" if resolved.mask_score else ")"), progress)
         start = time.perf_counter()
-        edited, mask = lm_unlearn(original, tokenizer, forget_chats, retain_chats, name, method_options,
-                                  scenario.seed, progress)
+        setting = LMUnlearnSetting(original, tokenizer, forget_chats, retain_chats, resolved.mask_score)
+        result = resolved.spec.run(setting, method_options, scenario.seed, progress)
+        edited, mask = result.model, result.mask
         wall = time.perf_counter() - start
         state = edited.state_dict() if name in scenario.weights_to_save() else None
         mask_summary = (writer.save(name, state, mask) if state is not None
@@ -202,10 +183,10 @@ def run_llm_unlearning(scenario: LMScenario, path: Path, out: Path, device: torc
         results[name] = {
             "metrics": {"before": original_metrics, "after": evaluate(edited, name)},
             "wall_time_s": wall, "seed": scenario.seed, "options": method_options.model_dump(),
-            "about": describe(name), "mask": mask_summary,
+            "about": about(resolved), "mask": mask_summary,
             "weight_changes": weight_changes(original, edited, mask),
         }
-        del edited
+        del edited, result
 
     record_path = out / "record.json"
     write_record({

@@ -25,9 +25,9 @@ from safeedit.criteria import verdict
 from safeedit.data.forget import fingerprint
 from safeedit.errors import SafeEditError
 from safeedit.io import save_safetensors, sha256_file, sha256_text
-from safeedit.merge.methods import SUMMARIES, merge
 from safeedit.merge.setting import MergeSetting
 from safeedit.merge.vectors import with_parameters
+from safeedit.methods import methods
 from safeedit.models.encoders import (
     Encoder,
     FinetuneRecipe,
@@ -182,10 +182,12 @@ def run_merging(scenario: MergeScenario, path: Path, out: Path, device: torch.de
     save_safetensors({f"{n}.{k}": v for n, h in heads.items() for k, v in h.state_dict().items()}, heads_path,
                      {"scenario": scenario.name, "what": "per-task linear heads (kept per task, never merged)"})
     writer.add(heads_path, "task heads")
+    specs = methods("merge")
     for index, (name, method_options) in enumerate(options.items(), 1):
         say(f"method {index}/{len(options)}: {name}", progress)
         start = time.perf_counter()
-        outcome = merge(name, method_options, setting, seed, progress)
+        spec = specs[name]
+        outcome = spec.run(setting, method_options, seed, progress)
         wall = time.perf_counter() - start
         start = time.perf_counter()
         if outcome.parameters is None:
@@ -197,9 +199,7 @@ def run_merging(scenario: MergeScenario, path: Path, out: Path, device: torch.de
         evaluation_time += time.perf_counter() - start
         entry: dict[str, Any] = {"metrics": {"after": metrics}, "wall_time_s": wall if name != "individual" else None,
                                  "seed": seed, "options": method_options.model_dump(),
-                                 "about": {"summary": SUMMARIES[name], "limitations": (
-                                     "Measured on the embedded tasks and triggers of this scenario; other triggers, "
-                                     "poison rates or adaptive attackers are not covered.")}}
+                                 "about": spec.about}
         evidence: dict[str, Any] = dict(outcome.details)
         for mask_name, mask in outcome.masks.items():
             evidence[mask_name] = writer.save_mask(mask_name, mask)

@@ -22,8 +22,9 @@ from safeedit.eval.judge import Judge, load_judge, validate_judge
 from safeedit.eval.safety import generate_answers, safety_metrics
 from safeedit.eval.weights import weight_changes
 from safeedit.io import sha256_file
+from safeedit.methods import get_method
 from safeedit.models.language import load_language_model
-from safeedit.prune import PRUNE_METHODS, prune, pruning_mask
+from safeedit.prune import PruneSetting
 from safeedit.record import write_record
 from safeedit.runners.common import OutputWriter, cached_finetune, common_record, input_entries, say
 from safeedit.scenario import SafetyScenario
@@ -99,30 +100,30 @@ def run_safety(scenario: SafetyScenario, path: Path, out: Path, device: torch.de
 
     writer = OutputWriter(out, scenario.name, sha256_file(tuned_path))
     calibration: dict[str, Any] = {}
+
+    def calibration_for(prompts: str) -> Any:  # computed when a method first needs it (its wall time includes it)
+        if prompts not in calibration:
+            examples = data.calibration if prompts == "harmful" else data.benign_calibration
+            calibration[prompts] = calibration_batches(tuned, tokenizer, examples, scenario.evaluation.max_new_tokens)
+        return calibration[prompts]
+
     masks: dict[str, Any] = {}
     aligned_weights = {name: p.detach() for name, p in aligned.named_parameters()}
+    setting = PruneSetting(tuned, before=aligned_weights, calibration=calibration_for)
     for index, (name, method_options) in enumerate(options.items(), 1):
-        spec = PRUNE_METHODS[name]
+        spec = get_method("pruning", name)
         say(f"method {index}/{len(options)}: {name} (ratio {method_options.ratio:g} per row, layers "
             f"{method_options.layers}, target {method_options.target})", progress)
         start = time.perf_counter()
-        if spec.calibration and spec.calibration not in calibration:
-            examples = data.calibration if spec.calibration == "harmful" else data.benign_calibration
-            calibration[spec.calibration] = calibration_batches(tuned, tokenizer, examples,
-                                                                scenario.evaluation.max_new_tokens)
-        reference = aligned_weights if method_options.target == "update" else None
-        mask = pruning_mask(tuned, name, method_options.ratio, method_options.layers,
-                            calibration.get(spec.calibration), scenario.seed, progress, before=reference)
-        pruned = prune(tuned, mask, before=reference)
+        result = spec.run(setting, method_options, scenario.seed, progress)
+        pruned, mask = result.model, result.mask
         wall = time.perf_counter() - start
         metrics = {**evaluate(pruned, name, benign=True), "weights_zeroed": mask.density}
         masks[name] = mask
         state = pruned.state_dict() if name == "antidote" else None
         results[name] = {
             "metrics": {"before": before, "after": metrics}, "wall_time_s": wall, "seed": scenario.seed,
-            "options": method_options.model_dump(), "about": {"summary": spec.summary, "limitations": (
-                "One-shot pruning at a fixed ratio: removing too much also removes the user's task and fluency; "
-                "the harmful score is judged automatically on a held-out prompt set.")},
+            "options": method_options.model_dump(), "about": spec.about,
             "mask": writer.save(name, state, mask) if state is not None else writer.save_mask(name, mask),
             "weight_changes": weight_changes(tuned, pruned, mask),
         }
