@@ -18,24 +18,21 @@ from typing import Any, ClassVar, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from safeedit.attacks.backdoor import TriggerSpec
+from safeedit.config import Strict
 from safeedit.criteria import Criterion, check_names
 from safeedit.data.forget import ForgetRequest
 from safeedit.data.prompts import SafetySizes
 from safeedit.errors import SafeEditError, first_problem
-from safeedit.methods import get_method, resolve
+from safeedit.methods import MethodSpec, get_method, resolve
 from safeedit.models.encoders import FinetuneRecipe
 from safeedit.models.lm_training import FinetuneOptions
 from safeedit.prune import PruningOptions
 from safeedit.unlearn.diffusion import DiffusionRetrainOptions
 from safeedit.unlearn.methods import RetrainOptions
 from safeedit.unlearn.wagle import LMUnlearnOptions
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class Request(Strict):
@@ -88,15 +85,18 @@ class ScenarioCore(Strict):
         """Options every method starts from before its own overrides (e.g. the scenario's `pruning:` section)."""
         return {}
 
+    def method_spec(self, name: str) -> MethodSpec:
+        """The registered method `name` (for `<objective>+<mask>` names, the objective's)."""
+        try:
+            return resolve(self.method_kind, name).spec if self.masked_names else get_method(self.method_kind, name)
+        except SafeEditError as error:
+            raise SafeEditError(f"scenario '{self.name}': {error}") from None
+
     def method_options(self) -> dict[str, BaseModel]:
         """Each method's validated options; an unknown method, mask score or option is one line naming it."""
         options = {}
         for name, given in self.methods.items():
-            try:
-                spec = (resolve(self.method_kind, name).spec if self.masked_names
-                        else get_method(self.method_kind, name))
-            except SafeEditError as error:
-                raise SafeEditError(f"scenario '{self.name}': {error}") from None
+            spec = self.method_spec(name)
             overrides = given.model_dump(exclude_none=True) if isinstance(given, BaseModel) else given or {}
             options[name] = spec.validate({**self.method_defaults(), **overrides}, f"scenario '{self.name}'")
         return options

@@ -8,8 +8,9 @@ and registers with the rest (imported at the end of this module).
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from safeedit.config import Strict
 from safeedit.merge.adamerging import AdaMergingOptions
 from safeedit.merge.adamerging import adamerging as learn_adamerging
 from safeedit.merge.baselines import task_arithmetic as add_task_vectors
@@ -21,19 +22,15 @@ from safeedit.merge.setting import MergeSetting
 from safeedit.methods import EditResult, register_method
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class IndividualOptions(_Strict):
+class IndividualOptions(Strict):
     pass
 
 
-class TaskArithmeticOptions(_Strict):
+class TaskArithmeticOptions(Strict):
     scale: float = Field(default=0.3, ge=0, description="λ in θ₀ + λ Σ τᵢ")
 
 
-class TiesOptions(_Strict):
+class TiesOptions(Strict):
     keep: float = Field(default=0.2, gt=0, le=1, description="share of each task vector kept by magnitude")
     scale: float = Field(default=1.0, ge=0, description="λ applied to the disjoint mean")
 
