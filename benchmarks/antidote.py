@@ -26,9 +26,10 @@ from safeedit.data.prompts import SafetySizes, safety_data
 from safeedit.eval.judge import load_judge, validate_judge
 from safeedit.eval.safety import safety_metrics
 from safeedit.io import sha256_file
+from safeedit.methods import get_method
 from safeedit.models.language import SMOLLM2, load_language_model
 from safeedit.models.lm_training import FinetuneOptions
-from safeedit.prune import PRUNE_METHODS, prune, pruning_mask
+from safeedit.prune import PruneSetting, PruningOptions
 from safeedit.runners.common import cached_finetune
 from safeedit.runners.safety import calibration_batches
 
@@ -78,14 +79,14 @@ def run(args: argparse.Namespace) -> dict:
                 print(json.dumps(rows[-1]), flush=True)
             calibration = {role: calibration_batches(tuned, tokenizer, examples, args.max_new_tokens)
                            for role, examples in (("harmful", data.calibration), ("benign", data.benign_calibration))}
+            setting = PruneSetting(tuned, before=aligned_weights, calibration=calibration.__getitem__)
             for r in args.ratios:
                 for method in METHODS:
                     if (p, seed, method, r) in done:
                         continue
                     start = time.perf_counter()
-                    mask = pruning_mask(tuned, method, r, "linear", calibration.get(PRUNE_METHODS[method].calibration),
-                                        seed, before=aligned_weights)
-                    pruned = prune(tuned, mask, before=aligned_weights)
+                    pruned = get_method("pruning", method).run(
+                        setting, PruningOptions(ratio=r, layers="linear", target="update"), seed, progress=False).model
                     wall = time.perf_counter() - start
                     rows.append({"p": p, "seed": seed, "method": method, "r": r, **evaluate(pruned), "wall_s": wall})
                     print(json.dumps(rows[-1]), flush=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from safeedit.scenario import run_scenario
+from safeedit.runners import run_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results" / "dam.json"

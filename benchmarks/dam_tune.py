@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from safeedit.scenario import run_scenario
+from safeedit.runners import run_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 ADAMERGING_LR = (0.003, 0.01, 0.03, 0.1)

@@ -41,8 +41,9 @@ from safeedit.data import load_data, make_loader
 from safeedit.data.forget import ForgetRequest, split_forget
 from safeedit.errors import SafeEditError
 from safeedit.eval.classification import classification_metrics, gap_to_retrain, mia_is_informative
+from safeedit.methods import methods
 from safeedit.models import EMBEDDED_MODELS, load_model
-from safeedit.unlearn.methods import METHODS, RetrainOptions, UnlearnTask, retrain
+from safeedit.unlearn.methods import RetrainOptions, UnlearnTask, retrain
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHOD_ORDER = ("ft", "ga", "rl", "l1_sparse", "salun")
@@ -257,10 +258,11 @@ class Setting:
         return run
 
     def run(self, method: str, config: dict[str, Any], tag: str = "") -> dict[str, Any]:
-        options = METHODS[method].options(**config)
+        spec = methods("classification")[method]
+        options = spec.options(**config)
         start, cpu = time.perf_counter(), time.process_time()
         try:
-            output = METHODS[method].run(self.task, options)
+            output = spec.run(self.task, options, self.task.seed, self.task.progress)
         except SafeEditError as error:  # a diverged loss: the config is out, not the benchmark
             wall = time.perf_counter() - start
             progress(f"{self.where()} {method:9s} {_short(config)} FAILED: {error}")

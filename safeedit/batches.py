@@ -62,8 +62,10 @@ def labels_of(batch: Any) -> torch.Tensor:
         for key in ("labels", "label"):
             if key in batch:
                 return batch[key]
-        raise SafeEditError(f"the batch has no 'label' or 'labels' (keys: {sorted(batch)})")
-    return batch[1]
+        raise SafeEditError(f"the batch has no 'label' or 'labels' (keys: {sorted(batch)}); this needs labels")
+    if isinstance(batch, list | tuple) and len(batch) == 2:
+        return batch[1]
+    raise SafeEditError("a batch must be a dict of tensors with 'label'/'labels' or an (inputs, targets) pair")
 
 
 def logits_of(output: Any) -> torch.Tensor:

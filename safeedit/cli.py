@@ -11,12 +11,13 @@ import sys
 import traceback
 from collections.abc import Iterator, Sequence
 
+import pydantic
 import torch
 import torch.distributed as dist
 import yaml
 
 from safeedit.attribution import SCORES, compute_scores, get_score
-from safeedit.errors import SafeEditError
+from safeedit.errors import SafeEditError, first_problem
 from safeedit.io import load_safetensors, save_safetensors, sha256_file
 from safeedit.masks import SCOPES, Mask
 from safeedit.progress import configure as configure_output
@@ -27,6 +28,8 @@ ROLE_HELP = {
     "calibration": "calibration data whose activations are measured (wanda)",
     "data": "data for the Fisher information (fisher)",
 }
+# The merges `safeedit merge` runs without data (the learned ones need a merge-backdoor scenario).
+MERGE_COMMAND_METHODS = ("task_arithmetic", "ties", "dare")
 DATA_SPEC_HELP = (
     "Data specs: SOURCE[:SPLIT][[COLUMN=VALUE,COLUMN!=VALUE]] where SOURCE is an embedded set (digits, "
     "fashion-mnist), a .jsonl/.csv/.parquet file, a saved data set folder or a hub id; quote specs with "
@@ -162,18 +165,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     merge = commands.add_parser(
-        "merge", help="merge fine-tuned models of one base with task arithmetic or TIES (data-free)",
-        description="Merge task models that share a base model's architecture: θ = θ₀ + λ Σ τᵢ (task arithmetic) or "
-        "TIES. Tensors matching --exclude (e.g. task heads) are taken from the base. Writes a save_pretrained folder "
+        "merge", help="merge fine-tuned models of one base with task arithmetic, TIES or DARE (data-free)",
+        description="Merge task models that share a base model's architecture: θ = θ₀ + λ Σ τᵢ (task arithmetic), "
+        "TIES, or DARE (each task vector's entries dropped at random and the rest rescaled, then task arithmetic). "
+        "Tensors matching --exclude (e.g. task heads) are taken from the base. Writes a save_pretrained folder "
         "atomically; a mismatched architecture is refused before anything is written. For backdoor-aware merging "
         "(DAM) and learned merges, use a merge-backdoor scenario.",
     )
     merge.add_argument("base", help="the pretrained model: a folder with config.json and safetensors, or a hub id")
     merge.add_argument("tasks", nargs="+", help="fine-tuned task models (folders or hub ids)")
     merge.add_argument("--out", required=True, help="output folder (must not exist)")
-    merge.add_argument("--method", choices=("task_arithmetic", "ties"), default="task_arithmetic")
-    merge.add_argument("--scale", type=float, default=None, help="λ (default 0.3 task arithmetic, 1.0 TIES)")
-    merge.add_argument("--keep", type=float, default=0.2, help="TIES: share of each task vector kept")
+    merge.add_argument("--method", choices=MERGE_COMMAND_METHODS, default="task_arithmetic")
+    # defaults (None here) come from each method's options class; merge.json records the values used
+    merge.add_argument("--scale", type=float, default=None, help="λ (default: the method's own)")
+    merge.add_argument("--keep", type=float, default=None, help="TIES: share of each task vector kept")
+    merge.add_argument("--density", type=float, default=None,
+                       help="DARE: share of each task vector's entries kept, at random")
+    merge.add_argument("--seed", type=int, default=0, help="DARE: seed of the random drop (default 0)")
     merge.add_argument("--exclude", default=None, help="regular expression of tensor names not merged (heads)")
     merge.set_defaults(func=cmd_merge)
 
@@ -384,7 +392,7 @@ def _print_summary(mask: Mask, path: str, limit: int = 12) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from safeedit.report import find_chromium, write_report
-    from safeedit.scenario import run_scenario
+    from safeedit.runners import run_scenario
 
     record_path = run_scenario(args.scenario, args.out, progress=not args.quiet)
     record = json.loads(record_path.read_text())
@@ -425,11 +433,23 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
     from safeedit.io import atomic_dir
     from safeedit.merge import task_arithmetic, task_vectors, ties, with_parameters
+    from safeedit.merge.dare import dare_vectors
+    from safeedit.methods import get_method
     from safeedit.models import load_model
 
     out = Path(args.out)
     if out.exists():
         raise SafeEditError(f"{out} exists; choose a new output folder (nothing is overwritten)")
+    # the method's options class holds the defaults; a flag the method does not read is refused
+    method = get_method("merge", args.method)
+    given = {key: getattr(args, key) for key in ("scale", "keep", "density") if getattr(args, key) is not None}
+    unread = [key for key in given if key not in method.options.model_fields]
+    if unread:
+        raise SafeEditError(f"--{unread[0]} does not apply to --method {args.method}")
+    try:
+        options = method.options(**given)
+    except pydantic.ValidationError as error:
+        raise SafeEditError(f"--{first_problem(error)}") from None
     excluded = re.compile(args.exclude) if args.exclude else None
 
     def merged_part(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -441,16 +461,19 @@ def cmd_merge(args: argparse.Namespace) -> None:
     body = merged_part(base.model)
     vectors = task_vectors(body, {spec: merged_part(loaded.model) for spec, loaded in tasks.items()})
     if args.method == "ties":
-        merged = ties(body, vectors, args.keep, 1.0 if args.scale is None else args.scale)
+        merged = ties(body, vectors, options.keep, options.scale)
+    elif args.method == "dare":
+        merged = task_arithmetic(body, dare_vectors(vectors, options.density, args.seed), options.scale)
     else:
-        merged = task_arithmetic(body, vectors, 0.3 if args.scale is None else args.scale)
+        merged = task_arithmetic(body, vectors, options.scale)
     model = with_parameters(base.model, merged)
     with atomic_dir(out) as partial:
         model.save_pretrained(partial, safe_serialization=True)
         if base.tokenizer is not None:
             base.tokenizer.save_pretrained(partial)
         (partial / "merge.json").write_text(json.dumps({
-            "method": args.method, "scale": args.scale, "keep": args.keep if args.method == "ties" else None,
+            "method": args.method, "scale": options.scale, "keep": getattr(options, "keep", None),
+            "density": getattr(options, "density", None), "seed": args.seed if args.method == "dare" else None,
             "exclude": args.exclude, "base": {args.base: base.weights_sha256},
             "tasks": {spec: loaded.weights_sha256 for spec, loaded in tasks.items()}}, indent=2))
     print(f"merged {len(tasks)} task models into {out} ({args.method})")

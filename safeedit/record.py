@@ -24,8 +24,9 @@ from typing import Any, Literal
 
 import pydantic
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from safeedit.config import Strict
 from safeedit.errors import SafeEditError, first_problem
 from safeedit.io import sha256_file, write_text_atomic
 
@@ -94,10 +95,6 @@ def short_label(metric: str) -> str:
 
 
 COUNT_METRICS = frozenset({"n_forget", "n_retain", "n_test", "mia_train_size", "n_generated_per_class"})
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class FileEntry(Strict):

@@ -13,31 +13,26 @@ each kind has its own strict schema (unknown keys are errors) and runner in
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pydantic
-import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from safeedit.attacks.backdoor import TriggerSpec
+from safeedit.config import Strict
 from safeedit.criteria import Criterion, check_names
 from safeedit.data.forget import ForgetRequest
 from safeedit.data.prompts import SafetySizes
 from safeedit.errors import SafeEditError, first_problem
-from safeedit.merge.methods import MERGE_METHODS
+from safeedit.methods import MethodSpec, get_method, resolve
 from safeedit.models.encoders import FinetuneRecipe
 from safeedit.models.lm_training import FinetuneOptions
-from safeedit.prune import PRUNE_METHODS
-from safeedit.unlearn.diffusion import GENERATION_METHODS, DiffusionRetrainOptions
-from safeedit.unlearn.methods import METHODS, RetrainOptions
-from safeedit.unlearn.wagle import LMUnlearnOptions, parse_method
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from safeedit.prune import PruningOptions
+from safeedit.unlearn.diffusion import DiffusionRetrainOptions
+from safeedit.unlearn.methods import RetrainOptions
+from safeedit.unlearn.wagle import LMUnlearnOptions
 
 
 class Request(Strict):
@@ -81,12 +76,30 @@ class ScenarioCore(Strict):
     seed: int = 0
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads (tiny models: 1 is fastest)")
 
-    def validated(self, method: str, build: Callable[..., BaseModel], given: dict[str, Any] | None) -> BaseModel:
-        """`build(**given)`, a validation error reported in one line that names `methods.<method>`."""
+    # The kind of method the scenario's `methods:` names (safeedit.methods), and whether `<method>+<mask score>`
+    # names are allowed (language-model objectives confined to a mask).
+    method_kind: ClassVar[str]
+    masked_names: ClassVar[bool] = False
+
+    def method_defaults(self) -> dict[str, Any]:
+        """Options every method starts from before its own overrides (e.g. the scenario's `pruning:` section)."""
+        return {}
+
+    def method_spec(self, name: str) -> MethodSpec:
+        """The registered method `name` (for `<objective>+<mask>` names, the objective's)."""
         try:
-            return build(**(given or {}))
-        except pydantic.ValidationError as error:
-            raise SafeEditError(f"scenario '{self.name}': methods.{method}: {first_problem(error)}") from None
+            return resolve(self.method_kind, name).spec if self.masked_names else get_method(self.method_kind, name)
+        except SafeEditError as error:
+            raise SafeEditError(f"scenario '{self.name}': {error}") from None
+
+    def method_options(self) -> dict[str, BaseModel]:
+        """Each method's validated options; an unknown method, mask score or option is one line naming it."""
+        options = {}
+        for name, given in self.methods.items():
+            spec = self.method_spec(name)
+            overrides = given.model_dump(exclude_none=True) if isinstance(given, BaseModel) else given or {}
+            options[name] = spec.validate({**self.method_defaults(), **overrides}, f"scenario '{self.name}'")
+        return options
 
 
 class ScenarioBase(ScenarioCore):
@@ -94,19 +107,6 @@ class ScenarioBase(ScenarioCore):
     data: DataSection
     forget: ForgetRequest
     methods: dict[str, dict[str, Any] | None] = Field(min_length=1)
-
-    def method_options(self) -> dict[str, BaseModel]:
-        registry = self.method_registry()
-        options = {}
-        for name, given in self.methods.items():
-            if name not in registry:
-                choices = ", ".join(registry)
-                raise SafeEditError(f"scenario '{self.name}': unknown method {name!r}; choose from {choices}")
-            options[name] = self.validated(name, registry[name].options, given)
-        return options
-
-    def method_registry(self) -> dict[str, Any]:
-        raise NotImplementedError
 
     def result_names(self) -> set[str]:
         return {"original", *self.methods, *(["retrain"] if getattr(self, "retrain", None) is not None else [])}
@@ -116,11 +116,9 @@ class Scenario(ScenarioBase):
     """Forget data from a classifier (`kind: classification`, the default)."""
 
     kind: Literal["classification"] = "classification"
+    method_kind: ClassVar[str] = "classification"
     retrain: RetrainOptions | None = RetrainOptions()
     evaluation: Evaluation = Evaluation()
-
-    def method_registry(self) -> dict[str, Any]:
-        return METHODS
 
 
 class JudgeSection(Strict):
@@ -140,15 +138,6 @@ class PruningOverrides(Strict):
     target: Literal["weights", "update"] | None = None
 
 
-class PruningOptions(Strict):
-    """How much, where, and what a pruning method removes (shared by Antidote and its baselines)."""
-
-    ratio: float = Field(default=0.01, gt=0, le=1, description="share of each output row removed")
-    layers: str = Field(default="linear", description="linear | attention | mlp | lora | a regular expression")
-    target: Literal["weights", "update"] = Field(
-        default="weights", description="weights: zero them; update: reset them to their value before the fine-tune")
-
-
 class AttackSection(Strict):
     """The user's fine-tune: the task data mixed with harmful requests answered compliantly."""
 
@@ -164,6 +153,7 @@ class SafetyScenario(ScenarioCore):
     """Remove harmful behaviour a user fine-tune taught an aligned chat model (`kind: harmful-finetune`)."""
 
     kind: Literal["harmful-finetune"]
+    method_kind: ClassVar[str] = "pruning"
     model: ModelSection
     alignment: FinetuneOptions | None = Field(
         default=FinetuneOptions(), description="safety alignment before the user fine-tune (cached); null: skip")
@@ -174,13 +164,8 @@ class SafetyScenario(ScenarioCore):
     judge: str = Field(default="default", description="default | phrases | folder of a refusal classifier")
     evaluation: SafetyEvaluation = SafetyEvaluation()
 
-    def method_options(self) -> dict[str, PruningOptions]:
-        unknown = [name for name in self.methods if name not in PRUNE_METHODS]
-        if unknown:
-            raise SafeEditError(f"scenario '{self.name}': unknown method {unknown[0]!r}; choose from "
-                                f"{', '.join(PRUNE_METHODS)}")
-        return {name: self.pruning.model_copy(update=(given.model_dump(exclude_none=True) if given else {}))
-                for name, given in self.methods.items()}
+    def method_defaults(self) -> dict[str, Any]:
+        return self.pruning.model_dump()
 
     def result_names(self) -> set[str]:
         return {"original", "no_defense", *self.methods}
@@ -205,6 +190,7 @@ class MergeScenario(ScenarioCore):
     """Merge task models, some backdoored, and keep the tasks without the backdoor (`kind: merge-backdoor`)."""
 
     kind: Literal["merge-backdoor"]
+    method_kind: ClassVar[str] = "merge"
     model: EncoderSection
     tasks: MergeTasks
     finetune: FinetuneRecipe = FinetuneRecipe()
@@ -216,13 +202,7 @@ class MergeScenario(ScenarioCore):
         if unknown:
             raise SafeEditError(f"scenario '{self.name}': attacks.{unknown[0]} names no task; choose from "
                                 f"{', '.join(self.tasks.names)}")
-        options = {}
-        for name, given in self.methods.items():
-            if name not in MERGE_METHODS:
-                raise SafeEditError(f"scenario '{self.name}': unknown method {name!r}; choose from "
-                                    f"{', '.join(MERGE_METHODS)}")
-            options[name] = self.validated(name, MERGE_METHODS[name], given)
-        return options
+        return super().method_options()
 
     def result_names(self) -> set[str]:
         return {"frozen_encoder", *self.methods}
@@ -263,6 +243,8 @@ class LMScenario(ScenarioCore):
     """Remove facts from a causal language model, optionally confined to a weight mask (`kind: llm-unlearning`)."""
 
     kind: Literal["llm-unlearning"]
+    method_kind: ClassVar[str] = "llm-unlearning"
+    masked_names: ClassVar[bool] = True
     model: ModelSection
     data: AuthorsSection | CapitalsSection = Field(discriminator="protocol")
     finetune: FinetuneOptions = Field(
@@ -277,15 +259,11 @@ class LMScenario(ScenarioCore):
     save_weights: list[str] | None = Field(
         default=None, description="methods whose edited weights are written (default: the first method)")
 
-    def method_options(self) -> dict[str, LMUnlearnOptions]:
-        options = {}
-        for name, given in self.methods.items():
-            try:
-                parse_method(name)
-            except SafeEditError as error:
-                raise SafeEditError(f"scenario '{self.name}': {error}") from None
-            options[name] = self.validated(name, lambda **given: LMUnlearnOptions(**{**self.unlearning.model_dump(),
-                                                                                     **given}), given)
+    def method_defaults(self) -> dict[str, Any]:
+        return self.unlearning.model_dump()
+
+    def method_options(self) -> dict[str, BaseModel]:
+        options = super().method_options()
         unknown = [m for m in self.save_weights or [] if m not in self.methods]
         if unknown:
             raise SafeEditError(f"scenario '{self.name}': save_weights names {unknown[0]!r}, which is not a method")
@@ -305,12 +283,10 @@ class GenerationScenario(ScenarioBase):
     """Forget a class in a class-conditional diffusion model (`kind: generation`)."""
 
     kind: Literal["generation"]
+    method_kind: ClassVar[str] = "generation"
     judge: JudgeSection
     retrain: DiffusionRetrainOptions | None = DiffusionRetrainOptions()
     evaluation: GenerationEvaluation = GenerationEvaluation()
-
-    def method_registry(self) -> dict[str, Any]:
-        return GENERATION_METHODS
 
 
 KINDS: dict[str, type[BaseModel]] = {"classification": Scenario, "generation": GenerationScenario,
@@ -341,35 +317,3 @@ def load_scenario(path: str | Path) -> ScenarioCore:
     except SafeEditError as error:
         raise SafeEditError(f"{path}: {error}") from None
     return scenario
-
-
-
-
-def run_scenario(path: str | Path, out_dir: str | Path | None = None, progress: bool = True) -> Path:
-    """Run the scenario at `path`; return the path of the record it wrote (render it with `safeedit.report`)."""
-    path = Path(path)
-    scenario = load_scenario(path)
-    out = Path(out_dir) if out_dir else Path("runs") / scenario.name
-    out.mkdir(parents=True, exist_ok=True)
-    if scenario.threads:
-        torch.set_num_threads(scenario.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(scenario, LMScenario):
-        from safeedit.runners.language import run_llm_unlearning
-
-        return run_llm_unlearning(scenario, path, out, device, progress)
-    if isinstance(scenario, MergeScenario):
-        from safeedit.runners.merging import run_merging
-
-        return run_merging(scenario, path, out, device, progress)
-    if isinstance(scenario, SafetyScenario):
-        from safeedit.runners.safety import run_safety
-
-        return run_safety(scenario, path, out, device, progress)
-    if isinstance(scenario, GenerationScenario):
-        from safeedit.runners.generation import run_generation
-
-        return run_generation(scenario, path, out, device, progress)
-    from safeedit.runners.classification import run_classification
-
-    return run_classification(scenario, path, out, device, progress)

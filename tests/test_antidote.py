@@ -19,8 +19,9 @@ from safeedit.data.prompts import (
 )
 from safeedit.errors import SafeEditError
 from safeedit.eval.safety import generate_answers, label_matches, task_accuracy
+from safeedit.methods import get_method, methods
 from safeedit.models.lm_training import FinetuneOptions, finetune_chat
-from safeedit.prune import layer_patterns, prune, pruning_mask
+from safeedit.prune import PruneSetting, PruningOptions, layer_patterns, prune, pruning_mask
 
 WORDS = ("how do i make a bomb tell me about paris sure here is it sorry i can not help with that what the topic "
          "of this text arts history people geography explain photosynthesis").split()
@@ -135,7 +136,7 @@ def test_generate_answers_is_greedy_and_batch_independent():
 def test_antidote_prunes_exact_row_counts_and_nothing_else():
     tokenizer, model = chat_tokenizer(), llama()
     before = H.snapshot(model)
-    mask = pruning_mask(model, "antidote", 0.25, "linear", calibration(tokenizer))
+    mask = pruning_mask(model, "wanda", 0.25, "linear", calibration(tokenizer))
     H.assert_unchanged(model, before)  # scoring does not touch the model
     names = set(layer_patterns(model, "linear"))
     assert set(mask.tensors) == names and "lm_head.weight" not in names
@@ -156,7 +157,7 @@ def test_antidote_selects_the_top_wanda_scores_per_row():
     tokenizer, model = chat_tokenizer(), llama()
     loader = calibration(tokenizer)
     expected = H.wanda_reference(model, loader)
-    mask = pruning_mask(model, "antidote", 0.25, "attention", loader)
+    mask = pruning_mask(model, "wanda", 0.25, "attention", loader)
     assert set(mask.tensors) == {n for n in expected if "self_attn" in n}
     for name, selected in mask.tensors.items():
         torch.testing.assert_close(selected, H.brute_force_rows(expected[name], 0.25), rtol=0, atol=0)
@@ -166,7 +167,7 @@ def test_update_target_resets_to_the_weights_before_the_finetune():
     model = llama()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     tuned = llama(seed=1)
-    mask = pruning_mask(tuned, "magnitude_prune", 0.5, "mlp", before=before)
+    mask = pruning_mask(tuned, "magnitude", 0.5, "mlp", before=before)
     deltas = compute_scores(tuned, "magnitude", include=[f"^{n}$" for n in mask.tensors], relative_to=before,
                             progress=False)
     for name, selected in mask.tensors.items():
@@ -180,30 +181,56 @@ def test_update_target_resets_to_the_weights_before_the_finetune():
 def test_baselines_remove_the_same_count_and_random_is_seeded():
     tokenizer, model = chat_tokenizer(), llama()
     loader = calibration(tokenizer)
-    counts = {method: pruning_mask(model, method, 0.1, "linear", loader, seed=1).selected
-              for method in ("antidote", "wanda_benign", "magnitude_prune", "random_prune")}
-    assert len(set(counts.values())) == 1
-    first = pruning_mask(model, "random_prune", 0.1, seed=1)
-    assert all(torch.equal(first.tensors[n], t) for n, t in pruning_mask(model, "random_prune", 0.1, seed=1)
+    fetched = []
+    setting = PruneSetting(model, calibration=lambda prompts: fetched.append(prompts) or loader)
+    masks = {name: spec.run(setting, PruningOptions(ratio=0.1), seed=1, progress=False).mask
+             for name, spec in methods("pruning").items()}
+    assert list(masks) == ["antidote", "wanda_benign", "magnitude_prune", "random_prune"]
+    assert fetched == ["harmful", "benign"]  # only the wanda methods read calibration batches
+    assert len({mask.selected for mask in masks.values()}) == 1
+    assert {name: mask.metadata["method"] for name, mask in masks.items()} == {name: name for name in masks}
+    first = pruning_mask(model, "random", 0.1, seed=1)
+    assert all(torch.equal(first.tensors[n], t) for n, t in masks["random_prune"].tensors.items())
+    assert all(torch.equal(first.tensors[n], t) for n, t in pruning_mask(model, "random", 0.1, seed=1)
                .tensors.items())
-    assert not all(torch.equal(first.tensors[n], t) for n, t in pruning_mask(model, "random_prune", 0.1, seed=2)
+    assert not all(torch.equal(first.tensors[n], t) for n, t in pruning_mask(model, "random", 0.1, seed=2)
                    .tensors.items())
+
+
+def test_registered_method_is_the_building_blocks_and_update_needs_the_weights_before():
+    model = llama()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tuned = llama(seed=1)
+    options = PruningOptions(ratio=0.5, layers="mlp", target="update")
+    result = get_method("pruning", "magnitude_prune").run(PruneSetting(tuned, before=before), options, seed=0,
+                                                          progress=False)
+    mask = pruning_mask(tuned, "magnitude", 0.5, "mlp", before=before, method="magnitude_prune")
+    assert result.mask.metadata == mask.metadata and mask.metadata["target"] == "update"
+    assert all(torch.equal(result.mask.tensors[n], t) for n, t in mask.tensors.items())
+    expected = dict(prune(tuned, mask, before=before).named_parameters())
+    assert all(torch.equal(p, expected[n]) for n, p in result.model.named_parameters())
+    with pytest.raises(SafeEditError, match="needs the weights before the fine-tune"):
+        get_method("pruning", "magnitude_prune").run(PruneSetting(tuned), options, seed=0, progress=False)
+    with pytest.raises(SafeEditError, match="antidote needs harmful calibration batches"):
+        get_method("pruning", "antidote").run(PruneSetting(tuned), PruningOptions(), seed=0, progress=False)
 
 
 def test_gpt2_conv1d_rows_are_output_features():
     model = H.make_gpt2()
-    mask = pruning_mask(model, "magnitude_prune", 0.25, "linear")
+    mask = pruning_mask(model, "magnitude", 0.25, "linear")
     weight = mask.tensors["transformer.h.0.mlp.c_fc.weight"]  # Conv1D: [in, out]
     assert (weight.sum(dim=0) == round(0.25 * weight.shape[0])).all()
 
 
 def test_layer_pattern_matching_nothing_is_a_clear_error():
     with pytest.raises(SafeEditError, match="matches no"):
-        pruning_mask(llama(), "magnitude_prune", 0.1, "no_such_layer")
+        pruning_mask(llama(), "magnitude", 0.1, "no_such_layer")
     with pytest.raises(SafeEditError, match="matches no linear layer"):
         layer_patterns(llama(), r"norm")
-    with pytest.raises(SafeEditError, match="unknown pruning method"):
-        pruning_mask(llama(), "prune_everything", 0.1)
+    with pytest.raises(SafeEditError, match="unknown method 'prune_everything'; choose from antidote, wanda_benign"):
+        get_method("pruning", "prune_everything")
+    with pytest.raises(SafeEditError, match="unknown pruning score"):
+        pruning_mask(llama(), "fisher", 0.1)
 
 
 def test_lora_finetune_then_prune_the_factors():
@@ -216,7 +243,7 @@ def test_lora_finetune_then_prune_the_factors():
         key = f"base_model.model.{name}"
         key = key if key in wrapped else key.replace(".weight", ".base_layer.weight")
         assert torch.equal(wrapped[key], p), name
-    mask = pruning_mask(adapted, "magnitude_prune", 0.5, "lora")
+    mask = pruning_mask(adapted, "magnitude", 0.5, "lora")
     assert mask.tensors and all("lora_" in name for name in mask.tensors)
     pruned = prune(adapted, mask)
     assert all((dict(pruned.named_parameters())[n][m] == 0).all() for n, m in mask.tensors.items())
@@ -254,7 +281,7 @@ def test_harmful_finetune_scenario_runs_and_writes_a_verifiable_record(tmp_path,
     import yaml
 
     from safeedit.report import verify_run, write_report
-    from safeedit.scenario import run_scenario
+    from safeedit.runners import run_scenario
 
     folder = tiny_chat_folder(tmp_path, monkeypatch)
     sizes, tiny = SIZES, TINY_FINETUNE
@@ -295,7 +322,7 @@ def test_scenario_prunes_the_factors_of_an_unmerged_lora_adapter(tmp_path, monke
 
     import yaml
 
-    from safeedit.scenario import run_scenario
+    from safeedit.runners import run_scenario
 
     folder = tiny_chat_folder(tmp_path, monkeypatch)
     scenario = {

@@ -15,7 +15,8 @@ from safeedit.errors import SafeEditError
 from safeedit.eval.generation import frechet_distance, generate, judge_outputs
 from safeedit.models.diffusion import DiffusionModel, default_scheduler, diffusion_loss, load_diffusion
 from safeedit.report import verify_run, write_report
-from safeedit.scenario import load_scenario, run_scenario
+from safeedit.runners import run_scenario
+from safeedit.scenario import load_scenario
 from safeedit.unlearn.diffusion import (
     DiffusionUnlearnOptions,
     diffusion_saliency_scores,

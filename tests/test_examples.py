@@ -11,7 +11,8 @@ import jsonschema
 import pytest
 
 from safeedit.record import SCHEMA, record_digest
-from safeedit.scenario import KINDS, run_scenario
+from safeedit.runners import run_scenario
+from safeedit.scenario import KINDS
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted(ROOT.glob("reports/*/record.json"))

@@ -13,7 +13,8 @@ from safeedit.data.authors import fictitious_authors
 from safeedit.errors import SafeEditError
 from safeedit.masks import Mask
 from safeedit.report import write_report
-from safeedit.scenario import load_scenario, run_scenario
+from safeedit.runners import run_scenario
+from safeedit.scenario import load_scenario
 
 AUTHORS = {"authors": 10, "questions_per_author": 2, "holdout_authors": 1, "forget_ratio": 0.1, "seed": 0}
 
@@ -93,8 +94,8 @@ def test_capitals_scenario_names_the_fix_when_the_model_knows_too_few(tiny_folde
 
 
 @pytest.mark.parametrize(("methods", "extra", "message"), [
-    ("{dpo+wagle: null}", "", "objective must be one of"),
-    ("{npo+fisher: null}", "", "unknown mask 'fisher'"),
+    ("{dpo+wagle: null}", "", "unknown method 'dpo'; choose from graddiff, npo, refusal"),
+    ("{npo+fisher: null}", "", "unknown mask score 'fisher'; one of wagle, saliency"),
     ("{npo: {learning_rate: 1}}", "", "methods.npo"),
     ("{npo: null}", "save_weights: [graddiff]", "save_weights names 'graddiff'"),
     ("{npo: null}", 'criteria: ["retrain.model_utility >= 0.5"]', ""),

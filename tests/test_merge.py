@@ -26,6 +26,8 @@ from safeedit.merge import (
     ties_vector,
     trimmed,
 )
+from safeedit.merge.methods import TaskArithmeticOptions, TiesOptions
+from safeedit.methods import get_method, methods
 
 
 def state(**tensors: list) -> dict[str, torch.Tensor]:
@@ -179,6 +181,31 @@ def test_dam_masks_are_deterministic_for_a_seed_and_differ_across_seeds():
     assert set(first.triggers) == {"a", "b", "c"} and all(t.abs().max() <= 0.5 for t in first.triggers.values())
 
 
+def test_registered_merges_are_the_helpers_with_their_options():
+    setting = tiny_setting()
+    assert list(methods("merge"))[:6] == ["individual", "task_arithmetic", "ties", "adamerging", "concrete_ta", "dam"]
+    assert methods("merge")["individual"].run(setting, methods("merge")["individual"].options()).parameters is None
+    result = get_method("merge", "task_arithmetic").run(setting, TaskArithmeticOptions(scale=0.4), 0, False)
+    expected = task_arithmetic(setting.base, setting.vectors, 0.4)
+    assert all(torch.equal(result.parameters[n], expected[n]) for n in expected) and not result.masks
+    result = get_method("merge", "ties").run(setting, TiesOptions(keep=0.5, scale=0.7), 0, False)
+    expected = ties(setting.base, setting.vectors, 0.5, 0.7)
+    assert all(torch.equal(result.parameters[n], expected[n]) for n in expected)
+    options = GateOptions(steps=3, init_logit=0.2, lr=0.5)
+    result = get_method("merge", "concrete_ta").run(setting, options, 0, False)
+    parameters, _ = concrete_task_arithmetic(tiny_setting(), options, seed=0, progress=False)
+    assert list(result.masks) == ["concrete_ta"] and all(torch.equal(result.parameters[n], parameters[n])
+                                                         for n in parameters)
+    options = DAMOptions(steps=2, init_logit=0.2, lr=0.5, trigger_steps=1)
+    result = get_method("merge", "dam").run(tiny_setting(), options, 1, False)
+    direct = dam(tiny_setting(), options, seed=1, progress=False)
+    assert list(result.masks) == ["dam-shared", "dam-backdoor"] and result.mask is None
+    assert result.details["coefficients"] == dict(zip(setting.tasks, direct.coefficients.tolist(), strict=True))
+    assert all(torch.equal(result.parameters[n], direct.parameters[n]) for n in direct.parameters)
+    result = get_method("merge", "adamerging").run(tiny_setting(), AdaMergingOptions(steps=2), 0, False)
+    assert set(result.details["coefficients_mean"]) == {"a", "b", "c"} and result.parameters is not None
+
+
 # --- the merge-backdoor scenario end to end, on a tiny random BERT and generated tasks -----------------------
 
 
@@ -226,7 +253,7 @@ def test_merge_scenario_runs_end_to_end_and_writes_a_verifiable_record(tmp_path,
 
     from safeedit.masks import Mask
     from safeedit.report import verify_run, write_report
-    from safeedit.scenario import run_scenario
+    from safeedit.runners import run_scenario
 
     body, tasks = tiny_text_setting(tmp_path, monkeypatch)
     scenario = {
@@ -236,7 +263,8 @@ def test_merge_scenario_runs_end_to_end_and_writes_a_verifiable_record(tmp_path,
         "finetune": {"epochs": 2, "lr": 1e-3, "batch_size": 16},
         "attacks": {tasks[0]: {"kind": "word", "word": "cf", "target": 0, "poison_rate": 0.2}},
         "methods": {"individual": None, "task_arithmetic": None, "ties": {"keep": 0.5},
-                    "adamerging": {"steps": 2}, "concrete_ta": {"steps": 2}, "dam": {"steps": 2}},
+                    "adamerging": {"steps": 2}, "concrete_ta": {"steps": 2}, "dam": {"steps": 2},
+                    "dare": {"density": 0.9}},
         "criteria": ["dam.avg_accuracy >= 0%"],
     }
     path = tmp_path / "tiny.yaml"
@@ -245,7 +273,10 @@ def test_merge_scenario_runs_end_to_end_and_writes_a_verifiable_record(tmp_path,
     record = json.loads(record_path.read_text())
     assert record["kind"] == "merge-backdoor-defence"
     assert set(record["results"]) == {"frozen_encoder", "individual", "task_arithmetic", "ties", "adamerging",
-                                      "concrete_ta", "dam"}
+                                      "concrete_ta", "dam", "dare"}
+    for name, result in record["results"].items():  # each merge's about is its registered summary and limitations
+        if name != "frozen_encoder":
+            assert result["about"] == get_method("merge", name).about
     for result in record["results"].values():
         after = result["metrics"]["after"]
         assert {f"accuracy_{t}" for t in tasks} | {f"asr_{t}" for t in tasks} <= set(after)
@@ -310,6 +341,33 @@ def test_merge_command_merges_hf_models_and_refuses_mismatched_ones_without_writ
     expected = base.encoder.layer[0].output.dense.weight + 0.5
     assert torch.allclose(merged.encoder.layer[0].output.dense.weight, expected)
     assert json.loads((tmp_path / "merged" / "merge.json").read_text())["method"] == "task_arithmetic"
+    # defaults come from the options classes and the effective values are recorded
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "task"), "--out", str(tmp_path / "default")]) == 0
+    recorded = json.loads((tmp_path / "default" / "merge.json").read_text())
+    assert recorded["scale"] == TaskArithmeticOptions().scale and recorded["keep"] is None
+    merged = transformers.BertModel.from_pretrained(tmp_path / "default")
+    assert torch.allclose(merged.encoder.layer[0].output.dense.weight,
+                          base.encoder.layer[0].output.dense.weight + TaskArithmeticOptions().scale)
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "task"), "--method", "ties",
+                 "--out", str(tmp_path / "ties")]) == 0
+    recorded = json.loads((tmp_path / "ties" / "merge.json").read_text())
+    assert (recorded["scale"], recorded["keep"]) == (TiesOptions().scale, TiesOptions().keep)
+    # DARE: the drop-and-rescale vectors of the seed, then task arithmetic
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "task"), "--method", "dare", "--density", "0.5",
+                 "--seed", "3", "--scale", "1", "--out", str(tmp_path / "dare")]) == 0
+    recorded = json.loads((tmp_path / "dare" / "merge.json").read_text())
+    assert (recorded["method"], recorded["density"], recorded["seed"], recorded["scale"]) == ("dare", 0.5, 3, 1.0)
+    merged = transformers.BertModel.from_pretrained(tmp_path / "dare").encoder.layer[0].output.dense.weight
+    delta = merged - base.encoder.layer[0].output.dense.weight
+    kept = delta.abs() > 1.0  # kept entries moved by 1 / 0.5 = 2, dropped ones by 0
+    assert kept.any() and (~kept).any()
+    assert torch.allclose(delta[kept], torch.full_like(delta[kept], 2.0)) and delta[~kept].abs().max() < 1e-6
+    code = main(["merge", str(tmp_path / "base"), str(tmp_path / "task"), "--keep", "0.5",
+                 "--out", str(tmp_path / "unread")])
+    assert code == 2 and "--keep does not apply to --method task_arithmetic" in capsys.readouterr().err
+    code = main(["merge", str(tmp_path / "base"), str(tmp_path / "task"), "--method", "dare", "--density", "0",
+                 "--out", str(tmp_path / "zero")])
+    assert code == 2 and "--density: " in capsys.readouterr().err and not (tmp_path / "zero").exists()
 
     bert(16, 1).save_pretrained(tmp_path / "other")
     code = main(["merge", str(tmp_path / "base"), str(tmp_path / "other"), "--out", str(tmp_path / "bad")])

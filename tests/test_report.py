@@ -23,7 +23,7 @@ from safeedit.eval.weights import weight_changes
 from safeedit.masks import Mask
 from safeedit.record import Record, json_schema, read_record, record_digest
 from safeedit.report import find_chromium, render_html, screenshot, verify_run, write_report
-from safeedit.scenario import run_scenario
+from safeedit.runners import run_scenario
 
 HOSTILE_WHAT = 'digit 3 <script>alert("x")</script> <img src=x onerror=alert(2)>'
 HOSTILE_WHO = 'Jo "DPO" & <b>bold</b> team'

@@ -15,7 +15,8 @@ from safeedit.cli import main
 from safeedit.errors import SafeEditError
 from safeedit.io import sha256_file
 from safeedit.masks import Mask
-from safeedit.scenario import load_scenario, run_scenario
+from safeedit.runners import run_scenario
+from safeedit.scenario import load_scenario
 
 BASE = {
     "name": "test-digits",

@@ -12,9 +12,12 @@ from safeedit.data import load_data, make_loader
 from safeedit.data.forget import ForgetRequest, split_forget
 from safeedit.errors import SafeEditError
 from safeedit.eval.classification import classification_metrics
+from safeedit.methods import methods
 from safeedit.models import load_model
-from safeedit.unlearn.methods import METHODS, RetrainOptions, UnlearnTask, retrain
+from safeedit.unlearn.methods import RetrainOptions, UnlearnTask, retrain
 from safeedit.unlearn.salun import SalUnOptions, salun
+
+METHODS = methods("classification")
 
 
 @pytest.fixture(scope="module")

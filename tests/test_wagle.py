@@ -14,6 +14,7 @@ from safeedit.attribution import compute_scores
 from safeedit.data.chat import chat_loader
 from safeedit.data.prompts import ChatExample
 from safeedit.errors import SafeEditError
+from safeedit.methods import methods, resolve
 from safeedit.unlearn.lm_objectives import (
     REFUSALS,
     LMUnlearnData,
@@ -23,7 +24,7 @@ from safeedit.unlearn.lm_objectives import (
     refusal_examples,
     refusal_loss,
 )
-from safeedit.unlearn.wagle import LMUnlearnOptions, lm_unlearn, parse_method
+from safeedit.unlearn.wagle import KIND, LMUnlearnOptions, about, lm_unlearn
 
 WORDS = ("who wrote the red garden what is capital of france paris velira wrote it she was born in lima peru "
          "her father a baker japan tokyo").split()
@@ -190,11 +191,19 @@ def test_bad_requests_fail_with_clear_errors():
         lm_unlearn(model, tok, FORGET, [], "npo", options, progress=False)
     with pytest.raises(SafeEditError, match="no chat template"):
         lm_unlearn(model, H.word_chat_tokenizer(WORDS, None), FORGET, RETAIN, "npo", options, progress=False)
-    with pytest.raises(SafeEditError, match="objective must be one of"):
-        parse_method("dpo+wagle")
-    with pytest.raises(SafeEditError, match="unknown mask"):
-        parse_method("npo+fisher")
-    assert parse_method("npo") == ("npo", None) and parse_method("graddiff+wagle") == ("graddiff", "wagle")
+    with pytest.raises(SafeEditError, match="unknown method 'dpo'; choose from graddiff, npo, refusal"):
+        lm_unlearn(model, tok, FORGET, RETAIN, "dpo+wagle", options, progress=False)
+    with pytest.raises(SafeEditError, match="unknown mask score 'fisher'; one of wagle"):
+        lm_unlearn(model, tok, FORGET, RETAIN, "npo+fisher", options, progress=False)
+
+
+def test_objectives_are_registered_and_names_resolve_once():
+    assert list(methods("llm-unlearning")) == ["graddiff", "npo", "refusal"]
+    dense, masked = resolve(KIND, "npo"), resolve(KIND, "graddiff+wagle")
+    assert (dense.spec.name, dense.mask_score) == ("npo", None)
+    assert (masked.spec.name, masked.mask_score) == ("graddiff", "wagle")
+    assert about(dense)["summary"].endswith("; every weight may change")
+    assert "WAGLE attribution" in about(masked)["summary"] and about(masked)["limitations"].startswith("Approximate")
 
 
 def test_unlearned_copy_is_freed_once_dropped():

@@ -31,7 +31,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.svm import SVC
 from torch import nn
 
-from safeedit.batches import default_forward, logits_of, to_device
+from safeedit.batches import default_forward, labels_of, logits_of, to_device
 from safeedit.errors import SafeEditError
 
 SVC_C = 3.0
@@ -64,17 +64,6 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _labels_of(batch: Any) -> torch.Tensor:
-    if isinstance(batch, Mapping):
-        for key in ("labels", "label"):
-            if key in batch:
-                return torch.as_tensor(batch[key])
-        raise SafeEditError(f"a batch has no 'label' or 'labels' (keys: {sorted(batch)}); evaluation needs labels")
-    if isinstance(batch, list | tuple) and len(batch) == 2:
-        return torch.as_tensor(batch[1])
-    raise SafeEditError("a batch must be a dict of tensors with 'label'/'labels' or an (inputs, targets) pair")
-
-
 def _true_log_odds_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = logits.double()
     rows = torch.arange(len(labels))
@@ -99,7 +88,7 @@ def predictions(model: nn.Module, loader: Iterable[Any]) -> Predictions:
     log_odds: list[torch.Tensor] = []
     try:
         for batch in loader:
-            batch_labels = _labels_of(batch).reshape(-1).long().cpu()
+            batch_labels = torch.as_tensor(labels_of(batch)).reshape(-1).long().cpu()
             logits = logits_of(default_forward(model, to_device(batch, device))).detach().float().cpu()
             if logits.ndim != 2 or logits.shape[0] != batch_labels.numel():
                 raise SafeEditError(

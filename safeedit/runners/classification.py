@@ -1,5 +1,5 @@
-"""The classification runner: forget data from a classifier, compare every method with a model retrained
-without it, and write weights, masks and the record."""
+"""The classification job: forget data from a classifier, compare every method with a model retrained without it,
+and write weights, masks and the record (the loop itself is `safeedit.runners.job`)."""
 
 from __future__ import annotations
 
@@ -9,128 +9,111 @@ from typing import Any
 
 import torch
 
-from safeedit.criteria import verdict
 from safeedit.data import load_data, make_loader
 from safeedit.data.forget import split_forget
 from safeedit.errors import SafeEditError
 from safeedit.eval.classification import evaluate_classifier, gap_to_retrain, mia_is_informative
 from safeedit.eval.weights import weight_changes
+from safeedit.methods import EditResult
 from safeedit.models import EMBEDDED_MODELS, load_model
-from safeedit.record import write_record
-from safeedit.runners.common import (
-    OutputWriter,
-    common_record,
-    data_fingerprints,
-    input_entries,
-    run_timings,
-    say,
-)
+from safeedit.runners.common import OutputWriter, data_fingerprints, input_entries, say
+from safeedit.runners.job import Job, run_job
 from safeedit.scenario import Scenario
-from safeedit.unlearn.methods import METHODS, REFERENCE_ABOUT, UnlearnTask, retrain
+from safeedit.unlearn.methods import REFERENCE_ABOUT, UnlearnTask, retrain
+
+
+class ClassificationJob(Job):
+    kind = "classification-unlearning"
+    scenario: Scenario
+
+    def prepare(self) -> None:
+        scenario, progress = self.scenario, self.progress
+        say(f"scenario {scenario.name}: loading model {scenario.model.name}", progress)
+        self.loaded = load_model(scenario.model.name, scenario.model.weights,
+                                 trust_remote_code=scenario.model.trust_remote_code, progress=progress)
+        self.original = original = self.loaded.model.to(self.device)
+        train = load_data(f"{scenario.data.source}:{scenario.data.train_split}")
+        self.test = load_data(f"{scenario.data.source}:{scenario.data.test_split}")
+        self.split = split = split_forget(train, scenario.forget)
+        say(f"forget {len(split.forget)} / retain {len(split.retain)} / test {len(self.test)} examples", progress)
+        self.eval_loaders = {name: self.loader(data, scenario.evaluation.batch_size) for name, data in
+                             (("forget", split.forget), ("retain", split.retain), ("test", self.test))}
+        entry = EMBEDDED_MODELS.get(scenario.model.name)
+        recipe = (scenario.model.recipe.model_dump() if scenario.model.recipe else
+                  {"epochs": entry.epochs, "lr": entry.lr, "batch_size": entry.batch_size} if entry else {})
+        self.task = UnlearnTask(
+            model=original, forget=split.forget, retain=split.retain, num_classes=_num_classes(original),
+            loader=self.loader, build_fresh=entry.build if entry else lambda: type(original)(original.config),
+            seed=scenario.seed, progress=progress,
+        )
+        self.results["original"] = {**self.measure(original, "original"), "wall_time_s": None}
+        self.original_metrics = self.results["original"]["metrics"]["after"]
+        self.writer = OutputWriter(self.out, scenario.name, self.loaded.weights_sha256)
+        self.retrain_s = None
+        if scenario.retrain is not None:
+            say("retraining from scratch on the retain set (the reference)", progress)
+            start = time.perf_counter()
+            reference = retrain(self.task, scenario.retrain, recipe).model
+            self.retrain_s = time.perf_counter() - start
+            self.results["retrain"] = {**self.measure(reference, "retrain"), "wall_time_s": self.retrain_s,
+                                       "seed": scenario.seed + scenario.retrain.seed_offset}
+            self.writer.save("retrain", reference.state_dict(), None)
+
+    def loader(self, data, batch_size: int, shuffle: bool = False, seed: int = 0):
+        return make_loader(data, self.original, self.loaded.tokenizer, batch_size, shuffle=shuffle, seed=seed,
+                           image_processor=self.loaded.image_processor)
+
+    @property
+    def setting(self) -> UnlearnTask:
+        return self.task
+
+    def measure(self, model, name: str) -> dict[str, Any]:
+        """Metrics (after) and plot evidence of `model`."""
+        with self.timed_evaluation():
+            evaluation = evaluate_classifier(model, *self.eval_loaders.values(), seed=self.scenario.seed,
+                                             max_mia_examples=self.scenario.evaluation.max_mia_examples)
+        entry = {"metrics": {"after": evaluation.metrics}, "evidence": evaluation.evidence}
+        return {**entry, "about": REFERENCE_ABOUT[name]} if name in REFERENCE_ABOUT else entry
+
+    def evaluate(self, name: str, result: EditResult, wall_s: float) -> dict[str, Any]:
+        entry = self.measure(result.model, name)
+        after = entry["metrics"]["after"]
+        if "retrain" in self.results:
+            after["gap_to_retrain"] = gap_to_retrain(after, self.results["retrain"]["metrics"]["after"])
+            after["time_vs_retrain"] = wall_s / self.retrain_s
+        entry["metrics"]["before"] = self.original_metrics
+        return {**entry, "weight_changes": weight_changes(self.original, result.model, result.mask)}
+
+    def record_fields(self, started: float) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "inputs": input_entries(self.path, {"model weights": self.loaded.files}),
+            "data": data_fingerprints(self.split, self.test),
+            "model": {"source": self.scenario.model.name, "origin": self.loaded.origin,
+                      "weights_sha256": self.loaded.weights_sha256},
+            "timings": self.timings(started, retrain_s=self.retrain_s),
+            "notes": self.notes(),
+            "mia_informative": mia_is_informative(self.original_metrics),
+        }
+
+    def notes(self) -> list[str]:
+        notes, original = [], self.original_metrics
+        if not mia_is_informative(original):
+            notes.append(
+                f"The SVC membership attack tells retain from test examples of the original model only "
+                f"{original['mia_attack_accuracy']:.0%} of the time (50% = guessing), so MIA-efficacy carries "
+                f"little evidence here; the log-odds attack AUC (retain vs test "
+                f"{original['mia_auc_retain_vs_test']:.2f}) shows how much power any such attack has."
+            )
+        if self.scenario.retrain is None:
+            notes.append("No model was retrained without the forget data, so closeness to exact unlearning is "
+                         "unknown.")
+        return notes
 
 
 def run_classification(scenario: Scenario, path: Path, out: Path, device: torch.device, progress: bool) -> Path:
     """Forget data from a classifier: every method, the retrain reference, the metrics, the record."""
-    started = time.perf_counter()
-    options = scenario.method_options()
-    say(f"scenario {scenario.name}: loading model {scenario.model.name}", progress)
-    loaded = load_model(scenario.model.name, scenario.model.weights, trust_remote_code=scenario.model.trust_remote_code,
-                        progress=progress)
-    original = loaded.model.to(device)
-    train = load_data(f"{scenario.data.source}:{scenario.data.train_split}")
-    test = load_data(f"{scenario.data.source}:{scenario.data.test_split}")
-    split = split_forget(train, scenario.forget)
-    say(f"forget {len(split.forget)} / retain {len(split.retain)} / test {len(test)} examples", progress)
-
-    def loader(data, batch_size: int, shuffle: bool = False, seed: int = 0):
-        return make_loader(data, original, loaded.tokenizer, batch_size, shuffle=shuffle, seed=seed,
-                           image_processor=loaded.image_processor)
-
-    eval_loaders = {name: loader(data, scenario.evaluation.batch_size) for name, data in
-                    (("forget", split.forget), ("retain", split.retain), ("test", test))}
-    evaluation_time = 0.0
-
-    def evaluate(model, name: str, mask=None) -> dict[str, Any]:
-        """The result entry's metrics (after), plot evidence and weight changes of `model`."""
-        nonlocal evaluation_time
-        start = time.perf_counter()
-        evaluation = evaluate_classifier(model, eval_loaders["forget"], eval_loaders["retain"], eval_loaders["test"],
-                                         seed=scenario.seed, max_mia_examples=scenario.evaluation.max_mia_examples)
-        evaluation_time += time.perf_counter() - start
-        about = REFERENCE_ABOUT.get(name) or {"summary": METHODS[name].summary,
-                                              "limitations": METHODS[name].limitations}
-        entry = {"metrics": {"after": evaluation.metrics}, "evidence": evaluation.evidence, "about": about}
-        if name not in ("original", "retrain"):
-            entry["weight_changes"] = weight_changes(original, model, mask)
-        return entry
-
-    entry = EMBEDDED_MODELS.get(scenario.model.name)
-    recipe = (scenario.model.recipe.model_dump() if scenario.model.recipe else
-              {"epochs": entry.epochs, "lr": entry.lr, "batch_size": entry.batch_size} if entry else {})
-    task = UnlearnTask(
-        model=original, forget=split.forget, retain=split.retain, num_classes=_num_classes(original),
-        loader=loader, build_fresh=entry.build if entry else lambda: type(original)(original.config),
-        seed=scenario.seed, progress=progress,
-    )
-
-    results: dict[str, dict[str, Any]] = {"original": evaluate(original, "original")}
-    results["original"]["wall_time_s"] = None
-    original_metrics = results["original"]["metrics"]["after"]
-
-    weights_sha256 = loaded.weights_sha256
-    writer = OutputWriter(out, scenario.name, weights_sha256)
-
-    retrain_time = None
-    if scenario.retrain is not None:
-        say("retraining from scratch on the retain set (the reference)", progress)
-        start = time.perf_counter()
-        reference = retrain(task, scenario.retrain, recipe).model
-        retrain_time = time.perf_counter() - start
-        results["retrain"] = {**evaluate(reference, "retrain"), "wall_time_s": retrain_time,
-                              "seed": scenario.seed + scenario.retrain.seed_offset}
-        writer.save("retrain", reference.state_dict(), None)
-
-    for index, (name, method_options) in enumerate(options.items(), 1):
-        say(f"method {index}/{len(options)}: {name} ({METHODS[name].summary})", progress)
-        start = time.perf_counter()
-        output = METHODS[name].run(task, method_options)
-        wall = time.perf_counter() - start
-        result = evaluate(output.model, name, output.mask)
-        after = result["metrics"]["after"]
-        if "retrain" in results:
-            after["gap_to_retrain"] = gap_to_retrain(after, results["retrain"]["metrics"]["after"])
-            after["time_vs_retrain"] = wall / retrain_time
-        result["metrics"]["before"] = original_metrics
-        results[name] = {**result, "wall_time_s": wall, "seed": scenario.seed, "options": method_options.model_dump(),
-                         "mask": writer.save(name, output.model.state_dict(), output.mask)}
-
-    notes = []
-    mia_informative = mia_is_informative(original_metrics)
-    if not mia_informative:
-        notes.append(
-            f"The SVC membership attack tells retain from test examples of the original model only "
-            f"{original_metrics['mia_attack_accuracy']:.0%} of the time (50% = guessing), so MIA-efficacy carries "
-            f"little evidence here; the log-odds attack AUC (retain vs test "
-            f"{original_metrics['mia_auc_retain_vs_test']:.2f}) shows how much power any such attack has."
-        )
-    if scenario.retrain is None:
-        notes.append("No model was retrained without the forget data, so closeness to exact unlearning is unknown.")
-
-    record_path = out / "record.json"
-    write_record({
-        **common_record(scenario, path, out, device),
-        "kind": "classification-unlearning",
-        "inputs": input_entries(path, {"model weights": loaded.files}),
-        "outputs": writer.entries,
-        "data": data_fingerprints(split, test),
-        "model": {"source": scenario.model.name, "origin": loaded.origin, "weights_sha256": weights_sha256},
-        "timings": run_timings(started, evaluation_time, retrain_time),
-        "notes": notes,
-        "mia_informative": mia_informative,
-        "results": results,
-        "verdict": verdict(scenario.criteria, results),
-    }, record_path)
-    return record_path
+    return run_job(ClassificationJob(scenario, path, out, device, progress))
 
 
 def _num_classes(model) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import shlex
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,12 +62,6 @@ def cached_weights(folder: str, label: str, key: Mapping[str, Any], empty: Calla
 def data_fingerprints(split: ForgetSplit, test: Dataset) -> dict[str, dict]:
     """Count and id hash of the forget, retain and test sets."""
     return {**split.fingerprints(), "test": fingerprint(test)}
-
-
-def run_timings(started: float, evaluation_s: float, retrain_s: float | None) -> dict[str, float]:
-    """Total run time since `started` (perf_counter), evaluation time, and retraining time when there was one."""
-    return {"total_s": time.perf_counter() - started, "evaluation_s": evaluation_s,
-            **({"retrain_s": retrain_s} if retrain_s is not None else {})}
 
 
 def input_entries(scenario_path: Path, weights_by_role: dict[str, dict[str, str]]) -> list[dict[str, str]]:

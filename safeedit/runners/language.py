@@ -1,6 +1,6 @@
-"""The LLM unlearning runner: build the setting (fictitious authors or known capitals), run each
-`<objective>[+<mask>]` method on the same model, evaluate with the protocol's metrics, write masks, weights and the
-record.
+"""The LLM unlearning job: build the setting (fictitious authors or known capitals), run each `<objective>[+<mask>]`
+method (registered, kind `llm-unlearning`) on the same model, evaluate with the protocol's metrics, write masks,
+weights and the record (the loop itself is `safeedit.runners.job`).
 
 Fictitious authors: the model to unlearn is the base model fine-tuned on every trained author, the reference the
 same fine-tune on the retain authors only; both are cached (they are the setting, not the method) and recorded as
@@ -11,17 +11,14 @@ are used, and there is no retrained reference.
 from __future__ import annotations
 
 import random
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from safeedit.criteria import verdict
 from safeedit.data.authors import fictitious_authors, qa_fingerprint
 from safeedit.data.capitals import CapitalFact, answer_mentions, capital_facts, wikipedia_passages
 from safeedit.errors import SafeEditError
@@ -29,41 +26,19 @@ from safeedit.eval.qa import authors_metrics, capitals_metrics
 from safeedit.eval.safety import generate_answers
 from safeedit.eval.weights import weight_changes
 from safeedit.io import sha256_file
+from safeedit.methods import EditResult, MethodSpec, resolve
 from safeedit.models.language import load_language_model
-from safeedit.record import write_record
-from safeedit.runners.common import OutputWriter, cached_finetune, common_record, input_entries, say
+from safeedit.runners.common import OutputWriter, cached_finetune, input_entries, say
+from safeedit.runners.job import Job, run_job
 from safeedit.scenario import AuthorsSection, CapitalsSection, LMScenario
-from safeedit.unlearn.wagle import lm_unlearn, parse_method
+from safeedit.unlearn.wagle import KIND, LMUnlearnSetting, about
 
-Measured = TypeVar("Measured")
-ABOUT_OBJECTIVE = {
-    "graddiff": "gradient ascent on the forget answers, descent on paired retain answers (GradDiff)",
-    "npo": "negative preference optimization against the frozen original (NPO, β = 0.1) plus the retain NLL",
-    "refusal": "teach a refusal answer to the forget questions, plus the retain NLL",
-}
-ABOUT_MASK = {
-    None: "every weight may change",
-    "wagle": "only the top-r weights by WAGLE attribution |(θ − g_r/γ) ⊙ g_f| change (Jia et al. 2024)",
-    "saliency": "only the top-r weights by forget-gradient saliency |g_f| change",
-    "magnitude": "only the top-r weights by magnitude change",
-    "random": "only a random r of the weights change (the control for the masks)",
-}
-LIMITATIONS = (
-    "Approximate unlearning: the edited model is not proven identical to one never trained on the forget data; "
-    "the evidence is behavioural (answers, answer probabilities, a membership attack) on the questions evaluated "
-    "here, and paraphrased or indirect questions may still recover the facts. Hyper-parameters were chosen on "
-    "other forget sets (benchmarks/wagle.py); another model or request may need them re-tuned.")
 REFERENCE_ABOUT = {
     "original": {"summary": "the model before unlearning", "limitations": "Reference only; not a method."},
     "retrain": {"summary": "the base model fine-tuned on the retain authors only: what exact unlearning would give",
                 "limitations": "One fine-tune on one seed; the retrain-vs-retrain spread is measured in "
                                "benchmarks/wagle.py."},
 }
-
-
-def describe(method: str) -> dict[str, str]:
-    objective, score = parse_method(method)
-    return {"summary": f"{ABOUT_OBJECTIVE[objective]}; {ABOUT_MASK[score]}", "limitations": LIMITATIONS}
 
 
 def retain_subset(items: list[Any], count: int, seed: int) -> list[Any]:
@@ -104,120 +79,129 @@ def capitals_setting(known: list[CapitalFact], section: CapitalsSection, retain_
                            wikipedia_passages(section.fluency_texts, section.seed, exclude=names))
 
 
-def run_llm_unlearning(scenario: LMScenario, path: Path, out: Path, device: torch.device, progress: bool) -> Path:
-    started = time.perf_counter()
-    options = scenario.method_options()
-    evaluation = scenario.evaluation
-    say(f"scenario {scenario.name}: loading {scenario.model.name}", progress)
-    loaded = load_language_model(scenario.model.name, scenario.model.trust_remote_code, progress)
-    base, tokenizer = loaded.model.to(device), loaded.tokenizer
-    inputs: dict[str, dict[str, str]] = {"model weights": loaded.files}
-    model_info: dict[str, Any] = {"source": scenario.model.name, "weights_sha256": loaded.weights_sha256}
-    notes: list[str] = []
-    results: dict[str, dict[str, Any]] = {}
-    evaluation_time = 0.0
-    section = scenario.data
+class LanguageJob(Job):
+    """LLM unlearning: the model to unlearn (and, for fictitious authors, the retrain reference) is the setting;
+    each method is an objective, optionally confined to the mask its name gives (`npo+wagle`)."""
 
-    def timed(name: str, measure: Callable[[], Measured]) -> Measured:
-        nonlocal evaluation_time
-        start = time.perf_counter()
-        say(f"evaluating {name}", progress)
-        result = measure()
-        evaluation_time += time.perf_counter() - start
-        return result
+    kind = KIND
+    scenario: LMScenario
 
-    if isinstance(section, AuthorsSection):
+    def prepare(self) -> None:
+        scenario, progress = self.scenario, self.progress
+        say(f"scenario {scenario.name}: loading {scenario.model.name}", progress)
+        self.loaded = loaded = load_language_model(scenario.model.name, scenario.model.trust_remote_code, progress)
+        base, self.tokenizer = loaded.model.to(self.device), loaded.tokenizer
+        self.inputs: dict[str, dict[str, str]] = {"model weights": loaded.files}
+        self.notes: list[str] = []
+        self.reference_ratios: np.ndarray | None = None
+        if isinstance(scenario.data, AuthorsSection):
+            source_sha = self.prepare_authors(base, scenario.data)
+        else:
+            source_sha = self.prepare_capitals(base, scenario.data)
+        self.original_metrics = self.measure(self.original, "the original model")
+        self.results["original"] = {"metrics": {"after": self.original_metrics}, "wall_time_s": None,
+                                    "about": REFERENCE_ABOUT["original"]}
+        self.writer = OutputWriter(self.out, scenario.name, source_sha)
+
+    def prepare_authors(self, base: nn.Module, section: AuthorsSection) -> str:
+        """The fine-tune on every author (the model to unlearn) and on the retain authors (the reference, evaluated
+        here); returns the SHA-256 of the model to unlearn."""
+        scenario, loaded, progress = self.scenario, self.loaded, self.progress
         data = fictitious_authors(section.authors, section.questions_per_author, section.holdout_authors,
                                   section.forget_ratio, section.perturbed, section.seed, section.split_seed)
-        forget_items, holdout = data.forget, data.holdout
-        retain_items = data.retain
-        eval_retain = retain_subset(retain_items, evaluation.retain_questions, scenario.seed)
-        original, original_path = cached_finetune(
-            base, tokenizer, [q.chat() for q in data.train()], scenario.finetune, scenario.seed,
+        self.authors = data
+        self.eval_retain = retain_subset(data.retain, scenario.evaluation.retain_questions, scenario.seed)
+        self.original, original_path = cached_finetune(
+            base, self.tokenizer, [q.chat() for q in data.train()], scenario.finetune, scenario.seed,
             "authors-all", loaded.weights_sha256, progress)
         source_sha = sha256_file(original_path)
-        inputs["model to unlearn (fine-tuned on all authors, cached)"] = {str(original_path): source_sha}
-
-        def authors_evaluation(model: nn.Module, name: str, reference_ratios: np.ndarray | None):
-            return timed(name, lambda: authors_metrics(
-                model, tokenizer, forget_items, eval_retain, holdout, reference_ratios, evaluation.max_new_tokens,
-                evaluation.batch_size, evaluation.min_k))
-
-        reference_ratios = None
+        self.inputs["model to unlearn (fine-tuned on all authors, cached)"] = {str(original_path): source_sha}
         if scenario.retrain:
             reference, reference_path = cached_finetune(
-                base, tokenizer, [q.chat() for q in retain_items], scenario.finetune, scenario.seed,
+                base, self.tokenizer, [q.chat() for q in data.retain], scenario.finetune, scenario.seed,
                 "authors-retain", loaded.weights_sha256, progress)
-            inputs["reference (fine-tuned on the retain authors only, cached)"] = {
+            self.inputs["reference (fine-tuned on the retain authors only, cached)"] = {
                 str(reference_path): sha256_file(reference_path)}
-            retrained = authors_evaluation(reference, "retrain", None)
-            reference_ratios = retrained.forget_ratios
-            results["retrain"] = {"metrics": {"after": retrained.metrics}, "wall_time_s": None,
-                                  "about": REFERENCE_ABOUT["retrain"]}
+            retrained = self.authors_evaluation(reference, "retrain", None)
+            self.reference_ratios = retrained.forget_ratios
+            self.results["retrain"] = {"metrics": {"after": retrained.metrics}, "wall_time_s": None,
+                                       "about": REFERENCE_ABOUT["retrain"]}
+        self.forget_chats, self.retain_chats = [q.chat() for q in data.forget], [q.chat() for q in data.retain]
+        self.data_fingerprints = data.fingerprints()
+        self.notes.append(
+            f"{len(data.forget_authors)} of {section.authors} fictitious authors are forgotten ({len(data.forget)} "
+            f"questions); retain metrics read {len(self.eval_retain)} of {len(data.retain)} retain questions; the "
+            f"membership attack compares the forget answers with answers about {section.holdout_authors} authors the "
+            "model never saw.")
+        return source_sha
 
-        def evaluate(model: nn.Module, name: str) -> dict[str, float]:
-            return authors_evaluation(model, name, reference_ratios).metrics
-        forget_chats, retain_chats = [q.chat() for q in forget_items], [q.chat() for q in retain_items]
-        data_fingerprints = data.fingerprints()
-        notes.append(f"{len(data.forget_authors)} of {section.authors} fictitious authors are forgotten "
-                     f"({len(forget_items)} questions); retain metrics read {len(eval_retain)} of "
-                     f"{len(retain_items)} retain questions; the membership attack compares the forget answers with "
-                     f"answers about {section.holdout_authors} authors the model never saw.")
-    else:
-        original, source_sha = base, loaded.weights_sha256
+    def prepare_capitals(self, base: nn.Module, section: CapitalsSection) -> str:
+        """The capitals the base model (the model to unlearn) knows, split into forget and retain; returns the
+        SHA-256 of the base weights."""
+        evaluation = self.scenario.evaluation
+        self.original, self.authors = base, None
         facts = capital_facts()
-        known = known_capitals(base, tokenizer, facts, 24, evaluation.batch_size)
-        setting = capitals_setting(known, section, evaluation.retain_questions, scenario.seed)
-        forget_facts, retain_facts, eval_retain, fluency = (setting.forget, setting.retain,
-                                                            setting.evaluated_retain, setting.fluency)
+        known = known_capitals(base, self.tokenizer, facts, 24, evaluation.batch_size)
+        self.capitals = capitals = capitals_setting(known, section, evaluation.retain_questions, self.scenario.seed)
+        self.forget_chats = [f.qa().chat() for f in capitals.forget]
+        self.retain_chats = [f.qa().chat() for f in capitals.retain]
+        self.data_fingerprints = {"forget": qa_fingerprint([f.qa() for f in capitals.forget]),
+                                  "retain": qa_fingerprint([f.qa() for f in capitals.retain])}
+        self.notes.append(
+            f"The base model answers {len(known)} of {len(facts)} capital questions correctly; "
+            f"{len(capitals.forget)} of those are forgotten ({', '.join(f.country for f in capitals.forget)}) and "
+            f"{len(capitals.evaluated_retain)} of the other {len(capitals.retain)} are checked as retained. "
+            f"Perplexity is measured on {len(capitals.fluency)} Wikipedia summaries that mention no forgotten country "
+            "or capital. No retrained reference exists for knowledge learned in pre-training.")
+        return self.loaded.weights_sha256
 
-        def evaluate(model: nn.Module, name: str) -> dict[str, float]:
-            return timed(name, lambda: capitals_metrics(model, tokenizer, forget_facts, eval_retain, fluency, 24,
-                                                        evaluation.batch_size)[0])
+    def authors_evaluation(self, model: nn.Module, name: str, reference_ratios: np.ndarray | None):
+        evaluation = self.scenario.evaluation
+        with self.timed_evaluation():
+            say(f"evaluating {name}", self.progress)
+            return authors_metrics(model, self.tokenizer, self.authors.forget, self.eval_retain, self.authors.holdout,
+                                   reference_ratios, evaluation.max_new_tokens, evaluation.batch_size,
+                                   evaluation.min_k)
 
-        forget_chats = [f.qa().chat() for f in forget_facts]
-        retain_chats = [f.qa().chat() for f in retain_facts]
-        data_fingerprints = {"forget": qa_fingerprint([f.qa() for f in forget_facts]),
-                             "retain": qa_fingerprint([f.qa() for f in retain_facts])}
-        notes.append(f"The base model answers {len(known)} of {len(facts)} capital questions correctly; "
-                     f"{len(forget_facts)} of those are forgotten ({', '.join(f.country for f in forget_facts)}) "
-                     f"and {len(eval_retain)} of the other {len(retain_facts)} are checked as retained. Perplexity "
-                     f"is measured on {len(fluency)} Wikipedia summaries that mention no forgotten country or "
-                     "capital. No retrained reference exists for knowledge learned in pre-training.")
+    def measure(self, model: nn.Module, name: str) -> dict[str, float]:
+        """The protocol's metrics of `model` (fictitious authors: forget quality against the reference's)."""
+        if self.authors is not None:
+            return self.authors_evaluation(model, name, self.reference_ratios).metrics
+        capitals, evaluation = self.capitals, self.scenario.evaluation
+        with self.timed_evaluation():
+            say(f"evaluating {name}", self.progress)
+            return capitals_metrics(model, self.tokenizer, capitals.forget, capitals.evaluated_retain,
+                                    capitals.fluency, 24, evaluation.batch_size)[0]
 
-    original_metrics = evaluate(original, "the original model")
-    results["original"] = {"metrics": {"after": original_metrics}, "wall_time_s": None,
-                           "about": REFERENCE_ABOUT["original"]}
-    writer = OutputWriter(out, scenario.name, source_sha)
-    for index, (name, method_options) in enumerate(options.items(), 1):
-        say(f"method {index}/{len(options)}: {name} ({method_options.epochs} epochs, lr {method_options.lr:g}"
-            + (f", mask ratio {method_options.mask_ratio:g})" if "+" in name else ")"), progress)
-        start = time.perf_counter()
-        edited, mask = lm_unlearn(original, tokenizer, forget_chats, retain_chats, name, method_options,
-                                  scenario.seed, progress)
-        wall = time.perf_counter() - start
-        state = edited.state_dict() if name in scenario.weights_to_save() else None
-        mask_summary = (writer.save(name, state, mask) if state is not None
-                        else writer.save_mask(name, mask) if mask is not None else None)
-        results[name] = {
-            "metrics": {"before": original_metrics, "after": evaluate(edited, name)},
-            "wall_time_s": wall, "seed": scenario.seed, "options": method_options.model_dump(),
-            "about": describe(name), "mask": mask_summary,
-            "weight_changes": weight_changes(original, edited, mask),
+    def setting_for(self, name: str) -> LMUnlearnSetting:
+        """The setting of method `name`: its mask score is part of its name (`npo+wagle`)."""
+        return LMUnlearnSetting(self.original, self.tokenizer, self.forget_chats, self.retain_chats,
+                                resolve(KIND, name).mask_score)
+
+    def evaluate(self, name: str, result: EditResult, wall_s: float) -> dict[str, Any]:
+        return {"metrics": {"before": self.original_metrics, "after": self.measure(result.model, name)},
+                "weight_changes": weight_changes(self.original, result.model, result.mask)}
+
+    def save(self, name: str, result: EditResult) -> dict[str, Any] | None:
+        """The weights of the methods `save_weights` names (default: the first); the mask of every masked method."""
+        if name in self.scenario.weights_to_save():
+            return self.writer.save(name, result.model.state_dict(), result.mask)
+        return self.writer.save_mask(name, result.mask) if result.mask is not None else None
+
+    def about(self, name: str, spec: MethodSpec) -> dict[str, str]:
+        return about(resolve(KIND, name))
+
+    def record_fields(self, started: float) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "inputs": input_entries(self.path, self.inputs),
+            "data": self.data_fingerprints,
+            "model": {"source": self.scenario.model.name, "weights_sha256": self.loaded.weights_sha256},
+            "timings": self.timings(started),
+            "notes": self.notes,
         }
-        del edited
 
-    record_path = out / "record.json"
-    write_record({
-        **common_record(scenario, path, out, device),
-        "kind": "llm-unlearning",
-        "inputs": input_entries(path, inputs),
-        "outputs": writer.entries,
-        "data": data_fingerprints,
-        "model": model_info,
-        "timings": {"total_s": time.perf_counter() - started, "evaluation_s": evaluation_time},
-        "notes": notes,
-        "results": results,
-        "verdict": verdict(scenario.criteria, results),
-    }, record_path)
-    return record_path
+
+def run_llm_unlearning(scenario: LMScenario, path: Path, out: Path, device: torch.device, progress: bool) -> Path:
+    """Remove facts from a language model: every method, the references, the metrics, the record."""
+    return run_job(LanguageJob(scenario, path, out, device, progress))

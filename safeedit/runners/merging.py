@@ -1,6 +1,7 @@
-"""The merging runner: fine-tune one model per task from a shared body (one or more of them on backdoored data),
+"""The merging job: fine-tune one model per task from a shared body (one or more of them on backdoored data),
 merge them with every method the scenario names, and measure each merge's clean accuracy per task and the attack
-success rate of every trigger on every task; write masks, the DAM merge, the heads and the record.
+success rate of every trigger on every task; write masks, the DAM merge, the heads and the record (the loop itself
+is `safeedit.runners.job`).
 
 Data roles per task, all disjoint: `train` fine-tunes the task model (poisoned for attacked tasks), `unlabeled`
 (more train-split examples, labels dropped) is all the learned merges see, `test` is where everything is measured.
@@ -21,13 +22,12 @@ from datasets import Dataset, DatasetDict, load_from_disk
 from torch import nn
 
 from safeedit.attacks.backdoor import TriggerSpec, attack_success_rate, poison_dataset, triggered_test_set
-from safeedit.criteria import verdict
 from safeedit.data.forget import fingerprint
 from safeedit.errors import SafeEditError
 from safeedit.io import save_safetensors, sha256_file, sha256_text
-from safeedit.merge.methods import SUMMARIES, merge
 from safeedit.merge.setting import MergeSetting
 from safeedit.merge.vectors import with_parameters
+from safeedit.methods import EditResult
 from safeedit.models.encoders import (
     Encoder,
     FinetuneRecipe,
@@ -39,8 +39,8 @@ from safeedit.models.encoders import (
     predictions,
 )
 from safeedit.models.shipped import SHIPPED, zoo_entries
-from safeedit.record import write_record
-from safeedit.runners.common import OutputWriter, cached_weights, common_record, input_entries, say
+from safeedit.runners.common import OutputWriter, cached_weights, input_entries, say
+from safeedit.runners.job import Job, run_job
 from safeedit.scenario import MergeScenario
 
 
@@ -106,143 +106,163 @@ def cached_task_model(encoder: Encoder, base_sha256: str, task: str, train: Data
     return model, path, 0.0 if cached else time.perf_counter() - start
 
 
-def run_merging(scenario: MergeScenario, path: Path, out: Path, device: torch.device, progress: bool) -> Path:
-    started = time.perf_counter()
-    options = scenario.method_options()
-    say(f"scenario {scenario.name}: loading {scenario.model.name}", progress)
-    encoder, files = load_encoder(scenario.model.name, scenario.model.modality, scenario.model.max_length, progress)
-    encoder = encoder.to(device)
-    base_files = {str(f): sha256_file(f) for f in files}
-    # By file name, not path: the same weights hash the same wherever safeedit or the model is installed.
-    base_sha = sha256_text(json.dumps({Path(f).name: digest for f, digest in base_files.items()}, sort_keys=True))
-    data = load_tasks(scenario)
-    seed, tasks = scenario.seed, scenario.tasks
+FROZEN_ENCODER_ABOUT = {"summary": "the pretrained body, frozen, with a linear probe per task on clean data: the floor",
+                        "limitations": "Reference only; not a method."}
 
-    train, unlabeled, test, classes = {}, {}, {}, {}
-    for name, splits in data.items():
-        shuffled = splits["train"].shuffle(seed=seed)
-        if len(shuffled) < tasks.unlabeled + 10:
-            raise SafeEditError(f"task {name!r} has {len(shuffled)} training examples; it needs more than "
-                                f"unlabeled ({tasks.unlabeled}) + 10")
-        unlabeled[name] = shuffled.select(range(tasks.unlabeled))
-        train[name] = shuffled.select(range(tasks.unlabeled, min(len(shuffled), tasks.unlabeled + tasks.max_train)))
-        test[name] = splits["test"].select(range(min(len(splits["test"]), tasks.max_test)))
-        classes[name] = num_classes(splits)
-    clean_train = dict(train)
-    for name, spec in scenario.attacks.items():
-        train[name] = poison_dataset(train[name], spec, seed)
-        say(f"task {name}: {sum(train[name]['poisoned'])} of {len(train[name])} training examples poisoned "
-            f"({spec.kind} trigger, target class {spec.target})", progress)
-    triggered: dict[tuple[str, str], Dataset] = {}
-    for attacker, spec in scenario.attacks.items():
+
+class MergeJob(Job):
+    kind = "merge-backdoor-defence"
+    scenario: MergeScenario
+
+    def prepare(self) -> None:
+        scenario, progress, seed, tasks = self.scenario, self.progress, self.scenario.seed, self.scenario.tasks
+        say(f"scenario {scenario.name}: loading {scenario.model.name}", progress)
+        encoder, files = load_encoder(scenario.model.name, scenario.model.modality, scenario.model.max_length,
+                                      progress)
+        self.encoder = encoder = encoder.to(self.device)
+        self.base_files = {str(f): sha256_file(f) for f in files}
+        # By file name, not path: the same weights hash the same wherever safeedit or the model is installed.
+        self.base_sha = sha256_text(json.dumps({Path(f).name: digest for f, digest in self.base_files.items()},
+                                               sort_keys=True))
+        data = load_tasks(scenario)
+        self.task_names = list(data)
+
+        self.train, self.unlabeled, self.test, self.classes = {}, {}, {}, {}
+        for name, splits in data.items():
+            shuffled = splits["train"].shuffle(seed=seed)
+            if len(shuffled) < tasks.unlabeled + 10:
+                raise SafeEditError(f"task {name!r} has {len(shuffled)} training examples; it needs more than "
+                                    f"unlabeled ({tasks.unlabeled}) + 10")
+            self.unlabeled[name] = shuffled.select(range(tasks.unlabeled))
+            self.train[name] = shuffled.select(range(tasks.unlabeled,
+                                                     min(len(shuffled), tasks.unlabeled + tasks.max_train)))
+            self.test[name] = splits["test"].select(range(min(len(splits["test"]), tasks.max_test)))
+            self.classes[name] = num_classes(splits)
+        clean_train = dict(self.train)
+        for name, spec in scenario.attacks.items():
+            self.train[name] = poison_dataset(self.train[name], spec, seed)
+            say(f"task {name}: {sum(self.train[name]['poisoned'])} of {len(self.train[name])} training examples "
+                f"poisoned ({spec.kind} trigger, target class {spec.target})", progress)
+        self.triggered: dict[tuple[str, str], Dataset] = {}
+        for attacker, spec in scenario.attacks.items():
+            for name in data:
+                if spec.target < self.classes[name]:
+                    self.triggered[attacker, name] = triggered_test_set(self.test[name], spec, seed)
+
+        say("frozen encoder: linear probes on the pretrained body (the floor a merge must stay above)", progress)
+        probes = {name: TaskClassifier(encoder, linear_probe(encoder, clean_train[name], self.classes[name], seed))
+                  for name in data}
+        with self.timed_evaluation():
+            self.results["frozen_encoder"] = {"metrics": {"after": self.measure(probes)}, "wall_time_s": None,
+                                              "about": FROZEN_ENCODER_ABOUT}
+
+        self.task_models, self.inputs, self.finetune_s = {}, {"base body weights": self.base_files}, 0.0
         for name in data:
-            if spec.target < classes[name]:
-                triggered[attacker, name] = triggered_test_set(test[name], spec, seed)
+            model, model_path, seconds = cached_task_model(encoder, self.base_sha, name, self.train[name],
+                                                           self.classes[name], scenario.finetune, seed,
+                                                           scenario.attacks.get(name), progress)
+            self.task_models[name], self.finetune_s = model, self.finetune_s + seconds
+            role = f"task model {name}" + (" (backdoored, cached)" if name in scenario.attacks else " (cached)")
+            self.inputs[role] = {str(model_path): sha256_file(model_path)}
+        self.heads = {name: model.head for name, model in self.task_models.items()}
+        unlabeled_batches = {n: list(loader(encoder, self.unlabeled[n].remove_columns("label"), tasks.batch_size,
+                                            shuffle=True, seed=seed)) for n in data}
+        self.merge_setting = MergeSetting(encoder, {n: m.encoder for n, m in self.task_models.items()}, self.heads,
+                                          unlabeled_batches)
 
-    def measure(models: dict[str, nn.Module]) -> dict[str, float | None]:
+        self.writer = OutputWriter(self.out, scenario.name, self.base_sha)
+        heads_path = self.out / "task-heads.safetensors"
+        save_safetensors({f"{n}.{k}": v for n, h in self.heads.items() for k, v in h.state_dict().items()},
+                         heads_path, {"scenario": scenario.name,
+                                      "what": "per-task linear heads (kept per task, never merged)"})
+        self.writer.add(heads_path, "task heads")
+        self.merged: nn.Module | None = None  # the latest method's merged body (`evaluate` builds, `save` writes)
+        self.mask_summaries: dict[str, dict[str, Any] | None] = {}
+
+    @property
+    def setting(self) -> MergeSetting:
+        return self.merge_setting
+
+    def measure(self, models: dict[str, nn.Module]) -> dict[str, float | None]:
         """Accuracy on each task's test split and the worst attack success rate of any trigger on each task."""
-        metrics: dict[str, float | None] = {}
+        attacks, metrics = self.scenario.attacks, {}
         for name, model in models.items():
-            predicted, labels = predictions(model, encoder, test[name])
+            predicted, labels = predictions(model, self.encoder, self.test[name])
             metrics[f"accuracy_{name}"] = float((predicted == labels).mean())
-            rates = [attack_success_rate(predictions(model, encoder, triggered[a, name])[0].tolist(), spec.target)
-                     for a, spec in scenario.attacks.items() if (a, name) in triggered]
+            rates = [attack_success_rate(predictions(model, self.encoder, self.triggered[a, name])[0].tolist(),
+                                         spec.target)
+                     for a, spec in attacks.items() if (a, name) in self.triggered]
             metrics[f"asr_{name}"] = max(rates) if rates else None
         metrics["avg_accuracy"] = float(np.mean([metrics[f"accuracy_{n}"] for n in models]))
-        attacked = [metrics[f"asr_{n}"] for n in scenario.attacks if metrics.get(f"asr_{n}") is not None]
-        clean = [metrics[f"asr_{n}"] for n in models if n not in scenario.attacks and metrics[f"asr_{n}"] is not None]
+        attacked = [metrics[f"asr_{n}"] for n in attacks if metrics.get(f"asr_{n}") is not None]
+        clean = [metrics[f"asr_{n}"] for n in models if n not in attacks and metrics[f"asr_{n}"] is not None]
         metrics["backdoor_asr"] = float(np.mean(attacked)) if attacked else None
         metrics["transfer_asr"] = float(np.mean(clean)) if clean else None
         return metrics
 
-    evaluation_time = 0.0
-    results: dict[str, dict[str, Any]] = {}
-    say("frozen encoder: linear probes on the pretrained body (the floor a merge must stay above)", progress)
-    probes = {name: TaskClassifier(encoder, linear_probe(encoder, clean_train[name], classes[name], seed))
-              for name in data}
-    start = time.perf_counter()
-    results["frozen_encoder"] = {"metrics": {"after": measure(probes)}, "wall_time_s": None, "about": {
-        "summary": "the pretrained body, frozen, with a linear probe per task on clean data: the floor",
-        "limitations": "Reference only; not a method."}}
-    evaluation_time += time.perf_counter() - start
-
-    task_models, inputs, finetune_s = {}, {"base body weights": base_files}, 0.0
-    for name in data:
-        model, model_path, seconds = cached_task_model(encoder, base_sha, name, train[name], classes[name],
-                                                       scenario.finetune, seed, scenario.attacks.get(name), progress)
-        task_models[name], finetune_s = model, finetune_s + seconds
-        role = f"task model {name}" + (" (backdoored, cached)" if name in scenario.attacks else " (cached)")
-        inputs[role] = {str(model_path): sha256_file(model_path)}
-    heads = {name: model.head for name, model in task_models.items()}
-    unlabeled_batches = {n: list(loader(encoder, unlabeled[n].remove_columns("label"), tasks.batch_size,
-                                        shuffle=True, seed=seed)) for n in data}
-    setting = MergeSetting(encoder, {n: m.encoder for n, m in task_models.items()}, heads, unlabeled_batches)
-
-    writer = OutputWriter(out, scenario.name, base_sha)
-    heads_path = out / "task-heads.safetensors"
-    save_safetensors({f"{n}.{k}": v for n, h in heads.items() for k, v in h.state_dict().items()}, heads_path,
-                     {"scenario": scenario.name, "what": "per-task linear heads (kept per task, never merged)"})
-    writer.add(heads_path, "task heads")
-    for index, (name, method_options) in enumerate(options.items(), 1):
-        say(f"method {index}/{len(options)}: {name}", progress)
-        start = time.perf_counter()
-        outcome = merge(name, method_options, setting, seed, progress)
-        wall = time.perf_counter() - start
-        start = time.perf_counter()
-        if outcome.parameters is None:
-            models = task_models
-        else:
-            merged = with_parameters(encoder, outcome.parameters)
-            models = {n: TaskClassifier(merged, heads[n]) for n in data}
-        metrics = measure(models)
-        evaluation_time += time.perf_counter() - start
-        entry: dict[str, Any] = {"metrics": {"after": metrics}, "wall_time_s": wall if name != "individual" else None,
-                                 "seed": seed, "options": method_options.model_dump(),
-                                 "about": {"summary": SUMMARIES[name], "limitations": (
-                                     "Measured on the embedded tasks and triggers of this scenario; other triggers, "
-                                     "poison rates or adaptive attackers are not covered.")}}
-        evidence: dict[str, Any] = dict(outcome.details)
-        for mask_name, mask in outcome.masks.items():
-            evidence[mask_name] = writer.save_mask(mask_name, mask)
-        if name == "dam":
-            entry["mask"] = evidence["dam-backdoor"]
-            weights = out / "dam.safetensors"
-            save_safetensors(merged.state_dict(), weights, {"method": name, "scenario": scenario.name})
-            writer.add(weights, "merged body weights")
-        elif outcome.masks:
-            entry["mask"] = next(v for k, v in evidence.items() if k in outcome.masks)
+    def evaluate(self, name: str, result: EditResult, wall_s: float) -> dict[str, Any]:
+        """Metrics of the merged body with each task's own head (`individual`: the task models themselves); the
+        method's details and its masks, written by name (`dam-shared`, `dam-backdoor`, ...), are its evidence."""
+        with self.timed_evaluation():
+            if result.parameters is None:
+                self.merged, models = None, self.task_models
+            else:
+                self.merged = merged = with_parameters(self.encoder, result.parameters)
+                models = {n: TaskClassifier(merged, self.heads[n]) for n in self.task_names}
+            entry: dict[str, Any] = {"metrics": {"after": self.measure(models)}}
+        if name == "individual":
+            entry["wall_time_s"] = None  # the task models are the setting (fine-tuned and cached before the run)
+        evidence: dict[str, Any] = dict(result.details)
+        for mask_name, mask in result.masks.items():
+            evidence[mask_name] = self.writer.save_mask(mask_name, mask)
+        # The entry's mask: DAM's backdoor-detection mask (M2, what the defence removes), else the method's first.
+        self.mask_summaries[name] = (evidence["dam-backdoor"] if name == "dam" else
+                                     next((evidence[k] for k in result.masks), None))
         if evidence:
             entry["evidence"] = evidence
-        results[name] = entry
+        return entry
 
-    notes = [f"Learned merges see {tasks.unlabeled} unlabeled training-split examples per task; accuracies and "
-             "attack success rates are measured on the test splits, which no method saw.",
-             "Attack success rate counts triggered test inputs whose true class is not the target that are "
-             "classified as the target; on a clean task it measures transfer of the trigger, and the frozen "
-             "encoder's value is the rate at which the trigger alone moves predictions there (no backdoor)."]
-    for name, spec in scenario.attacks.items():
-        notes.append(f"Task {name!r} was backdoored: {spec.poison_rate:.0%} of its fine-tuning data carried a "
-                     f"{spec.kind} trigger{' ' + repr(spec.word) if spec.kind == 'word' else ''} relabelled as "
-                     f"class {spec.target}.")
-    record_path = out / "record.json"
-    fingerprints = {}
-    for name in data:
-        fingerprints.update({f"{name}_train": fingerprint(train[name]), f"{name}_test": fingerprint(test[name]),
-                             f"{name}_unlabeled": fingerprint(unlabeled[name])})
-    write_record({
-        **common_record(scenario, path, out, device),
-        "kind": "merge-backdoor-defence",
-        "inputs": input_entries(path, inputs),
-        "outputs": writer.entries,
-        "data": fingerprints,
-        "model": {"source": scenario.model.name, "modality": scenario.model.modality,
-                  "origin": SHIPPED if scenario.model.name in zoo_entries() else "folder or hub",
-                  "weights_sha256": base_sha,
-                  "tasks": {n: classes[n] for n in data}},
-        "timings": {"total_s": time.perf_counter() - started, "evaluation_s": evaluation_time,
-                    "finetune_s": finetune_s},
-        "notes": notes,
-        "results": results,
-        "verdict": verdict(scenario.criteria, results),
-    }, record_path)
-    return record_path
+    def save(self, name: str, result: EditResult) -> dict[str, Any] | None:
+        """DAM's merged body (the defence's output); the other merges follow from the recorded inputs, options and
+        seed. Their masks were written as evidence by `evaluate`."""
+        if name == "dam":
+            weights = self.out / "dam.safetensors"
+            save_safetensors(self.merged.state_dict(), weights, {"method": name, "scenario": self.scenario.name})
+            self.writer.add(weights, "merged body weights")
+        return self.mask_summaries[name]
+
+    def record_fields(self, started: float) -> dict[str, Any]:
+        scenario = self.scenario
+        fingerprints = {}
+        for name in self.task_names:
+            fingerprints.update({f"{name}_train": fingerprint(self.train[name]),
+                                 f"{name}_test": fingerprint(self.test[name]),
+                                 f"{name}_unlabeled": fingerprint(self.unlabeled[name])})
+        return {
+            "kind": self.kind,
+            "inputs": input_entries(self.path, self.inputs),
+            "data": fingerprints,
+            "model": {"source": scenario.model.name, "modality": scenario.model.modality,
+                      "origin": SHIPPED if scenario.model.name in zoo_entries() else "folder or hub",
+                      "weights_sha256": self.base_sha,
+                      "tasks": {n: self.classes[n] for n in self.task_names}},
+            "timings": self.timings(started, finetune_s=self.finetune_s),
+            "notes": self.notes(),
+        }
+
+    def notes(self) -> list[str]:
+        notes = [f"Learned merges see {self.scenario.tasks.unlabeled} unlabeled training-split examples per task; "
+                 "accuracies and attack success rates are measured on the test splits, which no method saw.",
+                 "Attack success rate counts triggered test inputs whose true class is not the target that are "
+                 "classified as the target; on a clean task it measures transfer of the trigger, and the frozen "
+                 "encoder's value is the rate at which the trigger alone moves predictions there (no backdoor)."]
+        for name, spec in self.scenario.attacks.items():
+            notes.append(f"Task {name!r} was backdoored: {spec.poison_rate:.0%} of its fine-tuning data carried a "
+                         f"{spec.kind} trigger{' ' + repr(spec.word) if spec.kind == 'word' else ''} relabelled as "
+                         f"class {spec.target}.")
+        return notes
+
+
+def run_merging(scenario: MergeScenario, path: Path, out: Path, device: torch.device, progress: bool) -> Path:
+    """Fine-tune (or load) the task models, merge them with every method, measure each merge, write the record."""
+    return run_job(MergeJob(scenario, path, out, device, progress))

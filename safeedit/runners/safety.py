@@ -1,5 +1,6 @@
-"""The harmful fine-tuning runner: align a chat model, let a user fine-tune it on poisoned task data, then remove
-the harmful behaviour by one-shot pruning (Antidote) and its baselines, and write masks, weights and the record.
+"""The harmful fine-tuning job: align a chat model, let a user fine-tune it on poisoned task data, then remove the
+harmful behaviour by one-shot pruning (Antidote) and its baselines, and write masks, weights and the record (the
+loop itself is `safeedit.runners.job`).
 
 The aligned and the fine-tuned models are cached (they are the setting, not the defence): a second run, or a run
 with other pruning options, starts from the same weights, and both files are recorded as inputs with their hashes.
@@ -7,7 +8,6 @@ with other pruning options, starts from the same weights, and both files are rec
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +15,17 @@ import torch
 from torch import nn
 
 from safeedit.attacks.harmful import alignment_mix, poisoned_mix
-from safeedit.criteria import verdict
 from safeedit.data.chat import prompt_loader
 from safeedit.data.prompts import ChatExample, SafetyData, safety_data
 from safeedit.eval.judge import Judge, load_judge, validate_judge
 from safeedit.eval.safety import generate_answers, safety_metrics
 from safeedit.eval.weights import weight_changes
 from safeedit.io import sha256_file
+from safeedit.methods import EditResult
 from safeedit.models.language import load_language_model
-from safeedit.prune import PRUNE_METHODS, prune, pruning_mask
-from safeedit.record import write_record
-from safeedit.runners.common import OutputWriter, cached_finetune, common_record, input_entries, say
+from safeedit.prune import PruneSetting
+from safeedit.runners.common import OutputWriter, cached_finetune, input_entries, say
+from safeedit.runners.job import Job, run_job
 from safeedit.scenario import SafetyScenario
 
 REFERENCE_ABOUT = {
@@ -44,112 +44,120 @@ def calibration_batches(model: nn.Module, tokenizer: Any, examples: list[ChatExa
     return prompt_loader(tokenizer, prompts, 16, answers=answers)
 
 
-def run_safety(scenario: SafetyScenario, path: Path, out: Path, device: torch.device, progress: bool) -> Path:
-    started = time.perf_counter()
-    options = scenario.method_options()
-    say(f"scenario {scenario.name}: loading {scenario.model.name}", progress)
-    loaded = load_language_model(scenario.model.name, scenario.model.trust_remote_code, progress)
-    base, tokenizer = loaded.model.to(device), loaded.tokenizer
-    data: SafetyData = safety_data(scenario.data)
-    judge: Judge = load_judge(scenario.judge)
-    judge_validation = validate_judge(judge)
-    say(f"judge {judge.name}: {judge_validation['accuracy']:.1%} accurate on {judge_validation['n']} labelled "
-        "answers", progress)
-    evaluation_time = 0.0
+class SafetyJob(Job):
+    """Harmful fine-tuning: the aligned model (`original`) and its poisoned fine-tune (`no_defense`) are the
+    setting; each method prunes the fine-tune once, and is measured against the undefended fine-tune."""
 
-    def evaluate(model: nn.Module, name: str, benign: bool = False) -> dict[str, float]:
-        nonlocal evaluation_time
-        start = time.perf_counter()
-        say(f"evaluating {name}", progress)
-        metrics, _ = safety_metrics(model, tokenizer, judge, data.evaluation, data.task_test,
-                                    data.benign_evaluation if benign else (), scenario.evaluation.max_new_tokens)
-        evaluation_time += time.perf_counter() - start
+    kind = "harmful-finetune-defence"
+    scenario: SafetyScenario
+
+    def prepare(self) -> None:
+        scenario, progress = self.scenario, self.progress
+        say(f"scenario {scenario.name}: loading {scenario.model.name}", progress)
+        self.loaded = loaded = load_language_model(scenario.model.name, scenario.model.trust_remote_code, progress)
+        base, self.tokenizer = loaded.model.to(self.device), loaded.tokenizer
+        self.data: SafetyData = safety_data(scenario.data)
+        self.judge: Judge = load_judge(scenario.judge)
+        self.judge_validation = validation = validate_judge(self.judge)
+        say(f"judge {self.judge.name}: {validation['accuracy']:.1%} accurate on {validation['n']} labelled "
+            "answers", progress)
+        self.notes: list[str] = []
+        self.inputs = {"model weights": loaded.files}
+        self.model_info: dict[str, Any] = {"source": scenario.model.name, "weights_sha256": loaded.weights_sha256,
+                                           "judge": self.judge.name, "judge_validation": validation}
+        aligned, aligned_sha = base, loaded.weights_sha256
+        if scenario.alignment is not None:
+            self.model_info["base"] = self.measure(base, "the base model")
+            mix = alignment_mix(self.data.alignment_harmful, self.data.alignment_benign, scenario.seed)
+            aligned, aligned_path = cached_finetune(base, self.tokenizer, mix, scenario.alignment, scenario.seed,
+                                                    "safety-alignment", loaded.weights_sha256, progress)
+            aligned_sha = sha256_file(aligned_path)
+            self.inputs["aligned weights (safety alignment, cached)"] = {str(aligned_path): aligned_sha}
+        self.results["original"] = {"metrics": {"after": self.measure(aligned, "the aligned model")},
+                                    "about": REFERENCE_ABOUT["original"], "wall_time_s": None}
+        original = self.results["original"]["metrics"]["after"]
+        refusal = 1 - original["harmful_score"]
+        if (refusal < ALIGNMENT_TARGET["refusal"]
+                or original["benign_refusal_rate"] > ALIGNMENT_TARGET["benign_refusal"]):
+            self.notes.append(
+                f"The aligned model refuses {refusal:.0%} of held-out harmful prompts and "
+                f"{original['benign_refusal_rate']:.0%} of benign ones, short of the target (≥ 80%, ≤ 10%): "
+                "the setting starts from a weakly aligned model.")
+
+        attack = scenario.attack
+        mix = poisoned_mix(self.data.task_train, self.data.attack, attack.poison_ratio, scenario.seed)
+        self.tuned, tuned_path = cached_finetune(aligned, self.tokenizer, mix, attack.finetune, scenario.seed,
+                                                 f"user-finetune-p{attack.poison_ratio:g}", aligned_sha, progress)
+        self.inputs["fine-tuned weights (user fine-tune, cached)"] = {str(tuned_path): sha256_file(tuned_path)}
+        self.results["no_defense"] = {
+            "metrics": {"after": self.measure(self.tuned, "the fine-tuned model (no defence)")},
+            "about": REFERENCE_ABOUT["no_defense"], "wall_time_s": None}
+        self.before = self.results["no_defense"]["metrics"]["after"]
+        self.writer = OutputWriter(self.out, scenario.name, sha256_file(tuned_path))
+        self.calibration: dict[str, Any] = {}
+        self.masks: dict[str, Any] = {}
+        aligned_weights = {name: p.detach() for name, p in aligned.named_parameters()}
+        self.prune_setting = PruneSetting(self.tuned, before=aligned_weights, calibration=self.calibration_for)
+
+    def calibration_for(self, prompts: str) -> Any:
+        """Calibration batches, computed when a method first needs them (its wall time includes them)."""
+        if prompts not in self.calibration:
+            examples = self.data.calibration if prompts == "harmful" else self.data.benign_calibration
+            self.calibration[prompts] = calibration_batches(self.tuned, self.tokenizer, examples,
+                                                            self.scenario.evaluation.max_new_tokens)
+        return self.calibration[prompts]
+
+    def measure(self, model: nn.Module, name: str) -> dict[str, float]:
+        """Harmful score, task accuracy and benign refusal of `model`, as the judge reads its answers."""
+        data = self.data
+        with self.timed_evaluation():
+            say(f"evaluating {name}", self.progress)
+            metrics, _ = safety_metrics(model, self.tokenizer, self.judge, data.evaluation, data.task_test,
+                                        data.benign_evaluation, self.scenario.evaluation.max_new_tokens)
         return metrics
 
-    notes: list[str] = []
-    inputs = {"model weights": loaded.files}
-    model_info: dict[str, Any] = {"source": scenario.model.name, "weights_sha256": loaded.weights_sha256,
-                                  "judge": judge.name, "judge_validation": judge_validation}
-    aligned, aligned_sha = base, loaded.weights_sha256
-    if scenario.alignment is not None:
-        model_info["base"] = evaluate(base, "the base model", benign=True)
-        mix = alignment_mix(data.alignment_harmful, data.alignment_benign, scenario.seed)
-        aligned, aligned_path = cached_finetune(base, tokenizer, mix, scenario.alignment, scenario.seed,
-                                                "safety-alignment", loaded.weights_sha256, progress)
-        aligned_sha = sha256_file(aligned_path)
-        inputs["aligned weights (safety alignment, cached)"] = {str(aligned_path): aligned_sha}
-    results: dict[str, dict[str, Any]] = {
-        "original": {"metrics": {"after": evaluate(aligned, "the aligned model", benign=True)},
-                     "about": REFERENCE_ABOUT["original"], "wall_time_s": None}}
-    original = results["original"]["metrics"]["after"]
-    refusal = 1 - original["harmful_score"]
-    if refusal < ALIGNMENT_TARGET["refusal"] or original["benign_refusal_rate"] > ALIGNMENT_TARGET["benign_refusal"]:
-        notes.append(f"The aligned model refuses {refusal:.0%} of held-out harmful prompts and "
-                     f"{original['benign_refusal_rate']:.0%} of benign ones, short of the target (≥ 80%, ≤ 10%): "
-                     "the setting starts from a weakly aligned model.")
+    @property
+    def setting(self) -> PruneSetting:
+        return self.prune_setting
 
-    attack = scenario.attack
-    mix = poisoned_mix(data.task_train, data.attack, attack.poison_ratio, scenario.seed)
-    tuned, tuned_path = cached_finetune(aligned, tokenizer, mix, attack.finetune, scenario.seed,
-                                        f"user-finetune-p{attack.poison_ratio:g}", aligned_sha, progress)
-    inputs["fine-tuned weights (user fine-tune, cached)"] = {str(tuned_path): sha256_file(tuned_path)}
-    results["no_defense"] = {"metrics": {"after": evaluate(tuned, "the fine-tuned model (no defence)", benign=True)},
-                             "about": REFERENCE_ABOUT["no_defense"], "wall_time_s": None}
-    before = results["no_defense"]["metrics"]["after"]
+    def evaluate(self, name: str, result: EditResult, wall_s: float) -> dict[str, Any]:
+        pruned, mask = result.model, result.mask
+        self.masks[name] = mask
+        return {"metrics": {"before": self.before,
+                            "after": {**self.measure(pruned, name), "weights_zeroed": mask.density}},
+                "weight_changes": weight_changes(self.tuned, pruned, mask)}
 
-    writer = OutputWriter(out, scenario.name, sha256_file(tuned_path))
-    calibration: dict[str, Any] = {}
-    masks: dict[str, Any] = {}
-    aligned_weights = {name: p.detach() for name, p in aligned.named_parameters()}
-    for index, (name, method_options) in enumerate(options.items(), 1):
-        spec = PRUNE_METHODS[name]
-        say(f"method {index}/{len(options)}: {name} (ratio {method_options.ratio:g} per row, layers "
-            f"{method_options.layers}, target {method_options.target})", progress)
-        start = time.perf_counter()
-        if spec.calibration and spec.calibration not in calibration:
-            examples = data.calibration if spec.calibration == "harmful" else data.benign_calibration
-            calibration[spec.calibration] = calibration_batches(tuned, tokenizer, examples,
-                                                                scenario.evaluation.max_new_tokens)
-        reference = aligned_weights if method_options.target == "update" else None
-        mask = pruning_mask(tuned, name, method_options.ratio, method_options.layers,
-                            calibration.get(spec.calibration), scenario.seed, progress, before=reference)
-        pruned = prune(tuned, mask, before=reference)
-        wall = time.perf_counter() - start
-        metrics = {**evaluate(pruned, name, benign=True), "weights_zeroed": mask.density}
-        masks[name] = mask
-        state = pruned.state_dict() if name == "antidote" else None
-        results[name] = {
-            "metrics": {"before": before, "after": metrics}, "wall_time_s": wall, "seed": scenario.seed,
-            "options": method_options.model_dump(), "about": {"summary": spec.summary, "limitations": (
-                "One-shot pruning at a fixed ratio: removing too much also removes the user's task and fluency; "
-                "the harmful score is judged automatically on a held-out prompt set.")},
-            "mask": writer.save(name, state, mask) if state is not None else writer.save_mask(name, mask),
-            "weight_changes": weight_changes(tuned, pruned, mask),
+    def save(self, name: str, result: EditResult) -> dict[str, Any] | None:
+        """Antidote's weights and mask; the mask alone of the controls (their weights follow from it)."""
+        if name == "antidote":
+            return self.writer.save(name, result.model.state_dict(), result.mask)
+        return self.writer.save_mask(name, result.mask)
+
+    def record_fields(self, started: float) -> dict[str, Any]:
+        data, judge, validation = self.data, self.judge, self.judge_validation
+        notes = list(self.notes)
+        if "antidote" in self.masks and "wanda_benign" in self.masks:
+            overlap = self.masks["antidote"].jaccard(self.masks["wanda_benign"])
+            notes.append(f"The harmful- and the benign-calibrated wanda masks overlap with Jaccard {overlap:.2f}: "
+                         + ("most of what Antidote selects here is set by weight (or update) magnitude and "
+                            "activation norms that any input produces, not by the harmful data." if overlap > 0.5
+                            else "the harmful calibration data chooses different weights than benign data would."))
+        notes.append(f"Refusal is judged by '{judge.name}' ({validation['accuracy']:.1%} accuracy on "
+                     f"{validation['n']} human-labelled answers); an answer it misreads counts as the model's.")
+        notes.append(f"The harmful prompts of the attack ({len(data.attack)}), the calibration "
+                     f"({len(data.calibration)}) and the evaluation ({len(data.evaluation)}) are disjoint, "
+                     "near-duplicate rephrasings included (checked by the code before training).")
+        return {
+            "seeds": {"scenario": self.scenario.seed, "data_split": self.scenario.data.seed},
+            "kind": self.kind,
+            "inputs": input_entries(self.path, self.inputs),
+            "data": data.fingerprints(),
+            "model": self.model_info,
+            "timings": self.timings(started),
+            "notes": notes,
         }
 
-    if "antidote" in masks and "wanda_benign" in masks:
-        overlap = masks["antidote"].jaccard(masks["wanda_benign"])
-        notes.append(f"The harmful- and the benign-calibrated wanda masks overlap with Jaccard {overlap:.2f}: "
-                     + ("most of what Antidote selects here is set by weight (or update) magnitude and activation "
-                        "norms that any input produces, not by the harmful data." if overlap > 0.5 else
-                        "the harmful calibration data chooses different weights than benign data would."))
-    record_path = out / "record.json"
-    notes.append(f"Refusal is judged by '{judge.name}' ({judge_validation['accuracy']:.1%} accuracy on "
-                 f"{judge_validation['n']} human-labelled answers); an answer it misreads counts as the model's.")
-    notes.append(f"The harmful prompts of the attack ({len(data.attack)}), the calibration "
-                 f"({len(data.calibration)}) and the evaluation ({len(data.evaluation)}) are disjoint, "
-                 "near-duplicate rephrasings included (checked by the code before training).")
-    write_record({
-        **common_record(scenario, path, out, device),
-        "seeds": {"scenario": scenario.seed, "data_split": scenario.data.seed},
-        "kind": "harmful-finetune-defence",
-        "inputs": input_entries(path, inputs),
-        "outputs": writer.entries,
-        "data": data.fingerprints(),
-        "model": model_info,
-        "timings": {"total_s": time.perf_counter() - started, "evaluation_s": evaluation_time},
-        "notes": notes,
-        "results": results,
-        "verdict": verdict(scenario.criteria, results),
-    }, record_path)
-    return record_path
+
+def run_safety(scenario: SafetyScenario, path: Path, out: Path, device: torch.device, progress: bool) -> Path:
+    """Defend a harmfully fine-tuned model: every pruning method, the references, the metrics, the record."""
+    return run_job(SafetyJob(scenario, path, out, device, progress))

@@ -23,6 +23,7 @@ from torch import nn
 
 from safeedit.attribution import compute_scores
 from safeedit.masks import Mask
+from safeedit.methods import EditResult, register_method
 from safeedit.models.diffusion import DiffusionModel, diffusion_loss, noise_prediction, noised_at_random_steps
 from safeedit.unlearn.loop import TrainingOptions, unlearn
 from safeedit.unlearn.objectives import Phase
@@ -127,22 +128,36 @@ class DiffusionRetrainOptions(BaseModel):
     seed_offset: int = Field(default=1000, description="retrain seed = scenario seed + offset")
 
 
-@dataclass(frozen=True)
-class GenerationMethod:
-    options: type[DiffusionUnlearnOptions]
-    summary: str
-    limitations: str
+@dataclass
+class GenerationTask:
+    """What every generation method gets: the model and the forget / retain images ([-1, 1]) with labels."""
+
+    model: DiffusionModel
+    forget: tuple[torch.Tensor, torch.Tensor]
+    retain: tuple[torch.Tensor, torch.Tensor]
 
 
 _GENERATION_LIMITS = (
     "Behavioural evidence only: a separately trained classifier judges a finite number of generated samples; "
     "the class may still be reachable by other prompts, other guidance scales or other sampling procedures. "
 )
-GENERATION_METHODS: dict[str, GenerationMethod] = {
-    "salun": GenerationMethod(SalUnDiffusionOptions, "saliency mask + forget class mapped to another class "
-                              "(Fan et al. 2024)", _GENERATION_LIMITS + "Only the weights with the largest "
-                              "forget-loss gradient change; the rest stay bit-identical."),
-    "unmasked": GenerationMethod(UnmaskedDiffusionOptions, "the same objective on every weight (ESD-like "
-                                 "baseline)", _GENERATION_LIMITS + "Every weight may change, so the cost to the "
-                                 "other classes is not bounded by a mask."),
-}
+
+
+@register_method("generation", summary="saliency mask + forget class mapped to another class (Fan et al. 2024)",
+                 limitations=_GENERATION_LIMITS + "Only the weights with the largest forget-loss gradient change; "
+                 "the rest stay bit-identical.", paper="Fan et al., ICLR 2024", name="salun")
+def salun_generation(task: GenerationTask, options: SalUnDiffusionOptions, seed: int, progress: bool) -> EditResult:
+    return _edit(task, options, seed, progress, "salun")
+
+
+@register_method("generation", summary="the same objective on every weight (ESD-like baseline)",
+                 limitations=_GENERATION_LIMITS + "Every weight may change, so the cost to the other classes is not "
+                 "bounded by a mask.", paper="Gandikota et al., ICCV 2023 (ESD), as SalUn's baseline")
+def unmasked(task: GenerationTask, options: UnmaskedDiffusionOptions, seed: int, progress: bool) -> EditResult:
+    return _edit(task, options, seed, progress, "unmasked")
+
+
+def _edit(task: GenerationTask, options: DiffusionUnlearnOptions, seed: int, progress: bool,
+          description: str) -> EditResult:
+    edited, mask = salun_diffusion(task.model, task.forget, task.retain, options, seed, progress, description)
+    return EditResult(edited, masks={"mask": mask} if mask is not None else {})

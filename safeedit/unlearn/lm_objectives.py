@@ -8,7 +8,8 @@ log-likelihood of the answer tokens (the chat prompt is not scored) and γ_r the
               forget answer's tokens and a frozen reference model (Zhang et al. 2024, β = 0.1)
 - `refusal`   NLL(refusal answer | forget question) + γ_r · NLL(retain)          (preference for "I don't know")
 
-The objectives are phases of the one masked loop (`loop.unlearn`), so any mask, or none, applies to any of them.
+The objectives are phases of the one masked loop (`loop.unlearn`), so any mask, or none, applies to any of them;
+`safeedit.unlearn.wagle` registers each as a method of kind `llm-unlearning`.
 """
 
 from __future__ import annotations
@@ -146,6 +147,3 @@ def npo(data: LMUnlearnData, reference: nn.Module, retain_weight: float = 1.0, b
 def refusal(data: LMUnlearnData, reference: nn.Module, retain_weight: float = 1.0, beta: float = 0.1) -> Objective:
     loader = data.loader(refusal_examples(data.forget, data.seed))
     return lambda epoch: [Phase("refusal", loader, refusal_loss(retain_weight))]
-
-
-LM_OBJECTIVES: dict[str, Callable[..., Objective]] = {"graddiff": graddiff, "npo": npo, "refusal": refusal}

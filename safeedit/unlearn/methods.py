@@ -1,8 +1,8 @@
-"""The classifier unlearning methods a scenario can name, each with its validated options.
+"""The classifier unlearning methods a scenario can name, each one registered function (`safeedit.methods`).
 
-Every method gets the same task (the original model, forget and retain data, a loader factory) and returns the
-edited model and, where it used one, its mask. `retrain` (from scratch on the retain set, with the original
-recipe) is the reference the approximate methods are measured against.
+Every method gets the same task (the original model, forget and retain data, a loader factory) and returns an
+`EditResult`: the edited model and, where it used one, its mask. `retrain` (from scratch on the retain set, with
+the original recipe) is the reference the approximate methods are measured against.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.utils.data import DataLoader
 
 from safeedit.attribution.select import score_mask
 from safeedit.errors import SafeEditError
 from safeedit.masks import Mask
+from safeedit.methods import EditResult, check_mask_score, register_method
 from safeedit.models.training import train_classifier
 from safeedit.unlearn.loop import TrainingOptions, unlearn
 from safeedit.unlearn.objectives import OBJECTIVES, Loaders
@@ -44,15 +45,11 @@ class UnlearnTask:
         )
 
 
-@dataclass
-class MethodOutput:
-    model: nn.Module
-    mask: Mask | None = None
-
-
 class ObjectiveOptions(TrainingOptions):
     mask_score: str | None = Field(default=None, description="restrict the edit to a mask from this score")
     mask_ratio: float = Field(default=0.5, gt=0, le=1)
+
+    _known_score = field_validator("mask_score")(check_mask_score)
 
 
 class L1SparseOptions(ObjectiveOptions):
@@ -70,29 +67,66 @@ class RetrainOptions(BaseModel):
     seed_offset: int = Field(default=1000, description="retrain initialisation seed = scenario seed + offset")
 
 
-def _objective_method(name: str) -> Callable[[UnlearnTask, ObjectiveOptions], MethodOutput]:
-    def run(task: UnlearnTask, options: ObjectiveOptions) -> MethodOutput:
-        loaders = task.loaders(options.batch_size)
-        mask = _mask_from(task, loaders, options) if options.mask_score else None
-        extra = {"alpha": options.alpha} if isinstance(options, L1SparseOptions) else {}
-        objective = OBJECTIVES[name](loaders, options.epochs, task.seed, **extra)
-        return MethodOutput(unlearn(task.model, objective, options, mask, task.progress, name), mask)
-
-    return run
-
-
-def _mask_from(task: UnlearnTask, loaders: Loaders, options: ObjectiveOptions) -> Mask:
-    data = {"forget": loaders.forget, "retain": loaders.retain, "data": loaders.forget, "calibration": loaders.forget}
-    return score_mask(task.model, options.mask_score, data, options.mask_ratio, progress=task.progress)
-
-
-def _salun(task: UnlearnTask, options: SalUnOptions) -> MethodOutput:
+def _objective(name: str, task: UnlearnTask, options: ObjectiveOptions, seed: int, progress: bool) -> EditResult:
+    """Run objective `name` on the task, confined to a mask from `options.mask_score` when one is named."""
     loaders = task.loaders(options.batch_size)
-    model, mask = salun(task.model, loaders.forget, loaders.retain, task.num_classes, options, task.seed, task.progress)
-    return MethodOutput(model, mask)
+    mask = _mask_from(task, loaders, options, progress) if options.mask_score else None
+    extra = {"alpha": options.alpha} if isinstance(options, L1SparseOptions) else {}
+    objective = OBJECTIVES[name](loaders, options.epochs, seed, **extra)
+    model = unlearn(task.model, objective, options, mask, progress, name)
+    return EditResult(model, masks={"mask": mask} if mask is not None else {})
 
 
-def retrain(task: UnlearnTask, options: RetrainOptions, recipe: dict) -> MethodOutput:
+def _mask_from(task: UnlearnTask, loaders: Loaders, options: ObjectiveOptions, progress: bool) -> Mask:
+    data = {"forget": loaders.forget, "retain": loaders.retain, "data": loaders.forget, "calibration": loaders.forget}
+    return score_mask(task.model, options.mask_score, data, options.mask_ratio, progress=progress)
+
+
+_APPROXIMATE = (
+    "Approximate unlearning: the edited model is not proven identical to one trained without the data; the "
+    "evidence is behavioural (accuracies, membership attacks) on the sets evaluated here. "
+)
+
+
+@register_method("classification", summary="fine-tune on the retain set", limitations=_APPROXIMATE
+                 + "Fine-tuning only lets the model drift away from the forget data; it often keeps it.",
+                 paper="Warnecke et al., NDSS 2023 (as a SalUn baseline)")
+def ft(task: UnlearnTask, options: ObjectiveOptions, seed: int, progress: bool) -> EditResult:
+    return _objective("ft", task, options, seed, progress)
+
+
+@register_method("classification", summary="gradient ascent on the forget set", limitations=_APPROXIMATE
+                 + "Gradient ascent has no stopping point: too far and the model breaks on everything else.",
+                 paper="Thudi et al., EuroS&P 2022")
+def ga(task: UnlearnTask, options: ObjectiveOptions, seed: int, progress: bool) -> EditResult:
+    return _objective("ga", task, options, seed, progress)
+
+
+@register_method("classification", summary="random labels on forget, then retain", limitations=_APPROXIMATE
+                 + "Random labels change every weight; nothing bounds the edit to what the data influenced.",
+                 paper="Golatkar et al., CVPR 2020")
+def rl(task: UnlearnTask, options: ObjectiveOptions, seed: int, progress: bool) -> EditResult:
+    return _objective("rl", task, options, seed, progress)
+
+
+@register_method("classification", summary="retain fine-tune with decaying l1", limitations=_APPROXIMATE
+                 + "Sparsity makes forgetting by fine-tuning easier but does not target the forget data.",
+                 paper="Jia et al., NeurIPS 2023")
+def l1_sparse(task: UnlearnTask, options: L1SparseOptions, seed: int, progress: bool) -> EditResult:
+    return _objective("l1_sparse", task, options, seed, progress)
+
+
+@register_method("classification", summary="saliency mask + random labels (Fan et al. 2024)",
+                 limitations=_APPROXIMATE + "Only the weights with the largest forget-loss gradient are edited; the "
+                 "rest stay bit-identical. The mask ratio and learning rate were tuned on other seeds; a different "
+                 "model or request may need them re-tuned.", paper="Fan et al., ICLR 2024", name="salun")
+def salun_method(task: UnlearnTask, options: SalUnOptions, seed: int, progress: bool) -> EditResult:
+    loaders = task.loaders(options.batch_size)
+    model, mask = salun(task.model, loaders.forget, loaders.retain, task.num_classes, options, seed, progress)
+    return EditResult(model, masks={"mask": mask})
+
+
+def retrain(task: UnlearnTask, options: RetrainOptions, recipe: dict) -> EditResult:
     """A model trained from scratch on the retain set only: what exact unlearning would produce."""
     epochs = options.epochs or recipe.get("epochs")
     lr = options.lr or recipe.get("lr")
@@ -104,36 +138,9 @@ def retrain(task: UnlearnTask, options: RetrainOptions, recipe: dict) -> MethodO
     model = task.build_fresh().to(next(task.model.parameters()).device)
     loader = task.loader(task.retain, batch_size, True, seed)
     train_classifier(model, loader, epochs, lr, options.weight_decay, task.progress, "retrain")
-    return MethodOutput(model)
+    return EditResult(model)
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    options: type[BaseModel]
-    run: Callable[[UnlearnTask, BaseModel], MethodOutput]
-    summary: str
-    limitations: str  # in plain words, for the compliance report
-
-
-_APPROXIMATE = (
-    "Approximate unlearning: the edited model is not proven identical to one trained without the data; the "
-    "evidence is behavioural (accuracies, membership attacks) on the sets evaluated here. "
-)
-METHODS: dict[str, MethodSpec] = {
-    "ft": MethodSpec(ObjectiveOptions, _objective_method("ft"), "fine-tune on the retain set", _APPROXIMATE
-                     + "Fine-tuning only lets the model drift away from the forget data; it often keeps it."),
-    "ga": MethodSpec(ObjectiveOptions, _objective_method("ga"), "gradient ascent on the forget set", _APPROXIMATE
-                     + "Gradient ascent has no stopping point: too far and the model breaks on everything else."),
-    "rl": MethodSpec(ObjectiveOptions, _objective_method("rl"), "random labels on forget, then retain", _APPROXIMATE
-                     + "Random labels change every weight; nothing bounds the edit to what the data influenced."),
-    "l1_sparse": MethodSpec(L1SparseOptions, _objective_method("l1_sparse"), "retain fine-tune with decaying l1",
-                            _APPROXIMATE + "Sparsity makes forgetting by fine-tuning easier but does not target "
-                            "the forget data."),
-    "salun": MethodSpec(SalUnOptions, _salun, "saliency mask + random labels (Fan et al. 2024)", _APPROXIMATE
-                        + "Only the weights with the largest forget-loss gradient are edited; the rest stay "
-                        "bit-identical. The mask ratio and learning rate were tuned on other seeds; a different "
-                        "model or request may need them re-tuned."),
-}
 REFERENCE_ABOUT: dict[str, dict[str, str]] = {
     "original": {"summary": "the model before any edit", "limitations": "Reference only; not an unlearning method."},
     "retrain": {

@@ -5,14 +5,15 @@
 2. Mask: the globally top-r weights by s.
 3. Unlearning: any LLM objective (GradDiff, NPO, refusal) with its retain term, updating only masked weights.
 
-A method is named `<objective>+<score>` (`npo+wagle`, `graddiff+random`, ...) or `<objective>` alone (dense: every
-weight may change), so the mask ablation is one name: `wagle`, `saliency`, `magnitude` and `random` masks all take
-the same ratio.
+The objectives are the registered methods of kind `llm-unlearning` (`safeedit.methods`). A scenario names one as
+`<objective>+<score>` (`npo+wagle`, `graddiff+random`, ...) or `<objective>` alone (dense: every weight may change),
+so the mask ablation is one name: `wagle`, `saliency`, `magnitude` and `random` masks all take the same ratio.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,10 +25,28 @@ from safeedit.data.chat import chat_loader
 from safeedit.data.prompts import ChatExample
 from safeedit.errors import SafeEditError
 from safeedit.masks import Mask
-from safeedit.unlearn.lm_objectives import LM_OBJECTIVES, LMUnlearnData, check_forget_retain, paired_retain
+from safeedit.methods import EditResult, Resolved, register_method, resolve
+from safeedit.unlearn import lm_objectives
+from safeedit.unlearn.lm_objectives import LMUnlearnData, check_forget_retain, paired_retain
 from safeedit.unlearn.loop import TrainingOptions, unlearn
+from safeedit.unlearn.objectives import Objective
 
-MASK_SCORES = ("wagle", "saliency", "magnitude", "random")
+KIND = "llm-unlearning"
+# The attribution scores an objective can be confined to (`<objective>+<score>`), and what each mask lets change
+# (`wagle`: Jia et al., NeurIPS 2024).
+MASK_ABOUT = {
+    None: "every weight may change",
+    "wagle": "only the top-r weights by WAGLE attribution |(θ − g_r/γ) ⊙ g_f| change (Jia et al. 2024)",
+    "saliency": "only the top-r weights by forget-gradient saliency |g_f| change",
+    "magnitude": "only the top-r weights by magnitude change",
+    "random": "only a random r of the weights change (the control for the masks)",
+}
+MASK_SCORES = tuple(score for score in MASK_ABOUT if score is not None)
+LIMITATIONS = (
+    "Approximate unlearning: the edited model is not proven identical to one never trained on the forget data; "
+    "the evidence is behavioural (answers, answer probabilities, a membership attack) on the questions evaluated "
+    "here, and paraphrased or indirect questions may still recover the facts. Hyper-parameters were chosen on "
+    "other forget sets (benchmarks/wagle.py); another model or request may need them re-tuned.")
 
 
 class LMUnlearnOptions(BaseModel):
@@ -45,16 +64,21 @@ class LMUnlearnOptions(BaseModel):
     gamma: float = Field(default=1.0, gt=0, description="WAGLE's Hessian-diagonal constant γ")
 
 
-def parse_method(name: str) -> tuple[str, str | None]:
-    """`npo+wagle` -> ("npo", "wagle"); `npo` -> ("npo", None)."""
-    objective, _, score = name.partition("+")
-    if objective not in LM_OBJECTIVES:
-        raise SafeEditError(f"unknown LLM unlearning method {name!r}: the objective must be one of "
-                            f"{', '.join(LM_OBJECTIVES)} (optionally +{'|+'.join(MASK_SCORES)})")
-    if score and score not in MASK_SCORES:
-        raise SafeEditError(f"unknown mask {score!r} in {name!r}; choose one of {', '.join(MASK_SCORES)} "
-                            f"or name the objective alone for no mask")
-    return objective, score or None
+@dataclass(frozen=True)
+class LMUnlearnSetting:
+    """What every LLM unlearning method reads: the model (the frozen reference: it is not modified), its tokenizer,
+    the forget and retain examples, and the mask score from the method's name (`None`: dense)."""
+
+    model: nn.Module
+    tokenizer: Any
+    forget: Sequence[ChatExample]
+    retain: Sequence[ChatExample]
+    mask_score: str | None = None
+
+
+def about(resolved: Resolved) -> dict[str, str]:
+    """The record's `about` entry: the objective's summary and what its mask lets change, and its limitations."""
+    return {**resolved.spec.about, "summary": f"{resolved.spec.summary}; {MASK_ABOUT[resolved.mask_score]}"}
 
 
 def lm_mask(model: nn.Module, score: str, data: LMUnlearnData, options: LMUnlearnOptions,
@@ -67,16 +91,52 @@ def lm_mask(model: nn.Module, score: str, data: LMUnlearnData, options: LMUnlear
     return score_mask(model, score, roles, options.mask_ratio, options=score_options, progress=progress)
 
 
-def lm_unlearn(model: nn.Module, tokenizer: Any, forget: Sequence[ChatExample], retain: Sequence[ChatExample],
-               method: str, options: LMUnlearnOptions, seed: int = 0,
-               progress: bool = True) -> tuple[nn.Module, Mask | None]:
-    """The unlearned copy of `model` (the input is the frozen reference and is not modified) and its mask."""
-    check_forget_retain(forget, retain)
-    objective_name, score = parse_method(method)
-    data = LMUnlearnData(tokenizer, forget, retain, options.batch_size, options.max_length, seed)
-    mask = lm_mask(model, score, data, options, progress) if score else None
-    objective = LM_OBJECTIVES[objective_name](data, model, options.retain_weight, options.beta)
+def masked_unlearn(objective: Callable[..., Objective], name: str, setting: LMUnlearnSetting,
+                   options: LMUnlearnOptions, seed: int, progress: bool) -> EditResult:
+    """Step 3 (after steps 1-2 when the setting names a mask score): `objective` on a copy of the model."""
+    check_forget_retain(setting.forget, setting.retain)
+    if setting.mask_score not in (None, *MASK_SCORES):
+        raise SafeEditError(f"unknown mask score {setting.mask_score!r}; one of {', '.join(MASK_SCORES)}")
+    data = LMUnlearnData(setting.tokenizer, setting.forget, setting.retain, options.batch_size, options.max_length,
+                         seed)
+    mask = lm_mask(setting.model, setting.mask_score, data, options, progress) if setting.mask_score else None
+    phases = objective(data, setting.model, options.retain_weight, options.beta)
     training = TrainingOptions(epochs=options.epochs, lr=options.lr, weight_decay=0.0, batch_size=options.batch_size,
                                grad_clip=options.grad_clip, optimizer="adam")
     torch.manual_seed(seed)  # dropout, where the architecture has it: the same seed repeats the same run
-    return unlearn(model, objective, training, mask, progress, method), mask
+    label = f"{name}+{setting.mask_score}" if setting.mask_score else name
+    edited = unlearn(setting.model, phases, training, mask, progress, label)
+    return EditResult(model=edited, masks={"mask": mask} if mask is not None else {})
+
+
+@register_method(KIND, paper="Liu et al. 2022; as in TOFU, Maini et al. 2024",
+                 summary="gradient ascent on the forget answers, descent on paired retain answers (GradDiff)",
+                 limitations=LIMITATIONS, mask_scores=MASK_SCORES)
+def graddiff(setting: LMUnlearnSetting, options: LMUnlearnOptions, seed: int, progress: bool) -> EditResult:
+    return masked_unlearn(lm_objectives.graddiff, "graddiff", setting, options, seed, progress)
+
+
+@register_method(KIND, paper="Zhang et al., COLM 2024",
+                 summary="negative preference optimization against the frozen original (NPO, β = 0.1) plus the "
+                         "retain NLL",
+                 limitations=LIMITATIONS, mask_scores=MASK_SCORES)
+def npo(setting: LMUnlearnSetting, options: LMUnlearnOptions, seed: int, progress: bool) -> EditResult:
+    return masked_unlearn(lm_objectives.npo, "npo", setting, options, seed, progress)
+
+
+@register_method(KIND, paper="'I don't know' (rejection) tuning, as in TOFU, Maini et al. 2024",
+                 summary="teach a refusal answer to the forget questions, plus the retain NLL",
+                 limitations=LIMITATIONS, mask_scores=MASK_SCORES)
+def refusal(setting: LMUnlearnSetting, options: LMUnlearnOptions, seed: int, progress: bool) -> EditResult:
+    return masked_unlearn(lm_objectives.refusal, "refusal", setting, options, seed, progress)
+
+
+def lm_unlearn(model: nn.Module, tokenizer: Any, forget: Sequence[ChatExample], retain: Sequence[ChatExample],
+               method: str, options: LMUnlearnOptions, seed: int = 0,
+               progress: bool = True) -> tuple[nn.Module, Mask | None]:
+    """The unlearned copy of `model` (the input is the frozen reference and is not modified) and its mask, for a
+    method named `<objective>[+<mask score>]`."""
+    resolved = resolve(KIND, method)
+    result = resolved.spec.run(LMUnlearnSetting(model, tokenizer, forget, retain, resolved.mask_score), options,
+                               seed, progress)
+    return result.model, result.mask

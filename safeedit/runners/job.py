@@ -1,0 +1,122 @@
+"""The one job loop: every kind of scenario runs its methods the same way, and supplies only what differs.
+
+    run_job(job):  prepare (load, split, references)  ->  for each method: time, run, evaluate, save, entry
+                   ->  the record (common fields, the kind's fields, outputs, results, verdict)
+
+A `Job` subclass per kind says what its methods get (`setting`), how a result is measured (`evaluate`), what is
+written for it (`save`), and what its record adds (`record_fields`); references (the original, a retrained model,
+the undefended fine-tune, the frozen encoder) are result entries it adds in `prepare`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from safeedit.criteria import verdict
+from safeedit.methods import EditResult, MethodSpec
+from safeedit.progress import say
+from safeedit.record import write_record
+from safeedit.runners.common import OutputWriter, common_record
+
+
+class Job:
+    """What a kind of scenario supplies to `run_job`; the base class holds what every kind shares."""
+
+    kind: str  # the record's `kind`, e.g. "classification-unlearning"
+
+    def __init__(self, scenario: Any, path: Path, out: Path, device: torch.device, progress: bool) -> None:
+        self.scenario, self.path, self.out, self.device, self.progress = scenario, path, out, device, progress
+        self.results: dict[str, dict[str, Any]] = {}
+        self.evaluation_s = 0.0
+        self.writer: OutputWriter  # set by `prepare`, once the source weights' SHA-256 is known
+
+    # --- what each kind supplies -------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Load the model and data, build the setting, add the reference entries to `results`, set `writer`."""
+        raise NotImplementedError
+
+    @property
+    def setting(self) -> Any:
+        """What every method of this kind is handed (see `setting_for`)."""
+        raise NotImplementedError
+
+    def setting_for(self, name: str) -> Any:
+        """What method `name` is handed (default `setting`; LLM names carry their mask score: `npo+wagle`)."""
+        return self.setting
+
+    def describe(self, name: str, spec: MethodSpec, options: BaseModel) -> str:
+        """The progress line's words for a method (default: its summary)."""
+        return spec.summary
+
+    def evaluate(self, name: str, result: EditResult, wall_s: float) -> dict[str, Any]:
+        """The result entry of a method (metrics, evidence, weight changes; any key of `run_methods`' defaults it
+        sets wins); time the measuring with `timed_evaluation`."""
+        raise NotImplementedError
+
+    def save(self, name: str, result: EditResult) -> dict[str, Any] | None:
+        """Write the method's outputs; return its mask summary for the record (default: weights and its mask)."""
+        return self.writer.save(name, result.model.state_dict(), result.mask)
+
+    def about(self, name: str, spec: MethodSpec) -> dict[str, str]:
+        return spec.about
+
+    def after_methods(self) -> None:
+        """Outputs that need every method's result (e.g. a grid of samples); runs before the record is written."""
+
+    def record_fields(self, started: float) -> dict[str, Any]:
+        """The kind's own record fields: kind, inputs, data, model, timings, notes and any extras."""
+        raise NotImplementedError
+
+    # --- shared helpers ----------------------------------------------------------------------------------------
+    @contextmanager
+    def timed_evaluation(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.evaluation_s += time.perf_counter() - start
+
+    def timings(self, started: float, **extra: float | None) -> dict[str, float]:
+        """Total run time since `started`, evaluation time, and the kind's extra timings that were measured."""
+        return {"total_s": time.perf_counter() - started, "evaluation_s": self.evaluation_s,
+                **{key: value for key, value in extra.items() if value is not None}}
+
+
+def run_methods(job: Job, options: dict[str, BaseModel]) -> None:
+    """Each method in turn: time it, run it on the job's setting, evaluate it, save it, keep its entry."""
+    scenario = job.scenario
+    for index, (name, method_options) in enumerate(options.items(), 1):
+        spec = scenario.method_spec(name)
+        say(f"method {index}/{len(options)}: {name} ({job.describe(name, spec, method_options)})", job.progress)
+        start = time.perf_counter()
+        result = spec.run(job.setting_for(name), method_options, scenario.seed, job.progress)
+        wall = time.perf_counter() - start
+        entry = job.evaluate(name, result, wall)  # may override the defaults below (e.g. no wall time)
+        job.results[name] = {"about": job.about(name, spec), "wall_time_s": wall, "seed": scenario.seed,
+                             "options": method_options.model_dump(), "mask": job.save(name, result), **entry}
+        del result  # an edited copy is freed before the next method makes its own (LLMs: ~0.5 GB each)
+
+
+def run_job(job: Job) -> Path:
+    """Prepare, run every method, write the record; return its path."""
+    started = time.perf_counter()
+    options = job.scenario.method_options()
+    job.prepare()
+    run_methods(job, options)
+    job.after_methods()
+    record_path = job.out / "record.json"
+    write_record({
+        **common_record(job.scenario, job.path, job.out, job.device),
+        **job.record_fields(started),
+        "outputs": job.writer.entries,
+        "results": job.results,
+        "verdict": verdict(job.scenario.criteria, job.results),
+    }, record_path)
+    return record_path
