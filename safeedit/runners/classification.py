@@ -19,7 +19,7 @@ from safeedit.models import EMBEDDED_MODELS, load_model
 from safeedit.runners.common import OutputWriter, data_fingerprints, input_entries, say
 from safeedit.runners.job import Job, run_job
 from safeedit.scenario import Scenario
-from safeedit.unlearn.methods import REFERENCE_ABOUT, UnlearnTask, retrain
+from safeedit.unlearn.methods import UnlearnTask, retrain
 
 
 class ClassificationJob(Job):
@@ -73,7 +73,7 @@ class ClassificationJob(Job):
             evaluation = evaluate_classifier(model, *self.eval_loaders.values(), seed=self.scenario.seed,
                                              max_mia_examples=self.scenario.evaluation.max_mia_examples)
         entry = {"metrics": {"after": evaluation.metrics}, "evidence": evaluation.evidence}
-        return {**entry, "about": REFERENCE_ABOUT[name]} if name in REFERENCE_ABOUT else entry
+        return {**entry, "about": self.references[name]} if name in self.references else entry
 
     def evaluate(self, name: str, result: EditResult, wall_s: float) -> dict[str, Any]:
         entry = self.measure(result.model, name)

@@ -31,12 +31,6 @@ from safeedit.runners.job import Job, run_job
 from safeedit.scenario import GenerationScenario
 from safeedit.unlearn.diffusion import GenerationTask
 
-REFERENCE_ABOUT = {
-    "original": {"summary": "the generator before any edit", "limitations": "Reference only; not a method."},
-    "retrain": {"summary": "trained from scratch without the forget class: what exact unlearning would produce",
-                "limitations": "One retrained model from one seed, trained with the original recipe."},
-}
-
 
 class GenerationJob(Job):
     kind = "generation-unlearning"
@@ -102,7 +96,7 @@ class GenerationJob(Job):
                 model, self.judge, self.forget_class, self.real_retain, evaluation.per_class,
                 evaluation.sampling_steps, evaluation.guidance, self.scenario.seed)
         entry = {"metrics": {"after": metrics}, "evidence": None}
-        return {**entry, "about": REFERENCE_ABOUT[name]} if name in REFERENCE_ABOUT else entry
+        return {**entry, "about": self.references[name]} if name in self.references else entry
 
     def evaluate(self, name: str, result: EditResult, wall_s: float) -> dict[str, Any]:
         entry = self.measure(result.model, name)

@@ -24,6 +24,7 @@ from safeedit.methods import EditResult, MethodSpec
 from safeedit.progress import say
 from safeedit.record import write_record
 from safeedit.runners.common import OutputWriter, common_record
+from safeedit.runners.references import REFERENCES
 
 
 class Job:
@@ -34,6 +35,7 @@ class Job:
     def __init__(self, scenario: Any, path: Path, out: Path, device: torch.device, progress: bool) -> None:
         self.scenario, self.path, self.out, self.device, self.progress = scenario, path, out, device, progress
         self.results: dict[str, dict[str, Any]] = {}
+        self.references = REFERENCES[scenario.method_kind]  # the `about` of the kind's reference rows
         self.evaluation_s = 0.0
         self.writer: OutputWriter  # set by `prepare`, once the source weights' SHA-256 is known
 

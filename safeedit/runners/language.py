@@ -33,13 +33,6 @@ from safeedit.runners.job import Job, run_job
 from safeedit.scenario import AuthorsSection, CapitalsSection, LMScenario
 from safeedit.unlearn.wagle import KIND, LMUnlearnSetting, about
 
-REFERENCE_ABOUT = {
-    "original": {"summary": "the model before unlearning", "limitations": "Reference only; not a method."},
-    "retrain": {"summary": "the base model fine-tuned on the retain authors only: what exact unlearning would give",
-                "limitations": "One fine-tune on one seed; the retrain-vs-retrain spread is measured in "
-                               "benchmarks/wagle.py."},
-}
-
 
 def retain_subset(items: list[Any], count: int, seed: int) -> list[Any]:
     """A seeded subset of `count` retain items, in their original order (the evaluated retain questions)."""
@@ -100,7 +93,7 @@ class LanguageJob(Job):
             source_sha = self.prepare_capitals(base, scenario.data)
         self.original_metrics = self.measure(self.original, "the original model")
         self.results["original"] = {"metrics": {"after": self.original_metrics}, "wall_time_s": None,
-                                    "about": REFERENCE_ABOUT["original"]}
+                                    "about": self.references["original"]}
         self.writer = OutputWriter(self.out, scenario.name, source_sha)
 
     def prepare_authors(self, base: nn.Module, section: AuthorsSection) -> str:
@@ -125,7 +118,7 @@ class LanguageJob(Job):
             retrained = self.authors_evaluation(reference, "retrain", None)
             self.reference_ratios = retrained.forget_ratios
             self.results["retrain"] = {"metrics": {"after": retrained.metrics}, "wall_time_s": None,
-                                       "about": REFERENCE_ABOUT["retrain"]}
+                                       "about": self.references["retrain"]}
         self.forget_chats, self.retain_chats = [q.chat() for q in data.forget], [q.chat() for q in data.retain]
         self.data_fingerprints = data.fingerprints()
         self.notes.append(

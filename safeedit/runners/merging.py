@@ -106,10 +106,6 @@ def cached_task_model(encoder: Encoder, base_sha256: str, task: str, train: Data
     return model, path, 0.0 if cached else time.perf_counter() - start
 
 
-FROZEN_ENCODER_ABOUT = {"summary": "the pretrained body, frozen, with a linear probe per task on clean data: the floor",
-                        "limitations": "Reference only; not a method."}
-
-
 class MergeJob(Job):
     kind = "merge-backdoor-defence"
     scenario: MergeScenario
@@ -154,7 +150,7 @@ class MergeJob(Job):
                   for name in data}
         with self.timed_evaluation():
             self.results["frozen_encoder"] = {"metrics": {"after": self.measure(probes)}, "wall_time_s": None,
-                                              "about": FROZEN_ENCODER_ABOUT}
+                                              "about": self.references["frozen_encoder"]}
 
         self.task_models, self.inputs, self.finetune_s = {}, {"base body weights": self.base_files}, 0.0
         for name in data:

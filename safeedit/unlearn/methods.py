@@ -139,13 +139,3 @@ def retrain(task: UnlearnTask, options: RetrainOptions, recipe: dict) -> EditRes
     loader = task.loader(task.retain, batch_size, True, seed)
     train_classifier(model, loader, epochs, lr, options.weight_decay, task.progress, "retrain")
     return EditResult(model)
-
-
-REFERENCE_ABOUT: dict[str, dict[str, str]] = {
-    "original": {"summary": "the model before any edit", "limitations": "Reference only; not an unlearning method."},
-    "retrain": {
-        "summary": "trained from scratch on the retain set only: what exact unlearning would produce",
-        "limitations": "One retrained model from one seed; retrained models differ from each other too (the noise "
-                       "floor of 'gap to retrain' is measured in benchmarks/salun.py).",
-    },
-}
