@@ -42,6 +42,10 @@ def retain_subset(items: list[Any], count: int, seed: int) -> list[Any]:
     return [item for i, item in enumerate(items) if i in keep]
 
 
+# Greedy tokens a capital question is answered with: a city name and its sentence fit well within them.
+CAPITAL_ANSWER_TOKENS = 24
+
+
 def known_capitals(model: nn.Module, tokenizer: Any, facts: list[CapitalFact], max_new_tokens: int,
                    batch_size: int) -> list[CapitalFact]:
     """The facts whose capital the model names in its greedy answer."""
@@ -134,7 +138,7 @@ class LanguageJob(Job):
         evaluation = self.scenario.evaluation
         self.original, self.authors = base, None
         facts = capital_facts()
-        known = known_capitals(base, self.tokenizer, facts, 24, evaluation.batch_size)
+        known = known_capitals(base, self.tokenizer, facts, CAPITAL_ANSWER_TOKENS, evaluation.batch_size)
         self.capitals = capitals = capitals_setting(known, section, evaluation.retain_questions, self.scenario.seed)
         self.forget_chats = [f.qa().chat() for f in capitals.forget]
         self.retain_chats = [f.qa().chat() for f in capitals.retain]
@@ -164,7 +168,7 @@ class LanguageJob(Job):
         with self.timed_evaluation():
             say(f"evaluating {name}", self.progress)
             return capitals_metrics(model, self.tokenizer, capitals.forget, capitals.evaluated_retain,
-                                    capitals.fluency, 24, evaluation.batch_size)[0]
+                                    capitals.fluency, CAPITAL_ANSWER_TOKENS, evaluation.batch_size)[0]
 
     def setting_for(self, name: str) -> LMUnlearnSetting:
         """The setting of method `name`: its mask score is part of its name (`npo+wagle`)."""
