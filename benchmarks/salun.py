@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 
 from safeedit.data import load_data, make_loader
 from safeedit.data.forget import ForgetRequest, split_forget
+from safeedit.data.loaders import tensor_loader
 from safeedit.errors import SafeEditError
 from safeedit.eval.classification import classification_metrics, gap_to_retrain, mia_is_informative
 from safeedit.methods import methods
@@ -133,22 +134,10 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 COLUMNS = ["pixel_values", "label"]  # the columns make_loader batches for these data sets, in its order
 
 
-class _Slices:
-    """Collate a list of row indices into a dict of tensor slices, as make_loader's in-memory path does."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors = tensors
-
-    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        index = torch.as_tensor(indices)
-        return {name: tensor[index] for name, tensor in self.tensors.items()}
-
-
 def batches(tensors: dict[str, torch.Tensor], batch_size: int, shuffle: bool, seed: int) -> DataLoader:
     """The same batches, in the same order, as `make_loader` gives for the rows in `tensors` (checked at start)."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(range(len(tensors["label"])), batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=_Slices(tensors))
+    return tensor_loader(tensors, batch_size, shuffle, generator)
 
 
 class Context:

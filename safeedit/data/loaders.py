@@ -83,14 +83,21 @@ class _IndexBatches:
         return {name: tensor[index] for name, tensor in self.tensors.items()}
 
 
+def tensor_loader(tensors: dict[str, torch.Tensor], batch_size: int, shuffle: bool,
+                  generator: torch.Generator | None) -> DataLoader:
+    """Batches sliced from equal-length tensor columns, in the order a sampler over row indices gives: the same
+    batches as `make_loader` for the same rows and seed."""
+    rows = len(next(iter(tensors.values())))
+    return DataLoader(range(rows), batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      collate_fn=_IndexBatches(tensors))
+
+
 def _in_memory_loader(
     dataset: Dataset, columns: list[str], batch_size: int, shuffle: bool, generator: torch.Generator | None
 ) -> DataLoader:
     """Tensor columns read once, batches sliced from them: ~50× faster per epoch than row-wise Arrow reads, and
     the same order as the Arrow path for the same seed (the sampler only sees row indices)."""
-    tensors = dataset.with_format("torch", columns=columns)[:]
-    return DataLoader(range(len(dataset)), batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=_IndexBatches(tensors))
+    return tensor_loader(dataset.with_format("torch", columns=columns)[:], batch_size, shuffle, generator)
 
 
 def _image_loader(
