@@ -577,11 +577,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     if args.name not in entries:
         raise SafeEditError(f"zoo train: give a model name, one of {', '.join(entries)}")
     entry = entries[args.name]
-    folder = entry.trained_folder()
-    from safeedit.io import atomic_dir
-
-    with atomic_dir(folder) as partial:
-        entry.train(partial, not args.quiet)
+    folder = entry.train_here(not args.quiet)
     same = folder_hashes(folder) == shipped.get(args.name, {}).get("files")
     print(f"trained {args.name} into {folder}: {'the same bytes as' if same else 'other bytes than'} the shipped "
           "weights" + ("" if same else " (expected on another CPU or kernel set); use it with `weights: trained`"))

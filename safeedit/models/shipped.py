@@ -52,6 +52,13 @@ class ZooEntry:
     def trained_folder(self) -> Path:
         return cache_dir() / "zoo" / f"{self.name}-{self.recipe_key()}"
 
+    def train_here(self, progress: bool = True) -> Path:
+        """Train from the recipe into `trained_folder()` (atomically, replacing an earlier training) and return it."""
+        folder = self.trained_folder()
+        with atomic_dir(folder) as partial:
+            self.train(partial, progress)
+        return folder
+
 
 ZOO: dict[str, ZooEntry] = {}
 
@@ -88,10 +95,7 @@ def zoo_folder(entry: ZooEntry, origin: Origin, progress: bool = True) -> Path:
     if origin == SHIPPED:
         return _checked_shipped(entry.name)
     folder = entry.trained_folder()
-    if not folder.is_dir():
-        with atomic_dir(folder) as partial:
-            entry.train(partial, progress)
-    return folder
+    return folder if folder.is_dir() else entry.train_here(progress)
 
 
 def embedded_weights(name: str, weights: str | None, progress: bool = True,
