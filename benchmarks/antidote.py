@@ -27,11 +27,11 @@ from safeedit.eval.judge import load_judge, validate_judge
 from safeedit.eval.safety import safety_metrics
 from safeedit.io import sha256_file
 from safeedit.methods import get_method
+from safeedit.models.cache import cached_finetune
 from safeedit.models.language import SMOLLM2, load_language_model
 from safeedit.models.lm_training import FinetuneOptions
 from safeedit.prune import PruneSetting, PruningOptions
-from safeedit.runners.common import cached_finetune
-from safeedit.runners.safety import calibration_batches
+from safeedit.prune.calibration import calibration_batches
 
 RESULTS = Path(__file__).parent / "results" / "antidote.json"
 METHODS = ("antidote", "wanda_benign", "magnitude_prune", "random_prune")

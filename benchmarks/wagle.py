@@ -41,13 +41,12 @@ import numpy as np
 import torch
 from scipy.stats import ks_2samp
 
-from safeedit.data.authors import fictitious_authors
-from safeedit.data.capitals import capital_facts
+from safeedit.data.authors import fictitious_authors, retain_subset
+from safeedit.data.capitals import capital_facts, capitals_setting, known_capitals
 from safeedit.eval.qa import authors_metrics, capitals_metrics
+from safeedit.models.cache import cached_finetune
 from safeedit.models.language import SMOLLM2, load_language_model
 from safeedit.models.lm_training import FinetuneOptions
-from safeedit.runners.common import cached_finetune
-from safeedit.runners.language import capitals_setting, known_capitals, retain_subset
 from safeedit.scenario import CapitalsSection
 from safeedit.unlearn.wagle import LMUnlearnOptions, lm_unlearn
 

@@ -96,3 +96,14 @@ def test_no_import_cycle_in_the_package():
     for name in sorted(graph):
         if name not in state:
             visit(name, [name])
+
+
+def test_benchmarks_use_the_public_runner_api_only():
+    """A benchmark builds its setting from the public settings modules and runs jobs through `safeedit.runners`;
+    a runner module's own helpers may change with the runner."""
+    import safeedit.runners as runners
+
+    for path in sorted((PACKAGE.parent / "benchmarks").glob("*.py")):
+        for module in _imports(path):
+            if module.startswith("safeedit.runners."):
+                assert module.removeprefix("safeedit.runners.") in runners.__all__, (path.name, module)

@@ -18,6 +18,7 @@ import hashlib
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from safeedit.data.prompts import ChatExample
 from safeedit.errors import SafeEditError
@@ -346,3 +347,11 @@ def fictitious_authors(authors: int = 20, questions_per_author: int = 10, holdou
         holdout=questions(held),
         forget_authors=tuple(a.name for i, a in enumerate(trained) if i in forget_index),
     )
+
+
+def retain_subset(items: list[Any], count: int, seed: int) -> list[Any]:
+    """A seeded subset of `count` retain items, in their original order (the evaluated retain questions)."""
+    if count >= len(items):
+        return list(items)
+    keep = set(random.Random(seed).sample(range(len(items)), count))
+    return [item for i, item in enumerate(items) if i in keep]

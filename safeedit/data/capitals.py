@@ -18,11 +18,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from safeedit.data.authors import QAItem
+from torch import nn
+
+from safeedit.data.authors import QAItem, retain_subset
 from safeedit.data.prompts import package_file
 from safeedit.data.text_tasks import wiki_summaries
 from safeedit.errors import SafeEditError
+from safeedit.eval.safety import generate_answers
+
+if TYPE_CHECKING:
+    from safeedit.scenario import CapitalsSection
 
 GENSIM_FILE = "test/test_data/questions-words.txt"
 CAPITAL_SECTIONS = ("capital-common-countries", "capital-world")
@@ -141,3 +148,37 @@ def wikipedia_passages(count: int, seed: int, max_chars: int = 600, exclude: Ite
         raise SafeEditError(f"only {len(passages)} Wikipedia passages fit max_chars={max_chars} and the exclusions; "
                             f"ask for at most {len(passages)} or exclude less")
     return passages
+
+
+# Greedy tokens a capital question is answered with: a city name and its sentence fit well within them.
+CAPITAL_ANSWER_TOKENS = 24
+
+
+def known_capitals(model: nn.Module, tokenizer: Any, facts: list[CapitalFact], max_new_tokens: int,
+                   batch_size: int) -> list[CapitalFact]:
+    """The facts whose capital the model names in its greedy answer."""
+    answers = generate_answers(model, tokenizer, [f.qa().question for f in facts], max_new_tokens, batch_size)
+    return [f for f, a in zip(facts, answers, strict=True) if answer_mentions(a, f.capital)]
+
+
+@dataclass(frozen=True)
+class CapitalsSetting:
+    forget: list[CapitalFact]
+    retain: list[CapitalFact]
+    evaluated_retain: list[CapitalFact]  # the seeded subset of `retain` whose answers are checked
+    fluency: list[str]  # held-out Wikipedia summaries naming no forgotten country or capital
+
+
+def capitals_setting(known: list[CapitalFact], section: CapitalsSection, retain_questions: int,
+                     subset_seed: int) -> CapitalsSetting:
+    """Split the known capitals into forget (`section.forget`, drawn with `section.seed`) and retain, and pick the
+    evaluated retain questions and the perplexity texts."""
+    if len(known) <= section.forget:
+        raise SafeEditError(f"the model answers only {len(known)} capital question(s) correctly; lower data.forget "
+                            f"(now {section.forget}) so that some known capitals are retained")
+    chosen = set(random.Random(section.seed).sample(range(len(known)), section.forget))
+    forget = [f for i, f in enumerate(known) if i in chosen]
+    retain = [f for i, f in enumerate(known) if i not in chosen]
+    names = [f.country for f in forget] + [f.capital for f in forget]
+    return CapitalsSetting(forget, retain, retain_subset(retain, retain_questions, subset_seed),
+                           wikipedia_passages(section.fluency_texts, section.seed, exclude=names))

@@ -16,7 +16,8 @@ from safeedit.eval.classification import evaluate_classifier, gap_to_retrain, mi
 from safeedit.eval.weights import weight_changes
 from safeedit.methods import EditResult
 from safeedit.models import EMBEDDED_MODELS, load_model
-from safeedit.runners.common import OutputWriter, data_fingerprints, input_entries, say
+from safeedit.progress import say
+from safeedit.runners.common import OutputWriter, data_fingerprints, input_entries
 from safeedit.runners.job import Job, run_job
 from safeedit.scenario import Scenario
 from safeedit.unlearn.methods import UnlearnTask, retrain

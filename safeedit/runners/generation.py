@@ -26,7 +26,8 @@ from safeedit.models.diffusion import (
     load_diffusion,
     train_from_scratch,
 )
-from safeedit.runners.common import OutputWriter, data_fingerprints, input_entries, say
+from safeedit.progress import say
+from safeedit.runners.common import OutputWriter, data_fingerprints, input_entries
 from safeedit.runners.job import Job, run_job
 from safeedit.scenario import GenerationScenario
 from safeedit.unlearn.diffusion import GenerationTask

@@ -10,8 +10,6 @@ are used, and there is no retrained reference.
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,61 +17,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from safeedit.data.authors import fictitious_authors, qa_fingerprint
-from safeedit.data.capitals import CapitalFact, answer_mentions, capital_facts, wikipedia_passages
-from safeedit.errors import SafeEditError
+from safeedit.data.authors import fictitious_authors, qa_fingerprint, retain_subset
+from safeedit.data.capitals import CAPITAL_ANSWER_TOKENS, capital_facts, capitals_setting, known_capitals
 from safeedit.eval.qa import authors_metrics, capitals_metrics
-from safeedit.eval.safety import generate_answers
 from safeedit.eval.weights import weight_changes
 from safeedit.io import sha256_file
 from safeedit.methods import EditResult, MethodSpec, resolve
+from safeedit.models.cache import cached_finetune
 from safeedit.models.language import load_language_model
-from safeedit.runners.common import OutputWriter, cached_finetune, input_entries, say
+from safeedit.progress import say
+from safeedit.runners.common import OutputWriter, input_entries
 from safeedit.runners.job import Job, run_job
 from safeedit.scenario import AuthorsSection, CapitalsSection, LMScenario
 from safeedit.unlearn.wagle import KIND, LMUnlearnSetting, about
-
-
-def retain_subset(items: list[Any], count: int, seed: int) -> list[Any]:
-    """A seeded subset of `count` retain items, in their original order (the evaluated retain questions)."""
-    if count >= len(items):
-        return list(items)
-    keep = set(random.Random(seed).sample(range(len(items)), count))
-    return [item for i, item in enumerate(items) if i in keep]
-
-
-# Greedy tokens a capital question is answered with: a city name and its sentence fit well within them.
-CAPITAL_ANSWER_TOKENS = 24
-
-
-def known_capitals(model: nn.Module, tokenizer: Any, facts: list[CapitalFact], max_new_tokens: int,
-                   batch_size: int) -> list[CapitalFact]:
-    """The facts whose capital the model names in its greedy answer."""
-    answers = generate_answers(model, tokenizer, [f.qa().question for f in facts], max_new_tokens, batch_size)
-    return [f for f, a in zip(facts, answers, strict=True) if answer_mentions(a, f.capital)]
-
-
-@dataclass(frozen=True)
-class CapitalsSetting:
-    forget: list[CapitalFact]
-    retain: list[CapitalFact]
-    evaluated_retain: list[CapitalFact]  # the seeded subset of `retain` whose answers are checked
-    fluency: list[str]  # held-out Wikipedia summaries naming no forgotten country or capital
-
-
-def capitals_setting(known: list[CapitalFact], section: CapitalsSection, retain_questions: int,
-                     subset_seed: int) -> CapitalsSetting:
-    """Split the known capitals into forget (`section.forget`, drawn with `section.seed`) and retain, and pick the
-    evaluated retain questions and the perplexity texts."""
-    if len(known) <= section.forget:
-        raise SafeEditError(f"the model answers only {len(known)} capital question(s) correctly; lower data.forget "
-                            f"(now {section.forget}) so that some known capitals are retained")
-    chosen = set(random.Random(section.seed).sample(range(len(known)), section.forget))
-    forget = [f for i, f in enumerate(known) if i in chosen]
-    retain = [f for i, f in enumerate(known) if i not in chosen]
-    names = [f.country for f in forget] + [f.capital for f in forget]
-    return CapitalsSetting(forget, retain, retain_subset(retain, retain_questions, subset_seed),
-                           wikipedia_passages(section.fluency_texts, section.seed, exclude=names))
 
 
 class LanguageJob(Job):

@@ -28,6 +28,7 @@ from safeedit.io import save_safetensors, sha256_file, sha256_text
 from safeedit.merge.setting import MergeSetting
 from safeedit.merge.vectors import with_parameters
 from safeedit.methods import EditResult
+from safeedit.models.cache import cached_weights
 from safeedit.models.encoders import (
     Encoder,
     FinetuneRecipe,
@@ -39,7 +40,8 @@ from safeedit.models.encoders import (
     predictions,
 )
 from safeedit.models.shipped import SHIPPED, zoo_entries
-from safeedit.runners.common import OutputWriter, cached_weights, input_entries, say
+from safeedit.progress import say
+from safeedit.runners.common import OutputWriter, input_entries
 from safeedit.runners.job import Job, run_job
 from safeedit.scenario import MergeScenario
 
