@@ -45,7 +45,7 @@ request: {{what: "one fictitious author"}}
 model: {{name: "{folder}"}}
 data: {data}
 finetune: {{lora_rank: 0, epochs: 1, lr: 1.0e-3, batch_size: 4}}
-unlearning: {{epochs: 1, lr: 1.0e-3, batch_size: 2, mask_ratio: 0.1}}
+unlearning: {{epochs: 1, lr: 1.0e-3, batch_size: 2, ratio: 0.1}}
 evaluation: {{max_new_tokens: 4, retain_questions: 4}}
 methods: {methods}
 {extra}

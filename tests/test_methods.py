@@ -107,3 +107,12 @@ def test_benchmarks_use_the_public_runner_api_only():
         for module in _imports(path):
             if module.startswith("safeedit.runners."):
                 assert module.removeprefix("safeedit.runners.") in runners.__all__, (path.name, module)
+
+
+@pytest.mark.parametrize("kind, name", [("classification", "ft"), ("llm-unlearning", "npo")])
+def test_every_mask_option_is_called_ratio_and_the_old_name_still_reads(kind, name):
+    spec = get_method(kind, name)
+    assert spec.validate({"ratio": 0.25}).ratio == spec.validate({"mask_ratio": 0.25}).ratio == 0.25
+    assert "mask_ratio" not in spec.validate({}).model_dump()
+    with pytest.raises(SafeEditError, match="ratio"):
+        spec.validate({"ratio": 2})

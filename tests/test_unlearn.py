@@ -106,7 +106,7 @@ def test_salun_changes_only_masked_weights_and_forgets(task):
 
 
 def test_any_objective_takes_a_mask_from_any_score(task):
-    output = METHODS["ft"].run(task, METHODS["ft"].options(epochs=1, mask_score="random", mask_ratio=0.1))
+    output = METHODS["ft"].run(task, METHODS["ft"].options(epochs=1, mask_score="random", ratio=0.1))
     assert output.mask is not None and output.mask.metadata["score"] == "random"
     for name, param in output.model.named_parameters():
         keep = output.mask.tensors[name]

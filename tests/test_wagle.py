@@ -151,7 +151,7 @@ def test_wagle_scores_match_direct_autograd():
 def test_masked_out_weights_stay_bit_identical(method):
     tok, model = tokenizer(), llama()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    options = LMUnlearnOptions(epochs=2, lr=1e-2, batch_size=2, mask_ratio=0.1)
+    options = LMUnlearnOptions(epochs=2, lr=1e-2, batch_size=2, ratio=0.1)
     edited, mask = lm_unlearn(model, tok, FORGET, RETAIN, method, options, seed=0, progress=False)
     assert abs(mask.density - 0.1) < 1e-3
     changed = 0

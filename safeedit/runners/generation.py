@@ -106,8 +106,8 @@ class GenerationJob(Job):
         entry["metrics"]["before"] = self.original_metrics
         return {**entry, "weight_changes": weight_changes(self.original.unet, result.model.unet, result.mask)}
 
-    def save(self, name: str, result: EditResult) -> dict[str, Any] | None:
-        return self.writer.save(name, result.model.unet.state_dict(), result.mask)
+    def save(self, name: str, result: EditResult) -> dict[str, Any]:
+        return {"mask": self.writer.save(name, result.model.unet.state_dict(), result.mask)}
 
     def after_methods(self) -> None:
         """The grid of every model's samples per class."""

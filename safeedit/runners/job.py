@@ -58,13 +58,14 @@ class Job:
         return spec.summary
 
     def evaluate(self, name: str, result: EditResult, wall_s: float) -> dict[str, Any]:
-        """The result entry of a method (metrics, evidence, weight changes; any key of `run_methods`' defaults it
-        sets wins); time the measuring with `timed_evaluation`."""
+        """The measured part of a method's result entry (metrics, weight changes; any key of `run_methods`'
+        defaults it sets wins); time the measuring with `timed_evaluation`. Writes nothing."""
         raise NotImplementedError
 
-    def save(self, name: str, result: EditResult) -> dict[str, Any] | None:
-        """Write the method's outputs; return its mask summary for the record (default: weights and its mask)."""
-        return self.writer.save(name, result.model.state_dict(), result.mask)
+    def save(self, name: str, result: EditResult) -> dict[str, Any]:
+        """Write the method's outputs; return the entry fields that describe them (default: its weights and mask,
+        `{"mask": summary}`)."""
+        return {"mask": self.writer.save(name, result.model.state_dict(), result.mask)}
 
     def about(self, name: str, spec: MethodSpec) -> dict[str, str]:
         return spec.about
@@ -77,6 +78,16 @@ class Job:
         raise NotImplementedError
 
     # --- shared helpers ----------------------------------------------------------------------------------------
+    def load_language_model(self) -> Any:
+        """The scenario's language model, moved to the job's device; sets `loaded` (files, hashes) and `tokenizer`."""
+        from safeedit.models.language import load_language_model  # transformers: only the LM kinds need it
+
+        model = self.scenario.model
+        say(f"scenario {self.scenario.name}: loading {model.name}", self.progress)
+        self.loaded = load_language_model(model.name, model.trust_remote_code, self.progress)
+        self.tokenizer = self.loaded.tokenizer
+        return self.loaded.model.to(self.device)
+
     @contextmanager
     def timed_evaluation(self) -> Iterator[None]:
         start = time.perf_counter()
@@ -102,7 +113,7 @@ def run_methods(job: Job, options: dict[str, BaseModel]) -> None:
         wall = time.perf_counter() - start
         entry = job.evaluate(name, result, wall)  # may override the defaults below (e.g. no wall time)
         job.results[name] = {"about": job.about(name, spec), "wall_time_s": wall, "seed": scenario.seed,
-                             "options": method_options.model_dump(), "mask": job.save(name, result), **entry}
+                             "options": method_options.model_dump(), "mask": None, **job.save(name, result), **entry}
         del result  # an edited copy is freed before the next method makes its own (LLMs: ~0.5 GB each)
 
 

@@ -24,7 +24,6 @@ from safeedit.eval.weights import weight_changes
 from safeedit.io import sha256_file
 from safeedit.methods import EditResult, MethodSpec, resolve
 from safeedit.models.cache import cached_finetune
-from safeedit.models.language import load_language_model
 from safeedit.progress import say
 from safeedit.runners.common import OutputWriter, input_entries
 from safeedit.runners.job import Job, run_job
@@ -40,11 +39,9 @@ class LanguageJob(Job):
     scenario: LMScenario
 
     def prepare(self) -> None:
-        scenario, progress = self.scenario, self.progress
-        say(f"scenario {scenario.name}: loading {scenario.model.name}", progress)
-        self.loaded = loaded = load_language_model(scenario.model.name, scenario.model.trust_remote_code, progress)
-        base, self.tokenizer = loaded.model.to(self.device), loaded.tokenizer
-        self.inputs: dict[str, dict[str, str]] = {"model weights": loaded.files}
+        scenario = self.scenario
+        base = self.load_language_model()
+        self.inputs: dict[str, dict[str, str]] = {"model weights": self.loaded.files}
         self.notes: list[str] = []
         self.reference_ratios: np.ndarray | None = None
         if isinstance(scenario.data, AuthorsSection):
@@ -135,11 +132,11 @@ class LanguageJob(Job):
         return {"metrics": {"before": self.original_metrics, "after": self.measure(result.model, name)},
                 "weight_changes": weight_changes(self.original, result.model, result.mask)}
 
-    def save(self, name: str, result: EditResult) -> dict[str, Any] | None:
+    def save(self, name: str, result: EditResult) -> dict[str, Any]:
         """The weights of the methods `save_weights` names (default: the first); the mask of every masked method."""
         if name in self.scenario.weights_to_save():
-            return self.writer.save(name, result.model.state_dict(), result.mask)
-        return self.writer.save_mask(name, result.mask) if result.mask is not None else None
+            return {"mask": self.writer.save(name, result.model.state_dict(), result.mask)}
+        return {"mask": self.writer.save_mask(name, result.mask) if result.mask is not None else None}
 
     def about(self, name: str, spec: MethodSpec) -> dict[str, str]:
         return about(resolve(KIND, name))

@@ -174,8 +174,6 @@ class MergeJob(Job):
                          heads_path, {"scenario": scenario.name,
                                       "what": "per-task linear heads (kept per task, never merged)"})
         self.writer.add(heads_path, "task heads")
-        self.merged: nn.Module | None = None  # the latest method's merged body (`evaluate` builds, `save` writes)
-        self.mask_summaries: dict[str, dict[str, Any] | None] = {}
 
     @property
     def setting(self) -> MergeSetting:
@@ -198,36 +196,36 @@ class MergeJob(Job):
         metrics["transfer_asr"] = float(np.mean(clean)) if clean else None
         return metrics
 
+    def models_of(self, result: EditResult) -> dict[str, nn.Module]:
+        """Each task's model under a merge: the merged body with the task's own head (`individual`, which merges
+        nothing: the task models themselves)."""
+        if result.parameters is None:
+            return self.task_models
+        merged = with_parameters(self.encoder, result.parameters)
+        return {n: TaskClassifier(merged, self.heads[n]) for n in self.task_names}
+
     def evaluate(self, name: str, result: EditResult, wall_s: float) -> dict[str, Any]:
-        """Metrics of the merged body with each task's own head (`individual`: the task models themselves); the
-        method's details and its masks, written by name (`dam-shared`, `dam-backdoor`, ...), are its evidence."""
         with self.timed_evaluation():
-            if result.parameters is None:
-                self.merged, models = None, self.task_models
-            else:
-                self.merged = merged = with_parameters(self.encoder, result.parameters)
-                models = {n: TaskClassifier(merged, self.heads[n]) for n in self.task_names}
-            entry: dict[str, Any] = {"metrics": {"after": self.measure(models)}}
+            entry: dict[str, Any] = {"metrics": {"after": self.measure(self.models_of(result))}}
         if name == "individual":
             entry["wall_time_s"] = None  # the task models are the setting (fine-tuned and cached before the run)
+        return entry
+
+    def save(self, name: str, result: EditResult) -> dict[str, Any]:
+        """The method's masks by name (`dam-shared`, `dam-backdoor`, ...) and its details are its evidence; the
+        entry's mask is DAM's backdoor-detection mask (M2, what the defence removes), else the method's first.
+        DAM's merged body is written (the defence's output); the other merges follow from the recorded inputs,
+        options and seed."""
         evidence: dict[str, Any] = dict(result.details)
         for mask_name, mask in result.masks.items():
             evidence[mask_name] = self.writer.save_mask(mask_name, mask)
-        # The entry's mask: DAM's backdoor-detection mask (M2, what the defence removes), else the method's first.
-        self.mask_summaries[name] = (evidence["dam-backdoor"] if name == "dam" else
-                                     next((evidence[k] for k in result.masks), None))
-        if evidence:
-            entry["evidence"] = evidence
-        return entry
-
-    def save(self, name: str, result: EditResult) -> dict[str, Any] | None:
-        """DAM's merged body (the defence's output); the other merges follow from the recorded inputs, options and
-        seed. Their masks were written as evidence by `evaluate`."""
         if name == "dam":
             weights = self.out / "dam.safetensors"
-            save_safetensors(self.merged.state_dict(), weights, {"method": name, "scenario": self.scenario.name})
+            merged = with_parameters(self.encoder, result.parameters)
+            save_safetensors(merged.state_dict(), weights, {"method": name, "scenario": self.scenario.name})
             self.writer.add(weights, "merged body weights")
-        return self.mask_summaries[name]
+        mask = evidence["dam-backdoor"] if name == "dam" else next((evidence[k] for k in result.masks), None)
+        return {"mask": mask, **({"evidence": evidence} if evidence else {})}
 
     def record_fields(self, started: float) -> dict[str, Any]:
         scenario = self.scenario

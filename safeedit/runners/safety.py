@@ -22,7 +22,6 @@ from safeedit.eval.weights import weight_changes
 from safeedit.io import sha256_file
 from safeedit.methods import EditResult
 from safeedit.models.cache import cached_finetune
-from safeedit.models.language import load_language_model
 from safeedit.progress import say
 from safeedit.prune import PruneSetting
 from safeedit.prune.calibration import calibration_batches
@@ -42,9 +41,8 @@ class SafetyJob(Job):
 
     def prepare(self) -> None:
         scenario, progress = self.scenario, self.progress
-        say(f"scenario {scenario.name}: loading {scenario.model.name}", progress)
-        self.loaded = loaded = load_language_model(scenario.model.name, scenario.model.trust_remote_code, progress)
-        base, self.tokenizer = loaded.model.to(self.device), loaded.tokenizer
+        base = self.load_language_model()
+        loaded = self.loaded
         self.data: SafetyData = safety_data(scenario.data)
         self.judge: Judge = load_judge(scenario.judge)
         self.judge_validation = validation = validate_judge(self.judge)
@@ -116,11 +114,11 @@ class SafetyJob(Job):
                             "after": {**self.measure(pruned, name), "weights_zeroed": mask.density}},
                 "weight_changes": weight_changes(self.tuned, pruned, mask)}
 
-    def save(self, name: str, result: EditResult) -> dict[str, Any] | None:
+    def save(self, name: str, result: EditResult) -> dict[str, Any]:
         """Antidote's weights and mask; the mask alone of the controls (their weights follow from it)."""
         if name == "antidote":
-            return self.writer.save(name, result.model.state_dict(), result.mask)
-        return self.writer.save_mask(name, result.mask)
+            return {"mask": self.writer.save(name, result.model.state_dict(), result.mask)}
+        return {"mask": self.writer.save_mask(name, result.mask)}
 
     def record_fields(self, started: float) -> dict[str, Any]:
         data, judge, validation = self.data, self.judge, self.judge_validation

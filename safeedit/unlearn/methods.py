@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -47,7 +47,8 @@ class UnlearnTask:
 
 class ObjectiveOptions(TrainingOptions):
     mask_score: str | None = Field(default=None, description="restrict the edit to a mask from this score")
-    mask_ratio: float = Field(default=0.5, gt=0, le=1)
+    ratio: float = Field(default=0.5, gt=0, le=1, validation_alias=AliasChoices("ratio", "mask_ratio"),
+                         description="share of weights the mask keeps (`mask_ratio` is the old name)")
 
     _known_score = field_validator("mask_score")(check_mask_score)
 
@@ -79,7 +80,7 @@ def _objective(name: str, task: UnlearnTask, options: ObjectiveOptions, seed: in
 
 def _mask_from(task: UnlearnTask, loaders: Loaders, options: ObjectiveOptions, progress: bool) -> Mask:
     data = {"forget": loaders.forget, "retain": loaders.retain, "data": loaders.forget, "calibration": loaders.forget}
-    return score_mask(task.model, options.mask_score, data, options.mask_ratio, progress=progress)
+    return score_mask(task.model, options.mask_score, data, options.ratio, progress=progress)
 
 
 _APPROXIMATE = (
@@ -88,32 +89,35 @@ _APPROXIMATE = (
 )
 
 
-@register_method("classification", summary="fine-tune on the retain set", limitations=_APPROXIMATE
-                 + "Fine-tuning only lets the model drift away from the forget data; it often keeps it.",
-                 paper="Warnecke et al., NDSS 2023 (as a SalUn baseline)")
-def ft(task: UnlearnTask, options: ObjectiveOptions, seed: int, progress: bool) -> EditResult:
-    return _objective("ft", task, options, seed, progress)
+# The baselines SalUn is compared with: one objective each, optionally confined to a mask (`mask_score`).
+BASELINES = (  # name, options, summary, what it leaves undone, paper
+    ("ft", ObjectiveOptions, "fine-tune on the retain set",
+     "Fine-tuning only lets the model drift away from the forget data; it often keeps it.",
+     "Warnecke et al., NDSS 2023 (as a SalUn baseline)"),
+    ("ga", ObjectiveOptions, "gradient ascent on the forget set",
+     "Gradient ascent has no stopping point: too far and the model breaks on everything else.",
+     "Thudi et al., EuroS&P 2022"),
+    ("rl", ObjectiveOptions, "random labels on forget, then retain",
+     "Random labels change every weight; nothing bounds the edit to what the data influenced.",
+     "Golatkar et al., CVPR 2020"),
+    ("l1_sparse", L1SparseOptions, "retain fine-tune with decaying l1",
+     "Sparsity makes forgetting by fine-tuning easier but does not target the forget data.",
+     "Jia et al., NeurIPS 2023"),
+)
 
 
-@register_method("classification", summary="gradient ascent on the forget set", limitations=_APPROXIMATE
-                 + "Gradient ascent has no stopping point: too far and the model breaks on everything else.",
-                 paper="Thudi et al., EuroS&P 2022")
-def ga(task: UnlearnTask, options: ObjectiveOptions, seed: int, progress: bool) -> EditResult:
-    return _objective("ga", task, options, seed, progress)
+def _baseline(name: str, options_type: type[ObjectiveOptions]) -> Callable[..., EditResult]:
+    """The registered function of baseline `name`: its objective, with `options_type` as its configuration."""
+    def method(task: UnlearnTask, options: ObjectiveOptions, seed: int, progress: bool) -> EditResult:
+        return _objective(name, task, options, seed, progress)
+    method.__name__ = name
+    method.__annotations__["options"] = options_type
+    return method
 
 
-@register_method("classification", summary="random labels on forget, then retain", limitations=_APPROXIMATE
-                 + "Random labels change every weight; nothing bounds the edit to what the data influenced.",
-                 paper="Golatkar et al., CVPR 2020")
-def rl(task: UnlearnTask, options: ObjectiveOptions, seed: int, progress: bool) -> EditResult:
-    return _objective("rl", task, options, seed, progress)
-
-
-@register_method("classification", summary="retain fine-tune with decaying l1", limitations=_APPROXIMATE
-                 + "Sparsity makes forgetting by fine-tuning easier but does not target the forget data.",
-                 paper="Jia et al., NeurIPS 2023")
-def l1_sparse(task: UnlearnTask, options: L1SparseOptions, seed: int, progress: bool) -> EditResult:
-    return _objective("l1_sparse", task, options, seed, progress)
+for _name, _options, _summary, _caveat, _paper in BASELINES:
+    register_method("classification", summary=_summary, limitations=_APPROXIMATE + _caveat, paper=_paper,
+                    name=_name)(_baseline(_name, _options))
 
 
 @register_method("classification", summary="saliency mask + random labels (Fan et al. 2024)",

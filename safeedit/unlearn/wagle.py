@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from torch import nn
 
 from safeedit.attribution.select import score_mask
@@ -60,7 +60,8 @@ class LMUnlearnOptions(BaseModel):
     grad_clip: float | None = Field(default=1.0, gt=0)
     retain_weight: float = Field(default=1.0, ge=0, description="γ_r, the weight of the retain NLL")
     beta: float = Field(default=0.1, gt=0, description="NPO's inverse temperature")
-    mask_ratio: float = Field(default=0.2, gt=0, le=1, description="share of weights the masked methods edit")
+    ratio: float = Field(default=0.2, gt=0, le=1, validation_alias=AliasChoices("ratio", "mask_ratio"),
+                         description="share of weights the masked methods edit (`mask_ratio` is the old name)")
     gamma: float = Field(default=1.0, gt=0, description="WAGLE's Hessian-diagonal constant γ")
 
 
@@ -88,7 +89,7 @@ def lm_mask(model: nn.Module, score: str, data: LMUnlearnData, options: LMUnlear
     roles = {"forget": chat_loader(tokenizer, data.forget, size, length),
              "retain": chat_loader(tokenizer, paired_retain(data.forget, data.retain, data.seed), size, length)}
     score_options = {"wagle": {"gamma": options.gamma}, "random": {"seed": data.seed}}.get(score)
-    return score_mask(model, score, roles, options.mask_ratio, options=score_options, progress=progress)
+    return score_mask(model, score, roles, options.ratio, options=score_options, progress=progress)
 
 
 def masked_unlearn(objective: Callable[..., Objective], name: str, setting: LMUnlearnSetting,
