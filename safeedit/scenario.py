@@ -32,7 +32,7 @@ from safeedit.models.lm_training import FinetuneOptions
 from safeedit.prune import PruningOptions
 from safeedit.unlearn.diffusion import DiffusionRetrainOptions
 from safeedit.unlearn.methods import RetrainOptions
-from safeedit.unlearn.wagle import LMUnlearnOptions
+from safeedit.unlearn.wagle import LMUnlearnDefaults
 
 
 class Request(Strict):
@@ -81,8 +81,8 @@ class ScenarioCore(Strict):
     method_kind: ClassVar[str]
     masked_names: ClassVar[bool] = False
 
-    def method_defaults(self) -> dict[str, Any]:
-        """Options every method starts from before its own overrides (e.g. the scenario's `pruning:` section)."""
+    def method_defaults(self, spec: MethodSpec) -> dict[str, Any]:
+        """Options method `spec` starts from before its own overrides (e.g. the scenario's `pruning:` section)."""
         return {}
 
     def method_spec(self, name: str) -> MethodSpec:
@@ -98,7 +98,7 @@ class ScenarioCore(Strict):
         for name, given in self.methods.items():
             spec = self.method_spec(name)
             overrides = given.model_dump(exclude_none=True) if isinstance(given, BaseModel) else given or {}
-            options[name] = spec.validate({**self.method_defaults(), **overrides}, f"scenario '{self.name}'")
+            options[name] = spec.validate({**self.method_defaults(spec), **overrides}, f"scenario '{self.name}'")
         return options
 
 
@@ -164,7 +164,7 @@ class SafetyScenario(ScenarioCore):
     judge: str = Field(default="default", description="default | phrases | folder of a refusal classifier")
     evaluation: SafetyEvaluation = SafetyEvaluation()
 
-    def method_defaults(self) -> dict[str, Any]:
+    def method_defaults(self, spec: MethodSpec) -> dict[str, Any]:
         return self.pruning.model_dump()
 
     def result_names(self) -> set[str]:
@@ -252,15 +252,15 @@ class LMScenario(ScenarioCore):
         description="fictitious authors: how the model to unlearn (all authors) and the reference (retain "
                     "authors) are fine-tuned from the base model; both cached")
     retrain: bool = Field(default=True, description="fictitious authors: fine-tune the retain-only reference")
-    unlearning: LMUnlearnOptions = LMUnlearnOptions()
+    unlearning: LMUnlearnDefaults = LMUnlearnDefaults()
     methods: dict[str, dict[str, Any] | None] = Field(
         min_length=1, description="<objective>[+<mask score>] -> overrides of `unlearning`")
     evaluation: LMEvaluation = LMEvaluation()
     save_weights: list[str] | None = Field(
         default=None, description="methods whose edited weights are written (default: the first method)")
 
-    def method_defaults(self) -> dict[str, Any]:
-        return self.unlearning.model_dump()
+    def method_defaults(self, spec: MethodSpec) -> dict[str, Any]:
+        return LMUnlearnDefaults.for_method(self.unlearning, spec.options)
 
     def method_options(self) -> dict[str, BaseModel]:
         options = super().method_options()

@@ -116,3 +116,20 @@ def test_every_mask_option_is_called_ratio_and_the_old_name_still_reads(kind, na
     assert "mask_ratio" not in spec.validate({}).model_dump()
     with pytest.raises(SafeEditError, match="ratio"):
         spec.validate({"ratio": 2})
+
+
+def test_an_llm_objective_takes_only_its_own_options(tmp_path):
+    """NPO has β; GradDiff and refusal have none, so a β given to them is a mistake named at load time, while the
+    shared `unlearning:` section hands each objective just the options it has."""
+    assert "beta" in get_method("llm-unlearning", "npo").options.model_fields
+    assert "beta" not in get_method("llm-unlearning", "graddiff").options.model_fields
+    scenario = {"name": "s", "kind": "llm-unlearning", "request": {"what": "two capitals"},
+                "model": {"name": "m"}, "data": {"protocol": "capitals"},
+                "unlearning": {"beta": 0.3}, "methods": {"npo": None, "graddiff+random": None}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(scenario))
+    options = load_scenario(tmp_path / "s.yaml").method_options()
+    assert options["npo"].beta == 0.3 and not hasattr(options["graddiff+random"], "beta")
+    scenario["methods"] = {"graddiff": {"beta": 0.3}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(scenario))
+    with pytest.raises(SafeEditError, match=r"methods\.graddiff: beta"):
+        load_scenario(tmp_path / "s.yaml")

@@ -134,7 +134,7 @@ class LMUnlearnData:
                              self.batch_size, self.max_length, self.seed)
 
 
-def graddiff(data: LMUnlearnData, reference: nn.Module, retain_weight: float = 1.0, beta: float = 0.1) -> Objective:
+def graddiff(data: LMUnlearnData, retain_weight: float = 1.0) -> Objective:
     loader = data.loader()
     return lambda epoch: [Phase("graddiff", loader, graddiff_loss(retain_weight))]
 
@@ -144,6 +144,6 @@ def npo(data: LMUnlearnData, reference: nn.Module, retain_weight: float = 1.0, b
     return lambda epoch: [Phase("npo", loader, npo_loss(reference, beta, retain_weight))]
 
 
-def refusal(data: LMUnlearnData, reference: nn.Module, retain_weight: float = 1.0, beta: float = 0.1) -> Objective:
+def refusal(data: LMUnlearnData, retain_weight: float = 1.0) -> Objective:
     loader = data.loader(refusal_examples(data.forget, data.seed))
     return lambda epoch: [Phase("refusal", loader, refusal_loss(retain_weight))]

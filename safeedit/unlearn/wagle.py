@@ -59,10 +59,22 @@ class LMUnlearnOptions(BaseModel):
     max_length: int = Field(default=160, ge=8)
     grad_clip: float | None = Field(default=1.0, gt=0)
     retain_weight: float = Field(default=1.0, ge=0, description="γ_r, the weight of the retain NLL")
-    beta: float = Field(default=0.1, gt=0, description="NPO's inverse temperature")
     ratio: float = Field(default=0.2, gt=0, le=1, validation_alias=AliasChoices("ratio", "mask_ratio"),
                          description="share of weights the masked methods edit (`mask_ratio` is the old name)")
     gamma: float = Field(default=1.0, gt=0, description="WAGLE's Hessian-diagonal constant γ")
+
+
+class NPOOptions(LMUnlearnOptions):
+    beta: float = Field(default=0.1, gt=0, description="NPO's inverse temperature")
+
+
+class LMUnlearnDefaults(NPOOptions):
+    """A scenario's `unlearning:` section: the options every objective starts from; each takes those it has."""
+
+    @classmethod
+    def for_method(cls, options: BaseModel, method_options: type[BaseModel]) -> dict[str, Any]:
+        """The part of `options` that `method_options` (an objective's configuration) has."""
+        return {k: v for k, v in options.model_dump().items() if k in method_options.model_fields}
 
 
 @dataclass(frozen=True)
@@ -92,7 +104,7 @@ def lm_mask(model: nn.Module, score: str, data: LMUnlearnData, options: LMUnlear
     return score_mask(model, score, roles, options.ratio, options=score_options, progress=progress)
 
 
-def masked_unlearn(objective: Callable[..., Objective], name: str, setting: LMUnlearnSetting,
+def masked_unlearn(name: str, objective: Callable[[LMUnlearnData], Objective], setting: LMUnlearnSetting,
                    options: LMUnlearnOptions, seed: int, progress: bool) -> EditResult:
     """Step 3 (after steps 1-2 when the setting names a mask score): `objective` on a copy of the model."""
     check_forget_retain(setting.forget, setting.retain)
@@ -101,12 +113,11 @@ def masked_unlearn(objective: Callable[..., Objective], name: str, setting: LMUn
     data = LMUnlearnData(setting.tokenizer, setting.forget, setting.retain, options.batch_size, options.max_length,
                          seed)
     mask = lm_mask(setting.model, setting.mask_score, data, options, progress) if setting.mask_score else None
-    phases = objective(data, setting.model, options.retain_weight, options.beta)
     training = TrainingOptions(epochs=options.epochs, lr=options.lr, weight_decay=0.0, batch_size=options.batch_size,
                                grad_clip=options.grad_clip, optimizer="adam")
     torch.manual_seed(seed)  # dropout, where the architecture has it: the same seed repeats the same run
     label = f"{name}+{setting.mask_score}" if setting.mask_score else name
-    edited = unlearn(setting.model, phases, training, mask, progress, label)
+    edited = unlearn(setting.model, objective(data), training, mask, progress, label)
     return EditResult(model=edited, masks={"mask": mask} if mask is not None else {})
 
 
@@ -114,22 +125,25 @@ def masked_unlearn(objective: Callable[..., Objective], name: str, setting: LMUn
                  summary="gradient ascent on the forget answers, descent on paired retain answers (GradDiff)",
                  limitations=LIMITATIONS, mask_scores=MASK_SCORES)
 def graddiff(setting: LMUnlearnSetting, options: LMUnlearnOptions, seed: int, progress: bool) -> EditResult:
-    return masked_unlearn(lm_objectives.graddiff, "graddiff", setting, options, seed, progress)
+    return masked_unlearn("graddiff", lambda data: lm_objectives.graddiff(data, options.retain_weight), setting,
+                          options, seed, progress)
 
 
 @register_method(KIND, paper="Zhang et al., COLM 2024",
                  summary="negative preference optimization against the frozen original (NPO, β = 0.1) plus the "
                          "retain NLL",
                  limitations=LIMITATIONS, mask_scores=MASK_SCORES)
-def npo(setting: LMUnlearnSetting, options: LMUnlearnOptions, seed: int, progress: bool) -> EditResult:
-    return masked_unlearn(lm_objectives.npo, "npo", setting, options, seed, progress)
+def npo(setting: LMUnlearnSetting, options: NPOOptions, seed: int, progress: bool) -> EditResult:
+    return masked_unlearn("npo", lambda data: lm_objectives.npo(data, setting.model, options.retain_weight,
+                                                                 options.beta), setting, options, seed, progress)
 
 
 @register_method(KIND, paper="'I don't know' (rejection) tuning, as in TOFU, Maini et al. 2024",
                  summary="teach a refusal answer to the forget questions, plus the retain NLL",
                  limitations=LIMITATIONS, mask_scores=MASK_SCORES)
 def refusal(setting: LMUnlearnSetting, options: LMUnlearnOptions, seed: int, progress: bool) -> EditResult:
-    return masked_unlearn(lm_objectives.refusal, "refusal", setting, options, seed, progress)
+    return masked_unlearn("refusal", lambda data: lm_objectives.refusal(data, options.retain_weight), setting,
+                          options, seed, progress)
 
 
 def lm_unlearn(model: nn.Module, tokenizer: Any, forget: Sequence[ChatExample], retain: Sequence[ChatExample],
@@ -138,6 +152,7 @@ def lm_unlearn(model: nn.Module, tokenizer: Any, forget: Sequence[ChatExample], 
     """The unlearned copy of `model` (the input is the frozen reference and is not modified) and its mask, for a
     method named `<objective>[+<mask score>]`."""
     resolved = resolve(KIND, method)
-    result = resolved.spec.run(LMUnlearnSetting(model, tokenizer, forget, retain, resolved.mask_score), options,
-                               seed, progress)
+    own = resolved.spec.validate(LMUnlearnDefaults.for_method(options, resolved.spec.options))
+    result = resolved.spec.run(LMUnlearnSetting(model, tokenizer, forget, retain, resolved.mask_score), own, seed,
+                               progress)
     return result.model, result.mask
