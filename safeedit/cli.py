@@ -432,8 +432,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from safeedit.io import atomic_dir
-    from safeedit.merge import task_arithmetic, task_vectors, ties, with_parameters
-    from safeedit.merge.dare import dare_vectors
+    from safeedit.merge import with_parameters
+    from safeedit.merge.setting import MergeSetting
     from safeedit.methods import get_method
     from safeedit.models import load_model
 
@@ -458,15 +458,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
     base = load_model(args.base, progress=False)
     tasks = {spec: load_model(spec, progress=False) for spec in args.tasks}
-    body = merged_part(base.model)
-    vectors = task_vectors(body, {spec: merged_part(loaded.model) for spec, loaded in tasks.items()})
-    if args.method == "ties":
-        merged = ties(body, vectors, options.keep, options.scale)
-    elif args.method == "dare":
-        merged = task_arithmetic(body, dare_vectors(vectors, options.density, args.seed), options.scale)
-    else:
-        merged = task_arithmetic(body, vectors, options.scale)
-    model = with_parameters(base.model, merged)
+    setting = MergeSetting(merged_part(base.model), {spec: merged_part(t.model) for spec, t in tasks.items()}, {}, {})
+    model = with_parameters(base.model, method.run(setting, options, args.seed, progress=False).parameters)
     with atomic_dir(out) as partial:
         model.save_pretrained(partial, safe_serialization=True)
         if base.tokenizer is not None:

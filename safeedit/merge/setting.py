@@ -30,9 +30,11 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class MergeSetting:
-    """The base body `encoder` (its parameters are θ₀), fine-tuned bodies per task, their heads and unlabeled data."""
+    """The base body `encoder` (its parameters are θ₀), fine-tuned bodies per task, their heads and unlabeled data.
+    The data-free merges (task arithmetic, TIES, DARE) read only θ₀ and the task vectors: for them the body and the
+    task models may be name -> tensor mappings, with no heads and no data (`safeedit merge`)."""
 
-    encoder: nn.Module
+    encoder: nn.Module | Mapping[str, torch.Tensor]
     task_encoders: Mapping[str, nn.Module | Mapping[str, torch.Tensor]]
     heads: Mapping[str, nn.Module]
     unlabeled: Mapping[str, Iterable]
@@ -44,9 +46,10 @@ class MergeSetting:
         self.tasks = list(self.vectors)
         self.base = body_parameters(self.encoder)
         self.names = list(self.base)
-        self.device = next(self.encoder.parameters()).device
+        self.device = next(iter(self.base.values())).device
         for module in (self.encoder, *self.heads.values()):
-            module.eval().requires_grad_(False)
+            if isinstance(module, nn.Module):
+                module.eval().requires_grad_(False)
 
     def shapes(self) -> dict[str, torch.Size]:
         """Shapes of the gated tensors: every merged tensor except embedding tables (their task vectors touch
