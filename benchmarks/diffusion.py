@@ -4,11 +4,12 @@ Rows: original, unmasked unlearning (same objective, every weight), SalUn at mas
 from scratch without the class; columns: forgetting accuracy, retain accuracy, Fréchet distance (judge
 features, generated vs real retain-class test images), wall time and its ratio to retraining.
 
-Protocol: each method (unmasked, and SalUn at each r) gets the same budget: the same grid of configs, tuned on
-seeds that are never reported (--tune-seeds, cheaper sampling), chosen by the same rule (highest mean retain
-accuracy among configs whose mean forgetting accuracy is at least 99%, else the highest forgetting accuracy).
-The chosen configs then run on the reported seeds; a seed sets the mask's scoring batches, the timesteps and
-noise of unlearning, and the sampling noise. One retrained model (seed 1000) is the reference for every seed.
+Protocol (safeedit.protocol.tune_then_report): each method (unmasked, and SalUn at each r) gets the same budget:
+the same grid of configs, tuned on seeds that are never reported (--tune-seeds, cheaper sampling), chosen by the
+same rule (highest mean retain accuracy among configs whose mean forgetting accuracy is at least 99%, else the
+highest forgetting accuracy). The chosen configs then run on the reported seeds; a seed sets the mask's scoring
+batches, the timesteps and noise of unlearning, and the sampling noise. One retrained model (seed 1000) is the
+reference for every seed.
 
     .venv/bin/python benchmarks/diffusion.py            # about 45 min on 2 CPU cores (first run trains the model)
 """
@@ -33,6 +34,7 @@ from safeedit.data.forget import ForgetRequest, split_forget
 from safeedit.eval.generation import generation_metrics, judge_accuracy, sample_grid
 from safeedit.models import load_model
 from safeedit.models.diffusion import EMBEDDED_DIFFUSION, DiffusionModel, image_tensors, train_from_scratch
+from safeedit.protocol import Candidate, Protocol, Spread, tune_then_report
 from safeedit.unlearn.diffusion import DiffusionUnlearnOptions, salun_diffusion
 
 RESULTS = Path(__file__).parent / "results"
@@ -79,59 +81,43 @@ def main() -> None:
         return generation_metrics(model, judge, FORGET_CLASS, real_retain, per_class, steps, 1.0, seed)
 
     methods = {"unmasked": None, **{f"salun r={r}": r for r in args.ratios}}
-    grid = list(itertools.product(args.lrs, args.epochs, args.alphas))
+    grid = [{"lr": lr, "epochs": epochs, "alpha": alpha}
+            for lr, epochs, alpha in itertools.product(args.lrs, args.epochs, args.alphas)]
+    protocol = Protocol(tune=args.tune_seeds, report=args.seeds)
 
-    # --- tuning on seeds that are never reported -----------------------------------------------------------
-    chosen: dict[str, dict] = {}
-    tuning_log: dict[str, list] = {}
-    for method, ratio in methods.items():
-        rows = []
-        for lr, epochs, alpha in grid:
-            options = DiffusionUnlearnOptions(ratio=ratio, lr=lr, epochs=epochs, alpha=alpha, batch_size=64)
-            runs = []
-            for seed in args.tune_seeds:
-                edited, _ = salun_diffusion(original, forget, retain, options, seed, progress=False)
-                runs.append(evaluate(edited, seed, tuning=True)[0])
-            forgetting = statistics.mean(r["forgetting_accuracy"] for r in runs)
-            retained = statistics.mean(r["retain_accuracy"] for r in runs)
-            rows.append({"lr": lr, "epochs": epochs, "alpha": alpha, "forgetting": forgetting, "retain": retained})
-            log(f"tune {method} lr={lr} epochs={epochs} alpha={alpha}: forgetting {forgetting:.3f} "
-                f"retain {retained:.3f}")
-        passing = [row for row in rows if row["forgetting"] >= 0.99]
-        best = max(passing, key=lambda r: r["retain"]) if passing else max(rows, key=lambda r: r["forgetting"])
-        chosen[method] = best
-        tuning_log[method] = rows
-
-    # --- reported seeds --------------------------------------------------------------------------------------
+    # --- the references, sampled with each reported seed: the original and one model retrained without the class
     results: dict[str, list[dict]] = {name: [] for name in ["original", *methods, "retrain"]}
     grids: dict[str, torch.Tensor] = {}
-    retrain_time = None
-    reference = None
+    retrain_time = reference = None
     if not args.no_retrain:
         log(f"retraining from scratch without class {FORGET_CLASS} ({entry.recipe.steps} steps)")
         start = time.perf_counter()
         reference = train_from_scratch(original, retain[0], retain[1], replace(entry.recipe, seed=1000), progress=False)
         retrain_time = time.perf_counter() - start
     for seed in args.seeds:
-        metrics, samples = evaluate(original, seed, tuning=False)
-        results["original"].append({**metrics, "wall_time_s": None})
-        grids.setdefault("original", samples)
-        if reference is not None:
-            metrics, samples = evaluate(reference, seed, tuning=False)
-            results["retrain"].append({**metrics, "wall_time_s": retrain_time})
-            grids.setdefault("retrain", samples)
-        for method, ratio in methods.items():
-            config = chosen[method]
-            options = DiffusionUnlearnOptions(ratio=ratio, lr=config["lr"], epochs=config["epochs"],
-                                              alpha=config["alpha"], batch_size=64)
-            start = time.perf_counter()
-            edited, _ = salun_diffusion(original, forget, retain, options, seed, progress=False)
-            wall = time.perf_counter() - start
-            metrics, samples = evaluate(edited, seed, tuning=False)
-            results[method].append({**metrics, "wall_time_s": wall})
+        for name, model, wall in (("original", original, None), ("retrain", reference, retrain_time)):
+            if model is not None:
+                metrics, samples = evaluate(model, seed, tuning=False)
+                results[name].append({**metrics, "wall_time_s": wall})
+                grids.setdefault(name, samples)
+
+    # --- every method: its grid on the tune seeds (cheaper sampling), the rule's choice on the reported seeds -----
+    def trial(method: str, config: dict, seed: int, phase: str) -> dict:
+        options = DiffusionUnlearnOptions(ratio=methods[method], batch_size=64, **config)
+        start = time.perf_counter()
+        edited, _ = salun_diffusion(original, forget, retain, options, seed, progress=False)
+        wall = time.perf_counter() - start
+        metrics, samples = evaluate(edited, seed, tuning=phase == "tune")
+        if phase == "report":
             grids.setdefault(method, samples)
-            log(f"seed {seed} {method}: forgetting {metrics['forgetting_accuracy']:.3f} "
-                f"retain {metrics['retain_accuracy']:.3f} FD {metrics['frechet_distance']:.2f} ({wall:.1f} s)")
+        log(f"{phase} seed {seed} {method} {config}: forgetting {metrics['forgetting_accuracy']:.3f} "
+            f"retain {metrics['retain_accuracy']:.3f} FD {metrics['frechet_distance']:.2f} ({wall:.1f} s)")
+        return {**metrics, "wall_time_s": wall}
+
+    outcomes = tune_then_report(dict.fromkeys(methods, grid), protocol, trial, forgetting_then_retain)
+    tuning_log = {method: [tuning_row(c) for c in outcome.candidates] for method, outcome in outcomes.items()}
+    chosen = {method: tuning_log[method][grid.index(outcome.chosen)] for method, outcome in outcomes.items()}
+    results.update({method: outcome.reported for method, outcome in outcomes.items()})
 
     lines = report(args, results, chosen, tuning_log, judge_acc, weights, retrain_time)
     RESULTS.mkdir(exist_ok=True)
@@ -145,12 +131,21 @@ def main() -> None:
     print("\n".join(lines))
 
 
-def _mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
-    if not values:
-        return "—"
-    mean = statistics.mean(values) * scale
-    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+def tuning_row(candidate: Candidate) -> dict:
+    """A config and its mean forgetting and retain accuracy over the tune seeds (None: one config, not tuned)."""
+    def mean(key: str) -> float | None:
+        return statistics.mean(row[key] for row in candidate.trials) if candidate.trials else None
+    return {**candidate.config, "forgetting": mean("forgetting_accuracy"), "retain": mean("retain_accuracy")}
+
+
+def forgetting_then_retain(candidates: list[Candidate]) -> int:
+    """The rule: the highest mean retain accuracy among configs with mean forgetting accuracy ≥ 0.99, else the
+    highest mean forgetting accuracy; ties go to the first config of the grid."""
+    rows = [tuning_row(candidate) for candidate in candidates]
+    passing = [i for i, row in enumerate(rows) if row["forgetting"] >= 0.99]
+    if passing:
+        return max(passing, key=lambda i: rows[i]["retain"])
+    return max(range(len(rows)), key=lambda i: rows[i]["forgetting"])
 
 
 def report(args, results, chosen, tuning_log, judge_acc, weights, retrain_time) -> list[str]:
@@ -171,7 +166,9 @@ def report(args, results, chosen, tuning_log, judge_acc, weights, retrain_time) 
     for method, rows in tuning_log.items():
         lines.append(f"  {method}:")
         lines += [f"    {'*' if row == chosen[method] else ' '}lr={row['lr']:g} epochs={row['epochs']} "
-                  f"alpha={row['alpha']:g}: {100 * row['forgetting']:.1f} / {100 * row['retain']:.1f}" for row in rows]
+                  f"alpha={row['alpha']:g}: " + (f"{100 * row['forgetting']:.1f} / {100 * row['retain']:.1f}"
+                                                 if row["forgetting"] is not None else "not tuned (one config)")
+                  for row in rows]
     original_fd = statistics.mean(r["frechet_distance"] for r in results["original"])
     header = (f"{'':16s}{'forgetting acc %':>18s}{'retain acc %':>18s}{'Fréchet dist.':>18s}{'FD increase':>14s}"
               f"{'wall s':>10s}{'time/retrain':>14s}")
@@ -184,8 +181,9 @@ def report(args, results, chosen, tuning_log, judge_acc, weights, retrain_time) 
         wall = f"{statistics.median(walls):.1f}" if walls else "—"
         ratio = f"{statistics.median(walls) / retrain_time:.3f}" if walls and retrain_time and name != "retrain" \
             else ("1" if name == "retrain" else "—")
-        lines.append(f"{name:16s}{_mean_std([r['forgetting_accuracy'] for r in runs]):>18s}"
-                     f"{_mean_std([r['retain_accuracy'] for r in runs]):>18s}{_mean_std(fd, 1, 2):>18s}"
+        cells = [Spread.of([r[key] for r in runs]).mean_std(100, 1) for key in ("forgetting_accuracy",
+                                                                                  "retain_accuracy")]
+        lines.append(f"{name:16s}{cells[0]:>18s}{cells[1]:>18s}{Spread.of(fd).mean_std(1, 2):>18s}"
                      f"{statistics.mean(fd) - original_fd:>+14.2f}{wall:>10s}{ratio:>14s}")
     lines.append("(FD increase = mean Fréchet distance minus the original's; the retrain row is one model trained "
                  "once, sampled with each seed)")

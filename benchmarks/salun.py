@@ -24,6 +24,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -44,6 +45,7 @@ from safeedit.errors import SafeEditError
 from safeedit.eval.classification import classification_metrics, gap_to_retrain, mia_is_informative
 from safeedit.methods import methods
 from safeedit.models import EMBEDDED_MODELS, load_model
+from safeedit.protocol import Candidate, Protocol, Spread, lowest_mean, tune_then_report
 from safeedit.unlearn.methods import RetrainOptions, UnlearnTask, retrain
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -124,13 +126,6 @@ def grid(bench: Bench, method: str) -> list[dict[str, Any]]:
             for lr in bench.lrs[method] for epochs in EPOCHS]
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return math.nan, math.nan
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
 COLUMNS = ["pixel_values", "label"]  # the columns make_loader batches for these data sets, in its order
 
 
@@ -193,7 +188,8 @@ def check_loaders(ctx: Context) -> str:
 
 
 class Setting:
-    """One forget request at one seed: the split, the task, retrain reference A, and the runs measured against it."""
+    """One forget request at one seed: the split, the task, retrain reference A (trained here, once), and the runs
+    measured against it."""
 
     def __init__(self, ctx: Context, request: str, seed: int) -> None:
         self.ctx, self.request, self.seed = ctx, request, seed
@@ -207,6 +203,7 @@ class Setting:
         self.forget_loader = self.loader(split.forget, 256)
         self.retain_loader = self.loader(split.retain, 256)
         self.reference: dict[str, Any] | None = None
+        self.retrain(RETRAIN_A)
 
     def loader(self, data, batch_size: int, shuffle: bool = False, seed: int = 0):
         tensors = self.tensors.get(id(data))  # the task holds both sets, so their ids stay theirs
@@ -287,7 +284,6 @@ def explore(ctx: Context, seed: int, methods: list[str]) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for request in REQUESTS:
         setting = Setting(ctx, request, seed)
-        setting.retrain(RETRAIN_A)
         found[request] = {"retrain": setting.reference, "runs": {}}
         say(f"\nExploration, {request} request, tune seed {seed}, epochs 2 (gap to retrain / UA / TA, %):")
         for method in methods:
@@ -321,62 +317,48 @@ def explore(ctx: Context, seed: int, methods: list[str]) -> dict[str, Any]:
     return found
 
 
-def tune(ctx: Context, tune_seeds: list[int]) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, Any]]]]:
-    """Every method's 4-config grid on every tune seed; the config with the smallest mean gap, per request."""
-    raw: dict[str, Any] = {}
-    chosen: dict[str, dict[str, dict[str, Any]]] = {}
-    for request in REQUESTS:
-        raw[request] = {"retrain": {}, "runs": {m: [] for m in METHOD_ORDER}}
-        for seed in tune_seeds:
-            setting = Setting(ctx, request, seed)
-            raw[request]["retrain"][seed] = setting.retrain(RETRAIN_A)
-            for method in METHOD_ORDER:
-                for config in grid(ctx.bench, method):
-                    raw[request]["runs"][method].append({"seed": seed, **setting.run(method, config, "tune ")})
-        chosen[request] = {}
-        for method in METHOD_ORDER:
-            scored = []
-            for config in grid(ctx.bench, method):
-                runs = [r for r in raw[request]["runs"][method] if r["config"] == config]
-                scored.append((float(np.mean([_gap(r) for r in runs])), config, runs))
-            best = min(range(len(scored)), key=lambda i: scored[i][0])  # ties: the first (smaller lr, epochs)
-            chosen[request][method] = scored[best][1]
-            raw[request].setdefault("mean_gap", {})[method] = [
-                {"config": c, "mean_gap": g, "mean_ua": _mean_metric(rs, "ua"), "mean_ta": _mean_metric(rs, "ta")}
-                for g, c, rs in scored]
-    return raw, chosen
+def run_request(ctx: Context, request: str, tune_seeds: list[int], seeds: list[int], sweep_seeds: list[int],
+                ratios) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
+    """One forget request under the shared protocol (safeedit.protocol): every method's 4-config grid on the tune
+    seeds, the config with the lowest mean gap (a failed run loses), on the reported seeds; then the reference rows
+    (retrain A and B, the original) and SalUn's ratio sweep on the sweep seeds. Returns (tuning, chosen, reported)."""
+    setting = functools.cache(functools.partial(Setting, ctx, request))  # one per seed: retrain A trained once
+
+    def trial(method: str, config: dict[str, Any], seed: int, phase: str) -> dict[str, Any]:
+        return setting(seed).run(method, config, "tune " if phase == "tune" else "")
+
+    outcomes = tune_then_report({m: grid(ctx.bench, m) for m in METHOD_ORDER}, Protocol(tune_seeds, seeds), trial,
+                                lowest_mean(_gap))
+    tuning = {"retrain": {seed: setting(seed).reference for seed in tune_seeds},
+              "runs": {m: [{"seed": seed, **c.trials[i]} for i, seed in enumerate(tune_seeds) for c in o.candidates]
+                       for m, o in outcomes.items()},
+              "mean_gap": {m: [_tuning_row(c) for c in o.candidates] for m, o in outcomes.items()}}
+    chosen = {m: o.chosen for m, o in outcomes.items()}
+    rows: dict[str, list[dict[str, Any]]] = {k: [] for k in ("original", "retrain", "retrain_b")}
+    for seed in seeds:
+        rows["retrain"].append({"seed": seed, **setting(seed).reference})
+        rows["retrain_b"].append({"seed": seed, **setting(seed).retrain(RETRAIN_B)})
+        rows["original"].append({"seed": seed, **setting(seed).original()})
+    rows.update({m: [{"seed": seed, **run} for seed, run in zip(seeds, o.reported, strict=True)]
+                 for m, o in outcomes.items()})
+    sweep: dict[str, list[dict[str, Any]]] = {f"{r:g}": [] for r in ratios}
+    for seed, reported in zip(seeds, rows["salun"], strict=True):
+        for ratio in ratios if seed in sweep_seeds else ():
+            if ratio == chosen["salun"]["ratio"]:  # the reported SalUn run is this very run
+                sweep[f"{ratio:g}"].append({**reported, "reused_from": "reported salun run"})
+            else:
+                config = {**chosen["salun"], "ratio": ratio}
+                sweep[f"{ratio:g}"].append({"seed": seed, **setting(seed).run("salun", config, "sweep ")})
+    fingerprints = {seed: setting(seed).fingerprints["forget"] for seed in seeds}
+    return tuning, chosen, {"rows": rows, "sweep": sweep, "forget_fingerprints": fingerprints}
 
 
-def _mean_metric(runs: list[dict[str, Any]], key: str) -> float:
-    values = [r["metrics"][key] for r in runs if r.get("metrics")]
-    return float(np.mean(values)) if values else math.nan
-
-
-def report_runs(ctx: Context, seeds: list[int], chosen, sweep_seeds: list[int], ratios) -> dict[str, Any]:
-    """Retrain A and B, the original, each method with its chosen config, and SalUn's ratio sweep, per seed."""
-    raw: dict[str, Any] = {}
-    for request in REQUESTS:
-        rows: dict[str, list[dict[str, Any]]] = {k: [] for k in ("original", "retrain", "retrain_b", *METHOD_ORDER)}
-        sweep: dict[str, list[dict[str, Any]]] = {f"{r:g}": [] for r in ratios}
-        fingerprints = {}
-        for seed in seeds:
-            setting = Setting(ctx, request, seed)
-            fingerprints[seed] = setting.fingerprints["forget"]
-            rows["retrain"].append({"seed": seed, **setting.retrain(RETRAIN_A)})
-            rows["retrain_b"].append({"seed": seed, **setting.retrain(RETRAIN_B)})
-            rows["original"].append({"seed": seed, **setting.original()})
-            for method in METHOD_ORDER:
-                rows[method].append({"seed": seed, **setting.run(method, chosen[request][method])})
-            if seed in sweep_seeds:
-                for ratio in ratios:
-                    config = {**chosen[request]["salun"], "ratio": ratio}
-                    if ratio == chosen[request]["salun"]["ratio"]:  # the reported SalUn run is this very run
-                        run = {**rows["salun"][-1], "reused_from": "reported salun run"}
-                    else:
-                        run = {"seed": seed, **setting.run("salun", config, "sweep ")}
-                    sweep[f"{ratio:g}"].append(run)
-        raw[request] = {"rows": rows, "sweep": sweep, "forget_fingerprints": fingerprints}
-    return raw
+def _tuning_row(candidate: Candidate) -> dict[str, Any]:
+    """A config's mean gap (+inf when a run failed: it lost), mean UA and TA over the tune seeds."""
+    gaps = [_gap(run) for run in candidate.trials]
+    return {"config": candidate.config, "mean_gap": Spread.of(gaps).mean if all(map(math.isfinite, gaps)) else math.inf,
+            "mean_ua": Spread.of(row_values(candidate.trials, "ua")).mean,
+            "mean_ta": Spread.of(row_values(candidate.trials, "ta")).mean}
 
 
 # ---------------------------------------------------------------------------------------------------- summary
@@ -395,10 +377,12 @@ def row_values(runs: list[dict[str, Any]], key: str) -> list[float]:
 
 
 def cell(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
-    mean, std = mean_std(values)
-    if math.isnan(mean):
-        return "n/a"
-    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+    return Spread.of(values).mean_std(scale, digits)
+
+
+def mean_and_std(values: list[float]) -> dict[str, float]:
+    spread = Spread.of(values)
+    return {"mean": spread.mean, "std": spread.std}
 
 
 def summarise(raw: dict[str, Any]) -> dict[str, Any]:
@@ -407,7 +391,7 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
         summary[request] = {}
         for row, runs in data["rows"].items():
             summary[request][row] = {
-                key: dict(zip(("mean", "std"), mean_std(row_values(runs, key)), strict=True))
+                key: mean_and_std(row_values(runs, key))
                 for key in ("ua", "ra", "ta", "mia_efficacy", "gap", "time", "cpu_time", "mia_attack_accuracy",
                             "mia_auc", "mia_auc_retain_vs_test")
             }
@@ -430,15 +414,15 @@ def print_main_table(raw: dict[str, Any], seeds: list[int]) -> None:
             say(f"{LABELS[row]:26s} {cell(row_values(runs, 'ua')):>15s} {cell(row_values(runs, 'ra')):>15s} "
                 f"{cell(row_values(runs, 'ta')):>15s} {cell(row_values(runs, 'mia_efficacy')):>15s} {gap:>15s} "
                 f"{time_cell:>15s}")
-        retrain_s = mean_std([r["wall_time_s"] for r in data["rows"]["retrain"]])
-        say(f"(retrain A wall time {retrain_s[0]:.1f} ± {retrain_s[1]:.1f} s; Retrain (2nd init) gap = noise floor; "
+        retrain_s = Spread.of([r["wall_time_s"] for r in data["rows"]["retrain"]]).mean_std(1.0, 1)
+        say(f"(retrain A wall time {retrain_s} s; Retrain (2nd init) gap = noise floor; "
             "the Original row is for reference, not a method)")
         say("process CPU-time / retrain CPU-time (less sensitive to other load): " + "; ".join(
             f"{LABELS[row]} {cell(row_values(data['rows'][row], 'cpu_time'), 1.0, 3)}"
             for row in ("retrain_b", *METHOD_ORDER)))
         say("MIA attack power (means, %): " + "; ".join(
-            f"{LABELS[row]} acc {100 * mean_std(row_values(data['rows'][row], 'mia_attack_accuracy'))[0]:.1f}"
-            f" / AUC f-vs-t {100 * mean_std(row_values(data['rows'][row], 'mia_auc'))[0]:.1f}"
+            f"{LABELS[row]} acc {100 * Spread.of(row_values(data['rows'][row], 'mia_attack_accuracy')).mean:.1f}"
+            f" / AUC f-vs-t {100 * Spread.of(row_values(data['rows'][row], 'mia_auc')).mean:.1f}"
             for row in ("retrain", "retrain_b", *METHOD_ORDER, "original")))
         informative = [mia_is_informative(r["metrics"]) for r in data["rows"]["retrain"]]
         say(f"SVC attack accuracy ≥ 55% (informative) on the retrain reference in {sum(informative)}/"
@@ -459,10 +443,10 @@ def paired(raw: dict[str, Any]) -> dict[str, Any]:
             other = row_values(data["rows"][baseline], "gap")
             diffs = [s - o for s, o in zip(salun, other, strict=True)]
             wins = sum(d < 0 for d in diffs if math.isfinite(d))
-            mean, std = mean_std(diffs)
-            out[request][baseline] = {"diffs": diffs, "mean": mean, "std": std, "salun_smaller": wins}
-            say(f"  vs {LABELS[baseline]:20s} {100 * mean:+7.2f} ± {100 * std:5.2f}   SalUn smaller in {wins}/"
-                f"{len(diffs)} seeds")
+            spread = Spread.of(diffs)
+            out[request][baseline] = {"diffs": diffs, "mean": spread.mean, "std": spread.std, "salun_smaller": wins}
+            say(f"  vs {LABELS[baseline]:20s} {100 * spread.mean:+7.2f} ± {100 * spread.std:5.2f}   SalUn smaller in "
+                f"{wins}/{len(diffs)} seeds")
     return out
 
 
@@ -526,10 +510,8 @@ def print_sweep(raw: dict[str, Any], sweep_seeds: list[int]) -> dict[str, Any]:
         say(f"{'ratio':>6s} {'UA':>15s} {'RA':>15s} {'TA':>15s} {'MIA-efficacy':>15s} {'gap to retrain':>15s}")
         out[request] = {}
         for ratio, runs in data["sweep"].items():
-            out[request][ratio] = {key: dict(zip(("mean", "std"), mean_std(row_values(runs, key)), strict=True))
-                                   for key in ("ua", "ra", "ta", "mia_efficacy", "gap")}
-            say(f"{ratio:>6s} " + " ".join(f"{cell(row_values(runs, k)):>15s}"
-                                            for k in ("ua", "ra", "ta", "mia_efficacy", "gap")))
+            out[request][ratio] = {key: mean_and_std(row_values(runs, key)) for key in PERCENT_KEYS}
+            say(f"{ratio:>6s} " + " ".join(f"{cell(row_values(runs, k)):>15s}" for k in PERCENT_KEYS))
     return out
 
 
@@ -637,9 +619,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{LABELS[m]} lr {'/'.join(f'{lr:g}' for lr in bench.lrs[m])}" for m in METHOD_ORDER)
         + f"; batch {bench.batch_size}; SalUn ratio 0.5; l1 alpha 5e-4")
 
-    tuning, chosen = tune(ctx, tune_seeds)
+    tuning, chosen, raw = {}, {}, {}
+    for request in REQUESTS:
+        tuning[request], chosen[request], raw[request] = run_request(ctx, request, tune_seeds, seeds, sweep_seeds,
+                                                                     ratios)
     print_tuning(tuning, chosen, tune_seeds)
-    raw = report_runs(ctx, seeds, chosen, sweep_seeds, ratios)
     summary = summarise(raw)
     print_main_table(raw, seeds)
     diffs = paired(raw)
