@@ -1,13 +1,15 @@
-"""Hyper-parameter search for the learned merges, on the development seed only (seed 0; the benchmark reports
-seeds 1, 2, 3), with the same budget for each method: four configurations of AdaMerging (learning rate), and four
-of the Concrete gates shared by Concrete task arithmetic and DAM (initial logit × learning rate).
+"""Hyper-parameter search for the learned merges, with the same budget for each method: four configurations of
+AdaMerging (learning rate), and four of the Concrete gates shared by Concrete task arithmetic and DAM (initial
+logit × learning rate). This is the tune half of `PROTOCOL = Protocol(tune=(0,), report=(1, 2, 3))`: the search sees
+the development seed 0 only; benchmarks/dam.py reports seeds 1, 2, 3 with the chosen values.
 
     .venv/bin/python benchmarks/dam_tune.py --setting vision
     .venv/bin/python benchmarks/dam_tune.py --setting text
 
 Selection rule, the same for every method and fixed before the search: the configuration with the highest
-average clean accuracy minus backdoor attack success rate on seed 0 (a defender's utility). The chosen values are
-written into the scenarios by hand; benchmarks/results/dam-tune-<setting>.json keeps every measurement.
+average clean accuracy minus backdoor attack success rate on seed 0 (a defender's utility; `highest_mean`, ties to
+the first configuration). The chosen values are written into the scenarios by hand;
+benchmarks/results/dam-tune-<setting>.json keeps every measurement.
 """
 
 from __future__ import annotations
@@ -18,12 +20,20 @@ from pathlib import Path
 
 import yaml
 
+from safeedit.protocol import Candidate, Protocol, highest_mean
 from safeedit.runners import run_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 ADAMERGING_LR = (0.003, 0.01, 0.03, 0.1)
 GATES = ((3.0, 0.1), (3.0, 0.3), (1.0, 0.1), (1.0, 0.3))  # (init_logit, lr)
 LEARNED = ("adamerging", "concrete_ta", "dam")
+PROTOCOL = Protocol(tune=(0,), report=(1, 2, 3))  # the report seeds are dam.py's (its --seeds default)
+(SEED,) = PROTOCOL.tune
+
+
+def utility(metrics: dict) -> float:
+    """The selection metric: average clean accuracy minus backdoor attack success rate."""
+    return metrics["avg_accuracy"] - metrics["backdoor_asr"]
 
 
 def main() -> None:
@@ -36,7 +46,7 @@ def main() -> None:
     for index, (ada_lr, (init, lr)) in enumerate(zip(ADAMERGING_LR, GATES, strict=True)):
         if any(c["index"] == index for c in results["configs"]):
             continue
-        scenario = dict(base, name=f"dam-tune-{args.setting}-{index}", seed=0, criteria=[])
+        scenario = dict(base, name=f"dam-tune-{args.setting}-{index}", seed=SEED, criteria=[])
         steps = base["methods"]["dam"]["steps"]
         scenario["methods"] = {"adamerging": {"granularity": "layer", "steps": steps, "lr": ada_lr},
                                "concrete_ta": {"steps": steps, "init_logit": init, "lr": lr},
@@ -48,17 +58,17 @@ def main() -> None:
         results["configs"].append({"index": index, "methods": scenario["methods"], "metrics": {
             name: record["results"][name]["metrics"]["after"] for name in LEARNED}})
         results_path.write_text(json.dumps(results, indent=1))
-    print(f"{args.setting}, seed 0: avg accuracy / backdoor ASR / utility (avg − ASR)")
+    print(f"{args.setting}, seed {SEED}: avg accuracy / backdoor ASR / utility (avg − ASR)")
+    configs = sorted(results["configs"], key=lambda c: c["index"])
     for name in LEARNED:
-        rows = []
-        for config in sorted(results["configs"], key=lambda c: c["index"]):
-            m = config["metrics"][name]
-            rows.append((m["avg_accuracy"] - m["backdoor_asr"], config["methods"][name], m))
-        best = max(rows, key=lambda row: row[0])
-        for utility, options, m in rows:
-            mark = "  <- chosen" if (utility, options) == best[:2] else ""
-            print(f"  {name:12s} {json.dumps(options):70s} {m['avg_accuracy']:.3f} / {m['backdoor_asr']:.3f} / "
-                  f"{utility:+.3f}{mark}")
+        # Each configuration a candidate with its one tune trial (seed 0's metrics).
+        candidates = [Candidate(config["methods"][name], [config["metrics"][name]]) for config in configs]
+        chosen = highest_mean(utility)(candidates)
+        for index, candidate in enumerate(candidates):
+            (m,) = candidate.trials
+            mark = "  <- chosen" if index == chosen else ""
+            print(f"  {name:12s} {json.dumps(candidate.config):70s} {m['avg_accuracy']:.3f} / "
+                  f"{m['backdoor_asr']:.3f} / {utility(m):+.3f}{mark}")
 
 
 if __name__ == "__main__":

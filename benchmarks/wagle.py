@@ -42,11 +42,12 @@ import torch
 from scipy.stats import ks_2samp
 
 from safeedit.data.authors import fictitious_authors, retain_subset
-from safeedit.data.capitals import capital_facts, capitals_setting, known_capitals
+from safeedit.data.capitals import CAPITAL_ANSWER_TOKENS, capital_facts, capitals_setting, known_capitals
 from safeedit.eval.qa import authors_metrics, capitals_metrics
 from safeedit.models.cache import cached_finetune
 from safeedit.models.language import SMOLLM2, load_language_model
 from safeedit.models.lm_training import FinetuneOptions
+from safeedit.protocol import Candidate, Protocol, Rule, tune_then_report
 from safeedit.scenario import CapitalsSection
 from safeedit.unlearn.wagle import LMUnlearnOptions, lm_unlearn
 
@@ -59,6 +60,7 @@ SHORT = {"forget_quality": "fq", "truth_ratio_forget": "tr_f", "rouge_l_forget":
          "probability_retain": "p_r", "model_utility": "mu", "mia_auc": "auc", "forget_accuracy": "acc_f",
          "retain_accuracy": "acc_r", "perplexity": "ppl"}
 FINETUNE = FinetuneOptions(lora_rank=0, epochs=5, lr=1e-4, batch_size=8)
+EVAL_BATCH = 16  # answers generated at once when evaluating
 
 
 def method_name(objective: str, mask: str) -> str:
@@ -99,19 +101,48 @@ class OutOfTime(Exception):
     pass
 
 
-def choose_authors_lr(rows: list[dict], original_utility: float) -> float:
-    keeping = [r for r in rows if r["model_utility"] >= 0.95 * original_utility]
-    if keeping:
-        return max(keeping, key=lambda r: (r["forget_quality"], r["model_utility"]))["lr"]
-    return max(rows, key=lambda r: r["model_utility"])["lr"]
+# The tuning rules, as protocol Rules (the index of the chosen candidate; ties go to the first of the grid). The
+# run and the summary both choose with them.
+
+def _tuned(candidate: Candidate[dict]) -> dict:
+    """A candidate's one row on the tune split."""
+    (row,) = candidate.trials
+    return row
 
 
-def choose_capitals_lr(rows: list[dict], original: dict) -> float:
-    keeping = [r for r in rows if r["retain_accuracy"] >= original["retain_accuracy"] - 0.05
-               and r["perplexity"] <= 1.1 * original["perplexity"]]
-    if keeping:
-        return min(keeping, key=lambda r: (r["forget_accuracy"], -r["retain_accuracy"]))["lr"]
-    return max(rows, key=lambda r: r["retain_accuracy"])["lr"]
+def authors_rule(original_utility: float) -> Rule:
+    """The highest forget quality (ties: utility) among the rates keeping utility >= 95% of the original's, else
+    the highest utility."""
+    def rule(candidates: list[Candidate[dict]]) -> int:
+        rows = [_tuned(c) for c in candidates]
+        keeping = [i for i, r in enumerate(rows) if r["model_utility"] >= 0.95 * original_utility]
+        if keeping:
+            return max(keeping, key=lambda i: (rows[i]["forget_quality"], rows[i]["model_utility"]))
+        return max(range(len(rows)), key=lambda i: rows[i]["model_utility"])
+    return rule
+
+
+def capitals_rule(original: dict) -> Rule:
+    """The lowest forget accuracy (ties: retain accuracy) among the rates with retain drop <= 5 points and
+    perplexity increase <= 10%, else the highest retain accuracy."""
+    def rule(candidates: list[Candidate[dict]]) -> int:
+        rows = [_tuned(c) for c in candidates]
+        keeping = [i for i, r in enumerate(rows) if r["retain_accuracy"] >= original["retain_accuracy"] - 0.05
+                   and r["perplexity"] <= 1.1 * original["perplexity"]]
+        if keeping:
+            return min(keeping, key=lambda i: (rows[i]["forget_accuracy"], -rows[i]["retain_accuracy"]))
+        return max(range(len(rows)), key=lambda i: rows[i]["retain_accuracy"])
+    return rule
+
+
+def chosen_lr(rows: list[dict], rule: Rule) -> float:
+    """The rate `rule` picks among stored tuning rows (one candidate per row, in their order)."""
+    return rows[rule([Candidate({"lr": r["lr"]}, [r]) for r in rows])]["lr"]
+
+
+def lr_grid(args: argparse.Namespace) -> list[dict]:
+    """Every method's configurations: the rates of --lrs, or with --no-tune the first alone (not tuned)."""
+    return [{"lr": args.lrs[0]}] if args.no_tune else [{"lr": lr} for lr in args.lrs]
 
 
 def run(args: argparse.Namespace) -> None:
@@ -150,7 +181,7 @@ def run(args: argparse.Namespace) -> None:
             data = datasets[split]
             eval_retain = retain_subset(data.retain, args.retain_questions, 0)
             return authors_metrics(model, tokenizer, data.forget, eval_retain, data.holdout, reference_ratios,
-                                   args.max_new_tokens, 16)
+                                   args.max_new_tokens, EVAL_BATCH)
 
         def reference(split: int, seed: int):
             retain_chats = [q.chat() for q in datasets[split].retain]
@@ -177,6 +208,7 @@ def run(args: argparse.Namespace) -> None:
                                "lr": None, **result.metrics, "ratios": result.forget_ratios.tolist(), "wall_s": None})
         # Rows any worker has measured (a worker's share of methods depends on --methods and --workers).
         measured = {State.key(r): r for r in load_rows(sorted(args.results.glob("wagle-w[0-9]*.json")))[0]}
+        rule: Rule = lambda candidates: 0  # noqa: E731 -- with --no-tune there is one configuration, nothing to choose
         if not args.no_tune:
             # The tuning split's reference ratios and the original's utility there, from any worker's state (a
             # restarted worker does not evaluate them again), else evaluated now.
@@ -189,6 +221,7 @@ def run(args: argparse.Namespace) -> None:
                 dev_ratios = evaluate(dev_model, args.tune_split).forget_ratios
                 del dev_model
                 original_dev_utility = evaluate(original, args.tune_split).metrics["model_utility"]
+            rule = authors_rule(original_dev_utility)
 
         def authors_run(split: int, method: str, lr: float, phase: str, seed: int) -> dict:
             key = {"protocol": "authors", "phase": phase, "split": split, "method": method, "lr": lr, "seed": seed}
@@ -213,21 +246,18 @@ def run(args: argparse.Namespace) -> None:
             state.add(row)
             return row
 
+        # A unit is (split, unlearning seed): tuned on the tune split with its own number as seed, reported on the
+        # report split with each seed. The summary derives the same choice from the stored tuning rows.
         methods = mine(args.methods or [method_name(o, m) for o in args.objectives for m in MASKS if m in args.masks])
-        chosen = {}  # the summary derives the same choice from the stored tuning rows
-        for method in methods:
-            if args.no_tune:
-                chosen[method] = args.lrs[0]
-                continue
-            rows = [authors_run(args.tune_split, method, lr, "tune", args.tune_split) for lr in args.lrs]
-            chosen[method] = choose_authors_lr(rows, original_dev_utility)
-        for seed in args.seeds:
-            for method in methods:
-                authors_run(args.report_split, method, chosen[method], "report", seed)
+        tune_then_report({method: lr_grid(args) for method in methods},
+                         Protocol(tune=((args.tune_split, args.tune_split),),
+                                  report=tuple((args.report_split, seed) for seed in args.seeds)),
+                         lambda method, config, unit, phase: authors_run(unit[0], method, config["lr"], phase, unit[1]),
+                         rule)
 
     if "capitals" in args.protocols:
         facts = capital_facts()
-        known = known_capitals(base, tokenizer, facts, 24, 16)
+        known = known_capitals(base, tokenizer, facts, CAPITAL_ANSWER_TOKENS, EVAL_BATCH)
         state.data["meta"]["capitals_known"] = len(known)
         state.data["meta"]["capitals_total"] = len(facts)
         state.data["meta"]["capitals_lrs"] = args.lrs
@@ -242,7 +272,7 @@ def run(args: argparse.Namespace) -> None:
             if found is None:
                 setting = settings[split]
                 metrics, _ = capitals_metrics(base, tokenizer, setting.forget, setting.evaluated_retain,
-                                              setting.fluency, 24)
+                                              setting.fluency, CAPITAL_ANSWER_TOKENS)
                 found = {"protocol": "capitals", "phase": "ref", "split": split, "method": "original", "lr": None,
                          **metrics, "wall_s": None}
                 if args.worker == 0:
@@ -261,21 +291,19 @@ def run(args: argparse.Namespace) -> None:
                                    [f.qa().chat() for f in setting.retain], method, options, split, progress=False)
             wall = time.perf_counter() - start
             metrics, _ = capitals_metrics(edited, tokenizer, setting.forget, setting.evaluated_retain, setting.fluency,
-                                          24)
+                                          CAPITAL_ANSWER_TOKENS)
             del edited
             row = {"protocol": "capitals", "phase": phase, "split": split, "method": method, "lr": lr,
                    "seed": split, **metrics, "wall_s": wall}
             state.add(row)
             return row
 
+        # A unit is a forget set (split, also the unlearning seed); the summary derives the same choice.
         methods = mine([method_name(o, m) for o in args.objectives for m in CAPITAL_MASKS if m in args.masks])
-        chosen = {}  # the summary derives the same choice from the stored tuning rows
-        for method in methods:
-            rows = [capitals_run(args.tune_split, method, lr, "tune") for lr in args.lrs]
-            chosen[method] = choose_capitals_lr(rows, originals[args.tune_split])
-        for split in args.seeds:
-            for method in methods:
-                capitals_run(split, method, chosen[method], "report")
+        tune_then_report({method: lr_grid(args) for method in methods},
+                         Protocol(tune=(args.tune_split,), report=tuple(args.seeds)),
+                         lambda method, config, split, phase: capitals_run(split, method, config["lr"], phase),
+                         capitals_rule(originals[args.tune_split]))
     print(f"worker {args.worker}: done in {time.perf_counter() - started:.0f} s", flush=True)
 
 
@@ -377,7 +405,7 @@ def tuned_rates(rows: list[dict], meta: dict) -> dict[str, float]:
         mine = [r for r in tuning if r["method"] == method]
         if original is None or len({r["lr"] for r in mine}) < len(meta["lrs"]) or len(meta["lrs"]) < 2:
             return {}
-        rates[method] = choose_authors_lr(mine, original["model_utility"])
+        rates[method] = chosen_lr(mine, authors_rule(original["model_utility"]))
     return rates
 
 
@@ -438,7 +466,8 @@ def capitals_summary(capitals: list[dict], meta: dict) -> list[str]:
     methods = [m for m in (method_name(o, k) for o in OBJECTIVES for k in CAPITAL_MASKS)
                if any(r["method"] == m for r in tuning)]
     searched = set(meta.get("capitals_lrs", ()))
-    rates = {m: choose_capitals_lr([r for r in tuning if r["method"] == m and r["lr"] in searched], original)
+    rule = capitals_rule(original)
+    rates = {m: chosen_lr([r for r in tuning if r["method"] == m and r["lr"] in searched], rule)
              for m in methods} if searched else {}
     lines = ["", f"Capitals, forget set {meta['tune_split']} (tuning; {meta.get('capitals_known')} of "
                  f"{meta.get('capitals_total')} capitals known, forget {meta.get('capitals_forget')}, retain accuracy "
