@@ -168,7 +168,16 @@ def run(args: argparse.Namespace) -> None:
                           "max_new_tokens": args.max_new_tokens, "seeds": args.seeds, "tune_split": args.tune_split,
                           "report_split": args.report_split, "reference_seeds": args.reference_seeds,
                           "capitals_forget": args.capitals_forget}
-    unlearn_options = LMUnlearnOptions(epochs=args.epochs, mask_ratio=args.mask_ratio, batch_size=4)
+    unlearn_options = LMUnlearnOptions(epochs=args.epochs, ratio=args.mask_ratio, batch_size=4)
+
+    def timed_unlearn(model, forget: list, retain: list, method: str, lr: float, seed: int) -> tuple[Any, float]:
+        """The unlearned copy of `model` at rate `lr`, and the seconds it took."""
+        start = time.perf_counter()
+        edited, _ = lm_unlearn(model, tokenizer, forget, retain, method,
+                               unlearn_options.model_copy(update={"lr": lr}), seed, progress=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return edited, time.perf_counter() - start
 
     if "authors" in args.protocols:
         splits = (args.tune_split, args.report_split)
@@ -230,13 +239,8 @@ def run(args: argparse.Namespace) -> None:
                 return found
             check_time()
             data = datasets[split]
-            options = unlearn_options.model_copy(update={"lr": lr})
-            start = time.perf_counter()
-            edited, _ = lm_unlearn(original, tokenizer, [q.chat() for q in data.forget],
-                                   [q.chat() for q in data.retain], method, options, seed, progress=False)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            wall = time.perf_counter() - start
+            edited, wall = timed_unlearn(original, [q.chat() for q in data.forget], [q.chat() for q in data.retain],
+                                         method, lr, seed)
             # Forget quality at run time only where a choice depends on it (tuning); the summary recomputes it
             # for every row from the stored truth ratios against the reference it names.
             result = evaluate(edited, split, dev_ratios if phase == "tune" else None)
@@ -285,11 +289,8 @@ def run(args: argparse.Namespace) -> None:
                 return found
             check_time()
             setting = settings[split]
-            options = unlearn_options.model_copy(update={"lr": lr})
-            start = time.perf_counter()
-            edited, _ = lm_unlearn(base, tokenizer, [f.qa().chat() for f in setting.forget],
-                                   [f.qa().chat() for f in setting.retain], method, options, split, progress=False)
-            wall = time.perf_counter() - start
+            edited, wall = timed_unlearn(base, [f.qa().chat() for f in setting.forget],
+                                         [f.qa().chat() for f in setting.retain], method, lr, split)
             metrics, _ = capitals_metrics(edited, tokenizer, setting.forget, setting.evaluated_retain, setting.fluency,
                                           CAPITAL_ANSWER_TOKENS)
             del edited
