@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import os
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NoReturn
 
 import pydantic
 import torch
@@ -17,7 +20,8 @@ import torch.distributed as dist
 import yaml
 
 from safeedit.attribution import SCORES, compute_scores, get_score
-from safeedit.errors import SafeEditError, first_problem
+from safeedit.config import SEED_LIMIT
+from safeedit.errors import SafeEditError, first_problem, os_problem
 from safeedit.io import load_safetensors, save_safetensors, sha256_file
 from safeedit.masks import SCOPES, Mask
 from safeedit.progress import configure as configure_output
@@ -36,6 +40,39 @@ DATA_SPEC_HELP = (
     "brackets in a shell, "
     'e.g. "digits:train[label=3]".'
 )
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number ≥ 1 (batch sizes, thread counts, lengths)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1; give 1 or more")
+    return value
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a seed, 0 to 2**32 - 1 (what torch, numpy and random all take)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"{value} is not a seed; give 0 to {SEED_LIMIT - 1}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a share in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]; give a share such as 0.1")
+    return value
 
 
 def _score_list() -> str:
@@ -71,10 +108,10 @@ def _add_attribution_arguments(parser: argparse.ArgumentParser, scores_optional:
         help="score option, e.g. --option gamma=0.5 (repeatable)",
     )
     run = parser.add_argument_group("execution")
-    run.add_argument("--batch-size", type=int, default=64)
-    run.add_argument("--max-length", type=int, default=256, help="token limit for text data")
+    run.add_argument("--batch-size", type=_positive_int, default=64)
+    run.add_argument("--max-length", type=_positive_int, default=256, help="token limit for text data")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    run.add_argument("--threads", type=int, help="torch CPU threads (small models run fastest with 1)")
+    run.add_argument("--threads", type=_positive_int, help="torch CPU threads (small models run fastest with 1)")
     run.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code (off by default)")
 
 
@@ -88,9 +125,16 @@ EXIT_CODES_HELP = """exit status:
   141  the reader of stdout went away (e.g. `| head`)"""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the problem and where to read more, no usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _shared_options() -> argparse.ArgumentParser:
     """Options every command takes, before or after the command name."""
-    shared = argparse.ArgumentParser(add_help=False)
+    shared = _Parser(add_help=False)
     shared.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="no progress output, no library progress bars or warnings")
     shared.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
@@ -102,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     from safeedit import __version__
 
     shared = _shared_options()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="safeedit",
         description="Find the weights responsible for data, concepts or behaviour, and edit only those.",
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[shared],
@@ -141,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_attribution_arguments(mask)
     mask.add_argument("--scores", help="read scores written by `safeedit scores` instead of computing them")
-    mask.add_argument("--ratio", type=float, default=0.5, help="share of entries to select, in (0, 1] (default 0.5)")
+    mask.add_argument("--ratio", type=_fraction, default=0.5,
+                      help="share of entries to select, in (0, 1] (default 0.5)")
     mask.add_argument(
         "--scope",
         choices=SCOPES,
@@ -159,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("scenario", help="a scenario YAML file, e.g. scenarios/digits-forget-class.yaml")
     run.add_argument("--out", help="output folder (default runs/<scenario name>)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace an existing output folder as a whole (default: refuse a non-empty one)")
     run.add_argument("--no-pdf", action="store_true", help="write the HTML report only (no Chromium needed)")
     run.add_argument("--json", action="store_true", help="print a machine-readable summary (verdict, criteria, "
                      "metrics, paths) on stdout; the human-readable lines go to stderr")
@@ -181,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--keep", type=float, default=None, help="TIES: share of each task vector kept")
     merge.add_argument("--density", type=float, default=None,
                        help="DARE: share of each task vector's entries kept, at random")
-    merge.add_argument("--seed", type=int, default=0, help="DARE: seed of the random drop (default 0)")
+    merge.add_argument("--seed", type=_seed, default=0, help="DARE: seed of the random drop (default 0)")
     merge.add_argument("--exclude", default=None, help="regular expression of tensor names not merged (heads)")
     merge.set_defaults(func=cmd_merge)
 
@@ -394,15 +441,22 @@ def cmd_run(args: argparse.Namespace) -> None:
     from safeedit.report import find_chromium, write_report
     from safeedit.runners import run_scenario
 
-    record_path = run_scenario(args.scenario, args.out, progress=not args.quiet)
-    record = json.loads(record_path.read_text())
-    human = sys.stderr if args.json else sys.stdout
-    _print_results(record["results"], record["kind"], human)
     pdf = not args.no_pdf and find_chromium() is not None
     if not args.no_pdf and not pdf:
         print("no Chromium found, so no PDF (sudo apt-get install chromium); the HTML report has the same content",
               file=sys.stderr)
-    files = write_report(record_path, pdf=pdf)
+    rendered = []
+
+    def render(record_path: Path, final: Path) -> None:  # inside the run's transaction: the report is part of it
+        rendered.append(write_report(record_path, pdf=pdf, shown_folder=final))
+
+    record_path = run_scenario(args.scenario, args.out, progress=not args.quiet, overwrite=args.overwrite,
+                               then=render)
+    record = json.loads(record_path.read_text())
+    human = sys.stderr if args.json else sys.stdout
+    _print_results(record["results"], record["kind"], human)
+    moved = {key: record_path.parent / path.name for key, path in vars(rendered[0]).items() if path is not None}
+    files = dataclasses.replace(rendered[0], **moved)  # the paths where the transaction put them
     print(_verdict_line(record["verdict"]), file=human)
     print(f"record: {record_path}", file=human)
     if files.pdf:
@@ -429,7 +483,6 @@ def _run_summary(record: dict, record_path, files) -> dict:
 
 def cmd_merge(args: argparse.Namespace) -> None:
     import re
-    from pathlib import Path
 
     from safeedit.io import atomic_dir
     from safeedit.merge import with_parameters
@@ -483,11 +536,10 @@ def _verdict_line(verdict: dict) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from safeedit.report import screenshot, write_report
+    from safeedit.report import write_report
 
-    files = write_report(args.run, args.out, pdf=not args.no_pdf, sign_key=args.sign)
-    png = screenshot(files.html, files.html.with_suffix(".png"), width=794, height=1123) if args.png else None
-    for label, path in (("record", files.record), ("signature", files.signature), ("first page (PNG)", png),
+    files = write_report(args.run, args.out, pdf=not args.no_pdf, sign_key=args.sign, png=args.png)
+    for label, path in (("record", files.record), ("signature", files.signature), ("first page (PNG)", files.png),
                         ("report (PDF)", files.pdf), ("report", files.html)):
         if path is not None:
             print(f"{label}: {path}")
@@ -502,6 +554,8 @@ def cmd_verify(args: argparse.Namespace) -> None:
     if not result.ok:
         return EXIT_FAIL
     print(f"verified {result.record_path}: " + ", ".join(result.checked))
+    if result.files:
+        print("files checked: " + ", ".join(result.files))
     return EXIT_OK
 
 
@@ -601,6 +655,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader closed stdout (`| head`): point stdout at /dev/null so the interpreter's final flush is quiet.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_PIPE
+    except OSError as error:  # a file the system refused (full disk, limits, permissions): one line, the fix
+        if args.verbose:
+            traceback.print_exc()
+        print(f"safeedit: error: {os_problem(error)}", file=sys.stderr)
+        return EXIT_USAGE
     except Exception as error:  # a bug: one line, the traceback on request
         if args.verbose:
             traceback.print_exc()

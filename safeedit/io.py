@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import struct
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -16,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from safeedit.errors import SafeEditError
+from safeedit.errors import SafeEditError, os_problem
 
 
 def cache_dir() -> Path:
@@ -35,31 +39,90 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     ends the temporary name (for writers that choose the format from it).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    if path.is_dir():
+        raise SafeEditError(f"{path} is a folder; name a file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        os.close(fd)
+    except OSError as error:
+        raise os_problem(error, path) from error
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as error:  # a full disk, a file-size limit, a folder made read-only meanwhile
+        raise os_problem(error, path) from error
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Like `atomic_path`, for a folder: fill a temporary folder next to `path`, then rename it onto `path`."""
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False, progress: bool = False) -> Iterator[Path]:
+    """A folder written as a transaction: fill a fresh temporary folder next to `path`, then rename it onto `path`.
+
+    An existing non-empty `path` is refused unless `overwrite`, which replaces it as a whole (never a mix of two
+    runs). Leftovers of an interrupted transaction on the same `path` (their process is gone) are removed first;
+    an interruption of this one leaves nothing under the final name.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    if path.exists() and not path.is_dir():
+        raise SafeEditError(f"{path} is a file; name a folder for the outputs")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise SafeEditError(f"{path} already holds files (another run?); choose a new output folder, or pass "
+                            "--overwrite to replace it as a whole")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(path, progress)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+        (tmp / OWNER_FILE).write_text(_owner(), encoding="utf-8")
+    except OSError as error:
+        raise os_problem(error, path) from error
     try:
         yield tmp
+        (tmp / OWNER_FILE).unlink()
+        old = path.parent / f".{path.name}.replaced-{os.getpid()}"
         if path.exists():
-            shutil.rmtree(path)
+            os.replace(path, old)
         os.replace(tmp, path)
+        if old.exists():
+            shutil.rmtree(old)
+    except OSError as error:
+        raise os_problem(error, path) from error
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+OWNER_FILE = ".safeedit-owner"  # inside a transaction's temporary folder: host and process that write it
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()} {os.getpid()}"
+
+
+def _remove_leftovers(path: Path, progress: bool) -> None:
+    """Delete temporary folders of earlier transactions on `path` whose process no longer runs on this host."""
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        if not leftover.is_dir():
+            continue
+        host, _, pid = (leftover / OWNER_FILE).read_text().partition(" ") if (leftover / OWNER_FILE).is_file() \
+            else (socket.gethostname(), "", "")
+        if host == socket.gethostname() and pid.isdigit() and _alive(int(pid)):
+            continue
+        shutil.rmtree(leftover, ignore_errors=True)
+        if progress:
+            print(f"removed {leftover}, the leftovers of an interrupted run", file=sys.stderr)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -142,6 +205,11 @@ def save_safetensors(
         try:
             save_file(contiguous, str(raw), metadata=dict(metadata or {}))
             _write_canonical_header(raw, tmp)
+        except SafetensorError as error:  # safetensors reports an OS failure as text: "... (os error 27)"
+            code = re.search(r"os error (\d+)", str(error))
+            if code is None:
+                raise
+            raise os_problem(OSError(int(code.group(1)), os.strerror(int(code.group(1)))), path) from None
         finally:
             raw.unlink(missing_ok=True)
 

@@ -13,15 +13,16 @@ each kind has its own strict schema (unknown keys are errors) and runner in
 from __future__ import annotations
 
 import datetime as dt
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from safeedit.attacks.backdoor import TriggerSpec
-from safeedit.config import Strict
+from safeedit.config import Seed, Strict
 from safeedit.criteria import Criterion, check_names
 from safeedit.data.forget import ForgetRequest
 from safeedit.data.prompts import SafetySizes
@@ -69,17 +70,25 @@ class Evaluation(Strict):
 class ScenarioCore(Strict):
     """What every kind of scenario has: a name, the request in words, pass/fail criteria, a seed, CPU threads."""
 
-    name: str = Field(pattern=r"^[\w.\-]+$")
+    name: str = Field(description="names the output folder: letters, digits, _ . - (not . or - first)")
     description: str = ""
     request: Request
     criteria: list[Criterion] = Field(default_factory=list, description="pass/fail checks the report's verdict uses")
-    seed: int = 0
+    seed: Seed = 0
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads (tiny models: 1 is fastest)")
 
     # The kind of method the scenario's `methods:` names (safeedit.methods), and whether `<method>+<mask score>`
     # names are allowed (language-model objectives confined to a mask).
     method_kind: ClassVar[str]
     masked_names: ClassVar[bool] = False
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, name: str) -> str:
+        if not re.fullmatch(r"\w[\w.\-]{0,99}", name):
+            raise ValueError(f"{name!r} cannot name an output folder; use up to 100 letters, digits, _ . - and "
+                             "start with a letter, digit or _")
+        return name
 
     def method_defaults(self, spec: MethodSpec) -> dict[str, Any]:
         """Options method `spec` starts from before its own overrides (e.g. the scenario's `pruning:` section)."""
@@ -218,8 +227,8 @@ class AuthorsSection(Strict):
     holdout_authors: int = Field(default=2, ge=1)
     forget_ratio: float = Field(default=0.1, gt=0, lt=1, description="share of the trained authors forgotten")
     perturbed: int = Field(default=3, ge=1, description="wrong answers per question (truth ratio)")
-    seed: int = Field(default=0, description="the people and their facts")
-    split_seed: int | None = Field(default=None, description="which authors are forgotten (default: seed)")
+    seed: Seed = Field(default=0, description="the people and their facts")
+    split_seed: Seed | None = Field(default=None, description="which authors are forgotten (default: seed)")
 
 
 class CapitalsSection(Strict):
@@ -228,7 +237,7 @@ class CapitalsSection(Strict):
 
     protocol: Literal["capitals"]
     forget: int = Field(default=10, ge=1, description="known capitals to forget")
-    seed: int = Field(default=0, description="which known capitals are forgotten, and the fluency texts")
+    seed: Seed = Field(default=0, description="which known capitals are forgotten, and the fluency texts")
     fluency_texts: int = Field(default=40, ge=1, description="held-out Wikipedia summaries for perplexity")
 
 

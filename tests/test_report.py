@@ -246,6 +246,35 @@ def test_verify_detects_a_verdict_that_does_not_follow_from_the_results(run_copy
                         "criteria"]
 
 
+@pytest.mark.parametrize("page", ["report.html", "report.pdf"])
+def test_verify_covers_the_report_pages_an_auditor_reads(run_copy, page, capsys):
+    assert main(["verify", str(run_copy)]) == 0
+    checked = capsys.readouterr().out.splitlines()[-1]
+    assert checked.startswith("files checked: ") and page in checked and "manifest.json" not in checked
+    (run_copy / page).write_bytes((run_copy / page).read_bytes() + b" ")
+    problems = verify_run(run_copy).problems
+    assert len(problems) == 1 and problems[0].startswith(f"{page}: SHA-256 mismatch: manifest.json has")
+    (run_copy / page).unlink()
+    assert verify_run(run_copy).problems == [f"{page}: missing (listed in manifest.json)"]
+
+
+def test_verify_names_an_added_file_and_a_manifest_of_another_run(run_copy, tmp_path):
+    (run_copy / "notes").mkdir()
+    (run_copy / "notes" / "extra.safetensors").write_bytes(b"x")
+    assert verify_run(run_copy).problems == ["notes/extra.safetensors: extra file, not in manifest.json"]
+    shutil.rmtree(run_copy / "notes")
+    manifest = json.loads((run_copy / "manifest.json").read_text())
+    (run_copy / "manifest.json").write_text(json.dumps({**manifest, "record_sha256": "0" * 64}))
+    assert verify_run(run_copy).problems[0].startswith("manifest.json: written for another record")
+
+
+def test_without_a_manifest_only_the_records_own_files_may_be_there(run_copy):
+    (run_copy / "manifest.json").unlink()
+    problems = verify_run(run_copy).problems
+    assert sorted(p.split(":")[0] for p in problems) == ["report.html", "report.pdf"]
+    assert all("extra file, not named by the record" in p for p in problems)
+
+
 def test_verify_rejects_a_file_that_is_not_a_record(run_copy):
     (run_copy / "record.json").write_text('{"schema": "something/else"}')
     assert "is not 'safeedit.record/2'" in verify_run(run_copy).problems[0]
@@ -296,6 +325,20 @@ def test_signature_catches_a_record_edit_that_recomputed_the_hash(run_copy, keys
     _write_record(run_copy, record, rehash=True)
     problems = verify_run(run_copy, public).problems
     assert len(problems) == 1 and "signature does not match the record" in problems[0]
+
+
+def test_a_signed_record_has_a_signed_manifest_by_the_same_key(run_copy, keys):
+    private, public, _ = keys
+    write_report(run_copy, pdf=False, sign_key=private)
+    assert verify_run(run_copy, public).ok and (run_copy / "manifest.json.sig").is_file()
+    (run_copy / "report.html").write_text("<p>a friendlier verdict</p>")
+    from safeedit.report.manifest import write_manifest
+
+    write_manifest(run_copy, _record(run_copy)["integrity"]["sha256"])  # a forger rewrites the manifest, unsigned
+    (run_copy / "manifest.json.sig").write_text((run_copy / "record.json.sig").read_text())
+    problems = verify_run(run_copy, public).problems
+    assert problems == ["manifest.json.sig: the signature does not match the manifest (the manifest or the "
+                        "signature was altered)"]
 
 
 def test_pubkey_without_signature_fails_and_keygen_never_overwrites(run_copy, keys):

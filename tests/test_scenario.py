@@ -55,7 +55,7 @@ BAD = {
     "fraction out of range": (variant("forget", {"kind": "random", "fraction": 2}), "forget.fraction"),
     "missing selector": (variant("forget", {"kind": "class"}), "needs 'label'"),
     "no methods": (variant("methods", {}), "methods: Dictionary should have at least 1 item"),
-    "bad name": (variant("name", "a/b"), "name: String should match pattern"),
+    "bad name": (variant("name", "a/b"), "name: 'a/b' cannot name an output folder"),
 }
 
 

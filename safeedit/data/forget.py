@@ -16,6 +16,7 @@ import numpy as np
 from datasets import Dataset
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from safeedit.config import Seed
 from safeedit.errors import SafeEditError
 
 
@@ -27,7 +28,7 @@ class ForgetRequest(BaseModel):
     label: int | None = None
     fraction: float | None = Field(default=None, gt=0.0, lt=1.0)
     ids: list[int] | None = None
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _one_selector(self) -> ForgetRequest:

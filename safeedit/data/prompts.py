@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from safeedit.config import Seed
 from safeedit.errors import SafeEditError
 
 DONOTANSWER_AREAS = ("malicious_uses", "information_hazard", "discrimination_exclusion_toxicity_hateful_offensive")
@@ -137,7 +138,7 @@ class SafetySizes(BaseModel):
     benign_evaluation: int = Field(default=40, ge=1)
     task_train: int = Field(default=400, ge=1)
     task_test: int = Field(default=150, ge=1)
-    seed: int = 0
+    seed: Seed = 0
 
 
 @dataclass

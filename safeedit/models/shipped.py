@@ -55,7 +55,7 @@ class ZooEntry:
     def train_here(self, progress: bool = True) -> Path:
         """Train from the recipe into `trained_folder()` (atomically, replacing an earlier training) and return it."""
         folder = self.trained_folder()
-        with atomic_dir(folder) as partial:
+        with atomic_dir(folder, overwrite=True) as partial:
             self.train(partial, progress)
         return folder
 
@@ -132,7 +132,7 @@ def ship(entry: ZooEntry, folder: Path) -> None:
     """Make `folder` (a training of `entry`) the shipped copy: copy its files and record their SHA-256 (developers
     only; the package folder must be writable)."""
     target = SHIPPED_DIR / entry.name
-    with atomic_dir(target) as partial:
+    with atomic_dir(target, overwrite=True) as partial:
         for relative in folder_hashes(folder):
             (partial / relative).parent.mkdir(parents=True, exist_ok=True)
             (partial / relative).write_bytes((folder / relative).read_bytes())

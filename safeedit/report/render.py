@@ -17,7 +17,8 @@ import yaml
 
 from safeedit.io import atomic_path, sha256_file, write_text_atomic
 from safeedit.record import COUNT_METRICS, METRIC_LABELS, read_record, record_file, short_label
-from safeedit.report.chromium import html_to_pdf
+from safeedit.report.chromium import html_to_pdf, screenshot
+from safeedit.report.manifest import write_manifest
 from safeedit.report.plots import all_figures
 from safeedit.report.signing import read_signature, sign_record, signature_path
 from safeedit.report.texts import headline_metrics, kind_text
@@ -32,6 +33,7 @@ class ReportFiles:
     pdf: Path | None
     record: Path
     signature: Path | None
+    png: Path | None = None
 
 
 def format_metric(name: str, value: Any) -> str:
@@ -93,8 +95,11 @@ ORIGIN_TEXT = {"shipped": "weights shipped with safeedit", "trained": "trained o
                "file": "weights from a file", "folder": "a model folder", "hub": "a hub model"}
 
 
-def render_html(record: dict[str, Any], record_path: Path, verification, signature: dict | None) -> str:
-    """The report page as a string; `verification` is a `verify.Verification` run just before."""
+def render_html(record: dict[str, Any], record_path: Path, verification, signature: dict | None,
+                shown_folder: Path | None = None) -> str:
+    """The report page as a string; `verification` is a `verify.Verification` run just before. `shown_folder` is
+    the run folder the page names (default: the record's; a run renders inside its temporary folder)."""
+    shown = (shown_folder or record_path.parent) / record_path.name
     metrics = _headline(record)
     edited = {name: {layer["name"]: layer for layer in r["weight_changes"]["layers"]}
               for name, r in record["results"].items() if r.get("weight_changes")}
@@ -104,8 +109,8 @@ def render_html(record: dict[str, Any], record_path: Path, verification, signatu
         for name, size in sizes.items()]}
     return _environment().get_template("report.html.j2").render(
         record=record,
-        record_path=str(record_path),
-        run_folder=str(record_path.parent),
+        record_path=str(shown),
+        run_folder=str(shown.parent),
         kind=kind_text(record["kind"]),
         metrics=metrics,
         labels=METRIC_LABELS,
@@ -122,17 +127,19 @@ def render_html(record: dict[str, Any], record_path: Path, verification, signatu
 
 
 def write_report(target: str | os.PathLike, out_dir: str | os.PathLike | None = None, pdf: bool = True,
-                 sign_key: str | os.PathLike | None = None) -> ReportFiles:
+                 sign_key: str | os.PathLike | None = None, shown_folder: Path | None = None,
+                 png: bool = False) -> ReportFiles:
     """Render the record of run folder (or record file) `target` into `out_dir` (default: next to the record).
 
     With `sign_key`, first writes a detached Ed25519 signature of the record (`record.json.sig`). The record is
-    verified (hashes of every file it names) before rendering, and the outcome is part of the report.
+    verified (hashes of every file it names) before rendering, and the outcome is part of the report. Last, the
+    folder's manifest hashes every file in it, report pages included (signed too, with `sign_key`).
     """
     record_path = record_file(target)
     record = read_record(record_path)
     if sign_key is not None:
         sign_record(record, record_path, sign_key)
-    verification = verify_record(record, record_path)
+    verification = verify_record(record, record_path, folder_manifest=False)
     signature = read_signature(record_path)
     out = Path(out_dir) if out_dir else record_path.parent
     out.mkdir(parents=True, exist_ok=True)
@@ -140,6 +147,8 @@ def write_report(target: str | os.PathLike, out_dir: str | os.PathLike | None = 
     signature_copy = (_copy_unless_same(signature_path(record_path), signature_path(record_copy))
                       if signature is not None else None)
     html = out / "report.html"
-    write_text_atomic(html, render_html(record, record_path, verification, signature))
+    write_text_atomic(html, render_html(record, record_path, verification, signature, shown_folder))
     pdf_path = html_to_pdf(html, out / "report.pdf") if pdf else None
-    return ReportFiles(html, pdf_path, record_copy, signature_copy)
+    png_path = screenshot(html, out / "report.png", width=794, height=1123) if png else None
+    write_manifest(out, record["integrity"]["sha256"], sign_key)
+    return ReportFiles(html, pdf_path, record_copy, signature_copy, png_path)

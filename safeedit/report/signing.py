@@ -82,20 +82,27 @@ def signature_path(record_path: str | os.PathLike) -> Path:
 
 def sign_record(record: dict[str, Any], record_path: str | os.PathLike, key_path: str | os.PathLike) -> dict:
     """Sign `record` (as loaded from `record_path`) with the private key at `key_path`; write the .sig file."""
+    return sign_bytes(canonical_bytes(record), signature_path(record_path), key_path,
+                      {"record_sha256": record_digest(record)})
+
+
+def sign_bytes(payload: bytes, path: str | os.PathLike, key_path: str | os.PathLike, covers: dict[str, str]) -> dict:
+    """Write a detached Ed25519 signature of `payload` to `path`; `covers` says what it vouches for (a hash)."""
     key = load_private_key(key_path)
     signature = {
         "algorithm": "ed25519",
         "public_key": base64.b64encode(_raw(key.public_key())).decode(),
         "key_fingerprint": key_fingerprint(key.public_key()),
-        "record_sha256": record_digest(record),
-        "signature": base64.b64encode(key.sign(canonical_bytes(record))).decode(),
+        **covers,
+        "signature": base64.b64encode(key.sign(payload)).decode(),
     }
-    write_text_atomic(signature_path(record_path), json.dumps(signature, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(signature, indent=2) + "\n")
     return signature
 
 
-def read_signature(record_path: str | os.PathLike) -> dict | None:
-    path = signature_path(record_path)
+def read_signature(signed_path: str | os.PathLike) -> dict | None:
+    """The detached signature next to `signed_path` (`<name>.sig`), or None when there is none."""
+    path = signature_path(signed_path)
     if not path.is_file():
         return None
     try:
@@ -103,18 +110,22 @@ def read_signature(record_path: str | os.PathLike) -> dict | None:
         base64.b64decode(signature["public_key"], validate=True)
         base64.b64decode(signature["signature"], validate=True)
     except (ValueError, KeyError, TypeError):
-        raise SafeEditError(f"{path}: damaged signature file; sign the record again") from None
+        raise SafeEditError(f"{path}: damaged signature file; sign again (safeedit report RUN --sign KEY)") from None
     return signature
 
 
 def check_signature(record: dict[str, Any], signature: dict, trusted: Ed25519PublicKey | None) -> list[str]:
     """Problems with `signature` over `record` (empty = valid). With `trusted`, the signer must be that key."""
-    problems = []
+    return check_bytes(canonical_bytes(record), signature, trusted, "the record")
+
+
+def check_bytes(payload: bytes, signature: dict, trusted: Ed25519PublicKey | None, what: str) -> list[str]:
+    """Problems with `signature` over `payload` (empty = valid); `what` names the payload in the message."""
     signer = Ed25519PublicKey.from_public_bytes(base64.b64decode(signature["public_key"]))
     if trusted is not None and _raw(signer) != _raw(trusted):
         return [f"signed by key {key_fingerprint(signer)}, not by the trusted key {key_fingerprint(trusted)}"]
     try:
-        (trusted or signer).verify(base64.b64decode(signature["signature"]), canonical_bytes(record))
+        (trusted or signer).verify(base64.b64decode(signature["signature"]), payload)
     except InvalidSignature:
-        problems.append("the signature does not match the record (the record or the signature was altered)")
-    return problems
+        return [f"the signature does not match {what} ({what} or the signature was altered)"]
+    return []

@@ -2,7 +2,8 @@
 
 Checks, each reported on its own line: the record parses and matches its schema; its integrity hash matches its
 canonical bytes; its verdict follows from its own results and criteria; every input and output file exists
-with the recorded SHA-256; and, when a signature or trusted public key is present, the Ed25519 signature.
+with the recorded SHA-256; when a signature or trusted public key is present, the Ed25519 signature; and the run
+folder against its manifest (`manifest.py`): the report pages included, no file added or missing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from safeedit.criteria import Criterion, verdict
 from safeedit.errors import SafeEditError
 from safeedit.io import sha256_file
 from safeedit.record import read_record, record_digest, record_file
+from safeedit.report.manifest import MANIFEST, check_manifest
 from safeedit.report.signing import check_signature, key_fingerprint, load_public_key, read_signature
 
 
@@ -25,6 +27,7 @@ class Verification:
     record_path: Path
     checked: list[str] = field(default_factory=list)  # what passed, for the summary line
     problems: list[str] = field(default_factory=list)  # one line per mismatch
+    files: list[str] = field(default_factory=list)  # the run folder's files whose hashes were checked
 
     @property
     def ok(self) -> bool:
@@ -49,8 +52,10 @@ def verify_run(target: str | os.PathLike, pubkey: str | os.PathLike | None = Non
     return verify_record(record, record_path, trusted)
 
 
-def verify_record(record: dict, record_path: Path, trusted: Ed25519PublicKey | None = None) -> Verification:
-    """The checks of `verify_run` on a record already read (and schema-checked) from `record_path`."""
+def verify_record(record: dict, record_path: Path, trusted: Ed25519PublicKey | None = None,
+                  folder_manifest: bool = True) -> Verification:
+    """The checks of `verify_run` on a record already read (and schema-checked) from `record_path`; without
+    `folder_manifest`, the run folder's manifest is not checked (the report is being rendered)."""
     result = Verification(record_path)
     if record_digest(record) != record["integrity"]["sha256"]:
         result.problems.append(f"{record_path}: integrity hash mismatch: the record was changed after it was written")
@@ -96,4 +101,14 @@ def verify_record(record: dict, record_path: Path, trusted: Ed25519PublicKey | N
             who = f"key {key_fingerprint(trusted)}" if trusted else (
                 f"key {signature['key_fingerprint']}, not checked against a trusted key (pass --pubkey)")
             result.checked.append(f"Ed25519 signature by {who}")
+    if folder_manifest:
+        record_files = {entry["path"] for entry in record["outputs"]} | {record_path.name,
+                                                                          f"{record_path.name}.sig"}
+        result.files, problems = check_manifest(folder, record["integrity"]["sha256"], record_files,
+                                                not result.problems, signature["key_fingerprint"] if signature
+                                                else None, trusted)
+        result.problems.extend(problems)
+        if not problems:
+            result.checked.append(f"the run folder ({len(result.files)} files, "
+                                  + ("manifest" if (folder / MANIFEST).is_file() else "no report") + ")")
     return result

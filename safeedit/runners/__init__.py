@@ -1,7 +1,8 @@
-"""Scenario runners, one per kind of job; each writes the same kind of record (DESIGN.md sections 6-7).
+"""Scenario runners, one `Job` per kind of scenario; each writes the same kind of record (DESIGN.md sections 6-7).
 
 `run_scenario` is the one entry point: it loads and validates the scenario (`safeedit.scenario`, which imports
-no runner), then dispatches on its schema class through `RUNNERS`, the one table of kinds and their runners.
+no runner), then runs the job of its schema class (`RUNNERS`, the one table of kinds) inside an output
+transaction: everything is written into a fresh temporary folder that replaces the output folder at the end.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from pathlib import Path
 
 import torch
 
-from safeedit.runners.classification import run_classification
-from safeedit.runners.generation import run_generation
-from safeedit.runners.language import run_llm_unlearning
-from safeedit.runners.merging import run_merging
-from safeedit.runners.safety import run_safety
+from safeedit.io import atomic_dir
+from safeedit.runners.classification import ClassificationJob
+from safeedit.runners.generation import GenerationJob
+from safeedit.runners.job import Job, run_job
+from safeedit.runners.language import LanguageJob
+from safeedit.runners.merging import MergeJob
+from safeedit.runners.safety import SafetyJob
 from safeedit.scenario import (
     GenerationScenario,
     LMScenario,
@@ -25,22 +28,30 @@ from safeedit.scenario import (
     load_scenario,
 )
 
-RUNNERS: dict[type, Callable[..., Path]] = {
-    Scenario: run_classification, GenerationScenario: run_generation, SafetyScenario: run_safety,
-    MergeScenario: run_merging, LMScenario: run_llm_unlearning,
+RUNNERS: dict[type, type[Job]] = {
+    Scenario: ClassificationJob, GenerationScenario: GenerationJob, SafetyScenario: SafetyJob,
+    MergeScenario: MergeJob, LMScenario: LanguageJob,
 }
 
 
-def run_scenario(path: str | Path, out_dir: str | Path | None = None, progress: bool = True) -> Path:
-    """Run the scenario at `path`; return the path of the record it wrote (render it with `safeedit.report`)."""
+def run_scenario(path: str | Path, out_dir: str | Path | None = None, progress: bool = True,
+                 overwrite: bool = False, then: Callable[[Path, Path], object] | None = None) -> Path:
+    """Run the scenario at `path` into `out_dir` (default `runs/<scenario name>`); return the record's final path.
+
+    The outputs are a transaction: a non-empty `out_dir` is refused unless `overwrite` (which replaces it as a
+    whole), and nothing appears under `out_dir` until the run, and `then(record_path, out_dir)` (e.g. rendering
+    the report next to the record, which is still in the temporary folder), succeeded."""
     path = Path(path)
     scenario = load_scenario(path)
     out = Path(out_dir) if out_dir else Path("runs") / scenario.name
-    out.mkdir(parents=True, exist_ok=True)
     if scenario.threads:
         torch.set_num_threads(scenario.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return RUNNERS[type(scenario)](scenario, path, out, device, progress)
+    with atomic_dir(out, overwrite=overwrite, progress=progress) as work:
+        record = run_job(RUNNERS[type(scenario)](scenario, path, work, device, progress, final_out=out))
+        if then is not None:
+            then(record, out)
+    return out / record.name
 
 
 __all__ = ["RUNNERS", "run_scenario"]

@@ -4,10 +4,7 @@ and write weights, masks and the record (the loop itself is `safeedit.runners.jo
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
-
-import torch
 
 from safeedit.data import load_data, make_loader
 from safeedit.data.forget import split_forget
@@ -18,7 +15,7 @@ from safeedit.methods import EditResult
 from safeedit.models import EMBEDDED_MODELS, load_model
 from safeedit.progress import say
 from safeedit.runners.common import OutputWriter, data_fingerprints, input_entries
-from safeedit.runners.job import Job, run_job
+from safeedit.runners.job import Job
 from safeedit.scenario import Scenario
 from safeedit.unlearn.methods import UnlearnTask, retrain
 
@@ -110,11 +107,6 @@ class ClassificationJob(Job):
             notes.append("No model was retrained without the forget data, so closeness to exact unlearning is "
                          "unknown.")
         return notes
-
-
-def run_classification(scenario: Scenario, path: Path, out: Path, device: torch.device, progress: bool) -> Path:
-    """Forget data from a classifier: every method, the retrain reference, the metrics, the record."""
-    return run_job(ClassificationJob(scenario, path, out, device, progress))
 
 
 def _num_classes(model) -> int:

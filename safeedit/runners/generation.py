@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +27,7 @@ from safeedit.models.diffusion import (
 )
 from safeedit.progress import say
 from safeedit.runners.common import OutputWriter, data_fingerprints, input_entries
-from safeedit.runners.job import Job, run_job
+from safeedit.runners.job import Job
 from safeedit.scenario import GenerationScenario
 from safeedit.unlearn.diffusion import GenerationTask
 
@@ -135,8 +134,3 @@ class GenerationJob(Job):
         if self.judge_test_accuracy < 0.9:
             notes.append("The judge is below 90% accuracy on real images: its verdicts on samples are weak evidence.")
         return notes
-
-
-def run_generation(scenario: GenerationScenario, path: Path, out: Path, device: torch.device, progress: bool) -> Path:
-    """Forget a class from a diffusion model: every method, the retrain reference, the samples, the record."""
-    return run_job(GenerationJob(scenario, path, out, device, progress))

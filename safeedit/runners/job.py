@@ -32,8 +32,11 @@ class Job:
 
     kind: str  # the record's `kind`, e.g. "classification-unlearning"
 
-    def __init__(self, scenario: Any, path: Path, out: Path, device: torch.device, progress: bool) -> None:
+    def __init__(self, scenario: Any, path: Path, out: Path, device: torch.device, progress: bool,
+                 final_out: Path | None = None) -> None:
+        """`out` is the folder written into; `final_out`, where it ends up (the record's command names it)."""
         self.scenario, self.path, self.out, self.device, self.progress = scenario, path, out, device, progress
+        self.final_out = final_out or out
         self.results: dict[str, dict[str, Any]] = {}
         self.references = REFERENCES[scenario.method_kind]  # the `about` of the kind's reference rows
         self.evaluation_s = 0.0
@@ -126,7 +129,7 @@ def run_job(job: Job) -> Path:
     job.after_methods()
     record_path = job.out / "record.json"
     write_record({
-        **common_record(job.scenario, job.path, job.out, job.device),
+        **common_record(job.scenario, job.path, job.final_out, job.device),
         **job.record_fields(started),
         "outputs": job.writer.entries,
         "results": job.results,

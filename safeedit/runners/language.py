@@ -10,11 +10,9 @@ are used, and there is no retrained reference.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from safeedit.data.authors import fictitious_authors, qa_fingerprint, retain_subset
@@ -26,7 +24,7 @@ from safeedit.methods import EditResult, MethodSpec, resolve
 from safeedit.models.cache import cached_finetune
 from safeedit.progress import say
 from safeedit.runners.common import OutputWriter, input_entries
-from safeedit.runners.job import Job, run_job
+from safeedit.runners.job import Job
 from safeedit.scenario import AuthorsSection, CapitalsSection, LMScenario
 from safeedit.unlearn.wagle import KIND, LMUnlearnSetting, about
 
@@ -150,8 +148,3 @@ class LanguageJob(Job):
             "timings": self.timings(started),
             "notes": self.notes,
         }
-
-
-def run_llm_unlearning(scenario: LMScenario, path: Path, out: Path, device: torch.device, progress: bool) -> Path:
-    """Remove facts from a language model: every method, the references, the metrics, the record."""
-    return run_job(LanguageJob(scenario, path, out, device, progress))

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from datasets import Dataset, DatasetDict, load_from_disk
 from torch import nn
 
@@ -42,7 +41,7 @@ from safeedit.models.encoders import (
 from safeedit.models.shipped import SHIPPED, zoo_entries
 from safeedit.progress import say
 from safeedit.runners.common import OutputWriter, input_entries
-from safeedit.runners.job import Job, run_job
+from safeedit.runners.job import Job
 from safeedit.scenario import MergeScenario
 
 
@@ -257,8 +256,3 @@ class MergeJob(Job):
                          f"{spec.kind} trigger{' ' + repr(spec.word) if spec.kind == 'word' else ''} relabelled as "
                          f"class {spec.target}.")
         return notes
-
-
-def run_merging(scenario: MergeScenario, path: Path, out: Path, device: torch.device, progress: bool) -> Path:
-    """Fine-tune (or load) the task models, merge them with every method, measure each merge, write the record."""
-    return run_job(MergeJob(scenario, path, out, device, progress))
