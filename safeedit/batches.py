@@ -56,6 +56,38 @@ def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
     return inputs
 
 
+INPUT_KINDS = {"input_ids": "text", "pixel_values": "images"}  # the input a model reads -> what the data must hold
+
+
+def model_name(model: nn.Module) -> str:
+    """How messages name a model: the folder or hub id it was loaded from, else its class."""
+    return getattr(model, "name_or_path", "") or type(model).__name__
+
+
+def model_reads(model: nn.Module) -> tuple[str, ...]:
+    """The inputs of INPUT_KINDS that `model.forward` names (empty: it names none, e.g. it takes ``**kwargs``)."""
+    function = getattr(model.forward, "__func__", model.forward)
+    return tuple(key for key in INPUT_KINDS if key in _parameter_names(function))
+
+
+@lru_cache(maxsize=256)
+def _parameter_names(function) -> frozenset[str]:
+    return frozenset(inspect.signature(function).parameters)
+
+
+def check_inputs(model: nn.Module, provided: Mapping[str, str], data: str) -> None:
+    """Refuse, before any forward pass, data whose input the model does not read: images for a text model, text
+    for an image model. `provided` maps the model inputs the batches will hold to the data column behind each."""
+    reads = model_reads(model)
+    if reads and not set(reads) & set(provided):
+        needs = " or ".join(INPUT_KINDS[key] for key in reads)
+        has = " and ".join(f"{INPUT_KINDS[key]} (column {column!r})" for key, column in provided.items())
+        raise SafeEditError(
+            f"model {model_name(model)} reads {needs}; {data} has {has}; give data with {needs}, or a model that "
+            f"reads {' and '.join(INPUT_KINDS[key] for key in provided)}"
+        )
+
+
 def labels_of(batch: Any) -> torch.Tensor:
     """The labels of a dict batch ('labels' or 'label') or of an (inputs, targets) pair."""
     if isinstance(batch, Mapping):

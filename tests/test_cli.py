@@ -132,7 +132,8 @@ def test_wanda_row_mask_on_a_transformers_folder(tiny_llama_folder, tmp_path, ca
 BAD_INPUTS = {
     "missing data file": (["--score", "saliency", "--forget", "nope.jsonl"], "nope.jsonl"),
     "unknown score": (["--score", "sailency", "--forget", "digits:train"], "invalid choice"),
-    "ratio above 1": (["--score", "saliency", "--forget", "digits:train", "--ratio", "1.5"], "--ratio: 1.5 is not in (0, 1]"),
+    "ratio above 1": (["--score", "saliency", "--forget", "digits:train", "--ratio", "1.5"],
+                      "--ratio: 1.5 is not in (0, 1]"),
     "ratio zero": (["--score", "magnitude", "--ratio", "0"], "--ratio: 0.0 is not in (0, 1]"),
     "missing role": (["--score", "wagle", "--forget", "digits:train[label=3]"], "needs --retain"),
     "unused role": (["--score", "magnitude", "--forget", "digits:train"], "does not read --forget"),

@@ -11,8 +11,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import datasets
 import numpy as np
 from datasets import Dataset, DatasetDict
 
+from safeedit.data.diagnose import diagnose
 from safeedit.errors import SafeEditError
 
 EMBEDDED: dict[str, Callable[[], DatasetDict]] = {}
@@ -50,6 +54,21 @@ def _fashion_mnist() -> DatasetDict:
 SPEC = re.compile(r"(?P<source>[^\[\]]+?)(?::(?P<split>[\w.\-]+))?(?:\[(?P<filter>[^\]]*)\])?")
 CONDITION = re.compile(r"\s*(?P<column>\w+)\s*(?P<op>!=|=)\s*(?P<value>[^,]+?)\s*")
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+FILE_KINDS = {".jsonl": "JSON Lines", ".json": "JSON", ".csv": "CSV", ".parquet": "Parquet"}
+# Errors the `datasets` builders raise for a file they cannot read: DatasetGenerationError wrapping the parser's
+# (pyarrow, pandas) error, ValueError "corresponds to no data" for a file without rows, StopIteration for an empty
+# JSON file, TypeError/KeyError for rows whose fields or types disagree.
+BUILDER_ERRORS = (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError, TypeError, KeyError)
+GENERIC_FIX = {".jsonl": "check that every row has the same fields and types",
+               ".csv": "check that every row has the same fields and types",
+               ".json": "write a list of JSON objects, or one JSON object per line",
+               ".parquet": "write the file again (e.g. with Dataset.to_parquet); it looks cut or corrupt"}
+_SPECS: weakref.WeakKeyDictionary[Dataset, str] = weakref.WeakKeyDictionary()
+
+
+def spec_of(dataset: Dataset) -> str | None:
+    """The spec `load_data` read `dataset` from (None for data sets made otherwise), for messages."""
+    return _SPECS.get(dataset)
 
 
 @dataclass(frozen=True)
@@ -81,9 +100,16 @@ def _load_source(source: str, split: str) -> Dataset:
             builder = FILE_BUILDERS.get(path.suffix.lower())
             if builder is None:
                 raise SafeEditError(f"{path}: unsupported data file type; use .jsonl, .json, .csv or .parquet")
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
+            return _no_rows_check(_build(path, lambda: datasets.load_dataset(builder, data_files=str(path),
+                                                                             split="train")), path)
         if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-            splits = datasets.load_from_disk(str(path))
+            # load_from_disk writes nothing, so an OSError here is about the folder (a missing or cut .arrow file)
+            splits = _build(path, lambda: datasets.load_from_disk(str(path)), (*BUILDER_ERRORS, OSError),
+                            "save it again with Dataset.save_to_disk")
+        elif path.is_dir():
+            splits = _build(path, lambda: datasets.load_dataset(str(path)), (*BUILDER_ERRORS, FileNotFoundError),
+                            "give a folder of .jsonl, .json, .csv, .parquet or image files, or one written by "
+                            "Dataset.save_to_disk")
         else:
             try:
                 splits = datasets.load_dataset(source)
@@ -93,10 +119,55 @@ def _load_source(source: str, split: str) -> Dataset:
                     f"folder, nor a reachable hub data set ({type(error).__name__})"
                 ) from None
     if isinstance(splits, Dataset):
-        return splits
+        return _no_rows_check(splits, source)
     if split not in splits:
         raise SafeEditError(f"data source {source!r} has no split {split!r}; it has {', '.join(splits)}")
-    return splits[split]
+    return _no_rows_check(splits[split], f"{source}:{split}")
+
+
+def _no_rows_check(dataset: Dataset, where: str | Path) -> Dataset:
+    if len(dataset) == 0:
+        raise SafeEditError(f"{where} has no rows; give data with at least one example")
+    return dataset
+
+
+@contextlib.contextmanager
+def _builder_logs_off() -> Iterator[None]:
+    """The builders log a parse error at ERROR level before raising it: our message says it once, in one line."""
+    logger = logging.getLogger("datasets.packaged_modules")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _build(
+    path: Path,
+    build: Callable[[], Dataset | DatasetDict],
+    errors: tuple[type[BaseException], ...] = BUILDER_ERRORS,
+    fix: str = "",
+) -> Dataset | DatasetDict:
+    """Run a `datasets` builder on a local file or folder; a file it cannot read becomes one line naming the file,
+    the line and the fix. The builders convert everything to Arrow before returning, so no parse error is left to
+    surface later, when batches are drawn."""
+    try:
+        with _builder_logs_off():
+            return build()
+    except errors as error:
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in FILE_KINDS) if path.is_dir() else [path]
+        for file in files:
+            problem = diagnose(file)
+            if problem:
+                raise SafeEditError(problem) from None
+        cause = error.__cause__ or error
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        what = FILE_KINDS.get(path.suffix.lower(), "data") + " file" if path.is_file() else "data folder"
+        raise SafeEditError(
+            f"{path}: not a readable {what} ({detail[:160]}); "
+            f"{fix or GENERIC_FIX.get(path.suffix.lower(), GENERIC_FIX['.csv'])}"
+        ) from None
 
 
 def _matches(column: np.ndarray, op: str, value: str) -> np.ndarray:
@@ -112,6 +183,7 @@ def _matches(column: np.ndarray, op: str, value: str) -> np.ndarray:
 
 def load_data(spec: str | DataSpec) -> Dataset:
     """The rows of a data set named by `spec` (see the module docstring); raises if none remain."""
+    text = spec if isinstance(spec, str) else None
     spec = DataSpec.parse(spec) if isinstance(spec, str) else spec
     dataset = _load_source(spec.source, spec.split)
     if spec.conditions:
@@ -125,4 +197,5 @@ def load_data(spec: str | DataSpec) -> Dataset:
         dataset = dataset.select(np.flatnonzero(keep))
     if len(dataset) == 0:
         raise SafeEditError(f"data {spec.source}:{spec.split} has no rows after the filter {list(spec.conditions)}")
+    _SPECS[dataset] = text or spec.source
     return dataset

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from safeedit.errors import SafeEditError
 from safeedit.io import atomic_dir, cache_dir
-from safeedit.models.loading import LoadedModel, load_model
+from safeedit.models.loading import LoadedModel, check_safetensors, load_model
 from safeedit.progress import bars_off, say
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -44,7 +44,11 @@ def smollm2_folder(progress: bool = True) -> Path:
     """A `save_pretrained` folder of SmolLM2-135M-Instruct in fp32, converted from the GGUF file once and cached."""
     folder = cache_dir() / "models" / SMOLLM2
     if (folder / "model.safetensors").exists():
-        return folder
+        try:
+            check_safetensors(folder / "model.safetensors")
+            return folder
+        except SafeEditError:  # a damaged cache copy: convert again (the folder is replaced atomically)
+            say(f"{folder / 'model.safetensors'} is damaged", progress)
     gguf = smollm2_gguf()
     say(f"converting {gguf.name} to fp32 safetensors (once, ~20 s)", progress)
     # transformers' GGUF reader draws its own tqdm bar, out of reach of its progress-bar switch: give it ours.
@@ -59,7 +63,7 @@ def smollm2_folder(progress: bool = True) -> Path:
     model = transformers.LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict())
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(folder) as temporary:
+    with atomic_dir(folder, overwrite=True) as temporary:
         model.save_pretrained(temporary, safe_serialization=True)
         tokenizer.save_pretrained(temporary)
     return folder

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from safeedit.errors import SafeEditError
@@ -50,6 +51,7 @@ def load_model(
     (this machine's own training from the recipe) or a safetensors file of the same architecture."""
     if spec in EMBEDDED_MODELS:
         model, path, origin = EMBEDDED_MODELS[spec].load(progress, weights)
+        model.name_or_path = spec  # how messages name it, as transformers models carry their folder or hub id
         return LoadedModel(model.eval(), spec, files={str(path): sha256_file(path)}, origin=origin)
     if weights is not None:
         raise SafeEditError(
@@ -72,7 +74,31 @@ def load_model(
                 f"{path}: no safetensors weights{' (only pickled ' + ', '.join(pickles) + ')' if pickles else ''}; "
                 "re-save with model.save_pretrained(..., safe_serialization=True) where you trust the files"
             )
+        for weights_file in sorted(path.glob("*.safetensors")):
+            check_safetensors(weights_file)
     return _load_transformers(spec, dtype, trust_remote_code)
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a weights file whose safetensors header does not parse or does not cover the file (empty, truncated,
+    or another format saved under the name, such as torch.save's pickle), before transformers reads it. Only the
+    header is read; nothing is unpickled."""
+    with path.open("rb") as handle:
+        start = handle.read(4)
+    if not start:
+        why = "it is empty"
+    elif start[:1] == b"\x80" or start == b"PK\x03\x04":
+        why = "it is a pickle or torch.save archive; it was not opened"
+    else:
+        try:
+            with safe_open(str(path), framework="pt"):
+                return
+        except (SafetensorError, OSError, ValueError) as error:
+            why = (str(error).splitlines() or [type(error).__name__])[0].replace("Error while deserializing ", "bad ")
+    raise SafeEditError(
+        f"{path} is not a valid safetensors file (truncated, empty or a pickle: {why}); "
+        "re-save the model with save_pretrained(safe_serialization=True)"
+    )
 
 
 def _load_transformers(spec: str, dtype: torch.dtype | None, trust_remote_code: bool) -> LoadedModel:
@@ -89,9 +115,15 @@ def _load_transformers(spec: str, dtype: torch.dtype | None, trust_remote_code: 
         raise SafeEditError(
             f"{spec}: config.json names no architecture this transformers version knows ({architecture})"
         )
-    model, info = model_class.from_pretrained(
-        spec, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True
-    )
+    try:
+        model, info = model_class.from_pretrained(
+            spec, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True
+        )
+    except SafetensorError as error:  # a hub download (a folder's files were checked above)
+        raise SafeEditError(
+            f"{spec}: a weights file is not a valid safetensors file (truncated, empty or a pickle: "
+            f"{str(error).splitlines()[0]}); re-save the model with save_pretrained(safe_serialization=True)"
+        ) from None
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
     if problems:
         kind, names = next(iter(problems.items()))
