@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output folder (default runs/<scenario name>)")
     run.add_argument("--overwrite", action="store_true",
                      help="replace an existing output folder as a whole (default: refuse a non-empty one)")
+    run.add_argument("--allow-long", action="store_true",
+                     help="run epochs or steps beyond the limits (1,000 epochs, 100,000 steps) that catch typos")
     run.add_argument("--no-pdf", action="store_true", help="write the HTML report only (no Chromium needed)")
     run.add_argument("--json", action="store_true", help="print a machine-readable summary (verdict, criteria, "
                      "metrics, paths) on stdout; the human-readable lines go to stderr")
@@ -451,7 +453,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         rendered.append(write_report(record_path, pdf=pdf, shown_folder=final))
 
     record_path = run_scenario(args.scenario, args.out, progress=not args.quiet, overwrite=args.overwrite,
-                               then=render)
+                               then=render, allow_long=args.allow_long)
     record = json.loads(record_path.read_text())
     human = sys.stderr if args.json else sys.stdout
     _print_results(record["results"], record["kind"], human)

@@ -15,7 +15,7 @@ import torch
 from safeedit.io import atomic_dir
 from safeedit.runners.classification import ClassificationJob
 from safeedit.runners.generation import GenerationJob
-from safeedit.runners.job import Job, run_job
+from safeedit.runners.job import Job, check_work, run_job
 from safeedit.runners.language import LanguageJob
 from safeedit.runners.merging import MergeJob
 from safeedit.runners.safety import SafetyJob
@@ -35,14 +35,17 @@ RUNNERS: dict[type, type[Job]] = {
 
 
 def run_scenario(path: str | Path, out_dir: str | Path | None = None, progress: bool = True,
-                 overwrite: bool = False, then: Callable[[Path, Path], object] | None = None) -> Path:
+                 overwrite: bool = False, then: Callable[[Path, Path], object] | None = None,
+                 allow_long: bool = False) -> Path:
     """Run the scenario at `path` into `out_dir` (default `runs/<scenario name>`); return the record's final path.
 
     The outputs are a transaction: a non-empty `out_dir` is refused unless `overwrite` (which replaces it as a
     whole), and nothing appears under `out_dir` until the run, and `then(record_path, out_dir)` (e.g. rendering
-    the report next to the record, which is still in the temporary folder), succeeded."""
+    the report next to the record, which is still in the temporary folder), succeeded. Epochs or steps beyond
+    `runners.job.WORK_LIMITS` are refused before any work unless `allow_long`."""
     path = Path(path)
     scenario = load_scenario(path)
+    check_work(scenario, allow_long)
     out = Path(out_dir) if out_dir else Path("runs") / scenario.name
     if scenario.threads:
         torch.set_num_threads(scenario.threads)

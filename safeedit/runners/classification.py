@@ -33,6 +33,7 @@ class ClassificationJob(Job):
         train = load_data(f"{scenario.data.source}:{scenario.data.train_split}")
         self.test = load_data(f"{scenario.data.source}:{scenario.data.test_split}")
         self.split = split = split_forget(train, scenario.forget)
+        self.examples_per_epoch = len(split.retain)  # most objectives pass over the retain set (GA: forget, fewer)
         say(f"forget {len(split.forget)} / retain {len(split.retain)} / test {len(self.test)} examples", progress)
         self.eval_loaders = {name: self.loader(data, scenario.evaluation.batch_size) for name, data in
                              (("forget", split.forget), ("retain", split.retain), ("test", self.test))}

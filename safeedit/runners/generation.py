@@ -56,6 +56,7 @@ class GenerationJob(Job):
         self.split = split = split_forget(train, scenario.forget)
         forget, retain = image_tensors(split.forget), image_tensors(split.retain)
         self.task = GenerationTask(original, forget, retain)
+        self.examples_per_epoch = len(split.forget)  # an epoch passes over the forget set
         test_images, test_labels = image_tensors(self.test)
         real_pixels = (test_images + 1) / 2
         self.judge_test_accuracy = judge_accuracy(self.judge, real_pixels, test_labels)

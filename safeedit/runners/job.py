@@ -10,6 +10,7 @@ the undefended fine-tune, the frozen encoder) are result entries it adds in `pre
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ import torch
 from pydantic import BaseModel
 
 from safeedit.criteria import verdict
+from safeedit.errors import SafeEditError
 from safeedit.methods import EditResult, MethodSpec
 from safeedit.progress import say
 from safeedit.record import write_record
@@ -81,6 +83,18 @@ class Job:
         raise NotImplementedError
 
     # --- shared helpers ----------------------------------------------------------------------------------------
+    examples_per_epoch: int | None = None  # what one epoch of a method passes over (set by `prepare` where known)
+
+    def optimizer_steps(self, options: BaseModel) -> int | None:
+        """About how many optimizer steps `options` asks for (`steps`, or epochs over `examples_per_epoch`)."""
+        steps, epochs = getattr(options, "steps", None), getattr(options, "epochs", None)
+        if isinstance(steps, int):
+            return steps
+        batch = getattr(options, "batch_size", None)
+        if isinstance(epochs, int) and isinstance(batch, int) and self.examples_per_epoch:
+            return epochs * math.ceil(self.examples_per_epoch / batch)
+        return None
+
     def load_language_model(self) -> Any:
         """The scenario's language model, moved to the job's device; sets `loaded` (files, hashes) and `tokenizer`."""
         from safeedit.models.language import load_language_model  # transformers: only the LM kinds need it
@@ -106,18 +120,50 @@ class Job:
 
 
 def run_methods(job: Job, options: dict[str, BaseModel]) -> None:
-    """Each method in turn: time it, run it on the job's setting, evaluate it, save it, keep its entry."""
+    """Each method in turn: time it, run it on the job's setting, evaluate it, save it, keep its entry. Before
+    each, the steps it asks for and, from the pace of the methods before it, the time the rest will take."""
     scenario = job.scenario
+    steps = {name: job.optimizer_steps(method_options) for name, method_options in options.items()}
+    done_steps, done_s = 0, 0.0
     for index, (name, method_options) in enumerate(options.items(), 1):
         spec = scenario.method_spec(name)
-        say(f"method {index}/{len(options)}: {name} ({job.describe(name, spec, method_options)})", job.progress)
+        size = f", about {steps[name]:,} optimizer steps" if steps[name] else ""
+        say(f"method {index}/{len(options)}: {name} ({job.describe(name, spec, method_options)}{size})", job.progress)
+        left = sum(n for key, n in steps.items() if n and list(options).index(key) >= index - 1)
+        if done_steps and done_s > 1 and left:
+            say(f"about {left * done_s / done_steps:,.0f} s of methods left at the pace so far", job.progress)
         start = time.perf_counter()
         result = spec.run(job.setting_for(name), method_options, scenario.seed, job.progress)
         wall = time.perf_counter() - start
+        done_steps, done_s = done_steps + (steps[name] or 0), done_s + (wall if steps[name] else 0.0)
         entry = job.evaluate(name, result, wall)  # may override the defaults below (e.g. no wall time)
         job.results[name] = {"about": job.about(name, spec), "wall_time_s": wall, "seed": scenario.seed,
                              "options": method_options.model_dump(), "mask": None, **job.save(name, result), **entry}
         del result  # an edited copy is freed before the next method makes its own (LLMs: ~0.5 GB each)
+
+
+# The work one scenario may ask for without `allow_long` (CLI: --allow-long): beyond it, a typo such as a billion
+# epochs would run until interrupted.
+WORK_LIMITS = {"epochs": 1_000, "steps": 100_000}
+
+
+def check_work(scenario: BaseModel, allow_long: bool) -> None:
+    """Refuse an `epochs` or `steps` value anywhere in the scenario beyond `WORK_LIMITS`, unless `allow_long`."""
+    if allow_long:
+        return
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                limit = WORK_LIMITS.get(key)
+                if limit is not None and isinstance(item, int) and item > limit:
+                    raise SafeEditError(f"{where}{key}: {item:,} is beyond the limit of {limit:,} {key}; lower it, or "
+                                        "pass --allow-long to run it anyway")
+                walk(item, f"{where}{key}.")
+
+    walk(scenario.model_dump(), "")
+    for name, method_options in scenario.method_options().items():
+        walk(method_options.model_dump(), f"methods.{name}.")
 
 
 def run_job(job: Job) -> Path:

@@ -46,6 +46,7 @@ class LanguageJob(Job):
             source_sha = self.prepare_authors(base, scenario.data)
         else:
             source_sha = self.prepare_capitals(base, scenario.data)
+        self.examples_per_epoch = len(self.forget_chats)  # an epoch passes over the forget set
         self.original_metrics = self.measure(self.original, "the original model")
         self.results["original"] = {"metrics": {"after": self.original_metrics}, "wall_time_s": None,
                                     "about": self.references["original"]}
