@@ -205,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("scenario", help="a scenario YAML file, e.g. scenarios/digits-forget-class.yaml")
     run.add_argument("--out", help="output folder (default runs/<scenario name>)")
     run.add_argument("--overwrite", action="store_true",
-                     help="replace an existing output folder as a whole (default: refuse a non-empty one)")
+                     help="replace an earlier run's output folder as a whole (default: refuse a non-empty one; "
+                     "a folder without record.json, or holding the scenario, is never replaced)")
     run.add_argument("--allow-long", action="store_true",
                      help="run epochs or steps beyond the limits (1,000 epochs, 100,000 steps) that catch typos")
     run.add_argument("--no-pdf", action="store_true", help="write the HTML report only (no Chromium needed)")
@@ -290,9 +291,15 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise SafeEditError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SafeEditError(f"--device {name}: this machine has no usable CUDA device; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SafeEditError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                            f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def _options(pairs: Sequence[str]) -> dict:
@@ -409,7 +416,8 @@ def cmd_mask(args: argparse.Namespace) -> None:
             from safeedit.models import load_model
 
             loaded = load_model(args.model, args.weights, progress=not args.quiet)
-            Mask({n: torch.zeros(t.shape, dtype=torch.bool) for n, t in scores.items()}).check_matches(loaded.model)
+            Mask({n: torch.zeros(t.shape, dtype=torch.bool) for n, t in scores.items()}).check_matches(
+                loaded.model, f"{args.scores}: scores")
     else:
         with _process_group(_device(args.device)) as writes:
             scores, metadata = _compute(args)
@@ -505,7 +513,10 @@ def cmd_merge(args: argparse.Namespace) -> None:
         options = method.options(**given)
     except pydantic.ValidationError as error:
         raise SafeEditError(f"--{first_problem(error)}") from None
-    excluded = re.compile(args.exclude) if args.exclude else None
+    try:
+        excluded = re.compile(args.exclude) if args.exclude else None
+    except re.error as error:
+        raise SafeEditError(f"--exclude {args.exclude!r} is not a valid regular expression ({error})") from None
 
     def merged_part(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in model.named_parameters()
@@ -589,11 +600,14 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if args.model:
         from safeedit.models import load_model
 
-        mask.check_matches(load_model(args.model, args.weights).model)
+        mask.check_matches(load_model(args.model, args.weights).model, f"{args.mask}: mask")
         result["model_check"] = f"every entry matches a parameter of {args.model}"
     if args.compare:
         other = Mask.load(args.compare)
-        result["jaccard"] = mask.jaccard(other)
+        try:
+            result["jaccard"] = mask.jaccard(other)
+        except SafeEditError as error:
+            raise SafeEditError(f"--compare {args.compare}: {error}; compare masks made for the same model") from None
         result["jaccard_per_tensor"] = {
             name: Mask({name: t}).jaccard(Mask({name: other.tensors[name]}))
             for name, t in mask.tensors.items()
@@ -624,7 +638,8 @@ def cmd_zoo(args: argparse.Namespace) -> int:
             print(f"{name:26s} {entry.summary}; shipped {weights[:16] + '…' if weights else 'no'}; {state}")
         return EXIT_OK
     if args.name not in entries:
-        raise SafeEditError(f"zoo train: give a model name, one of {', '.join(entries)}")
+        problem = f"unknown model {args.name!r}" if args.name else "give a model name"
+        raise SafeEditError(f"zoo train: {problem}; choose one of {', '.join(entries)}")
     entry = entries[args.name]
     folder = entry.train_here(not args.quiet)
     same = folder_hashes(folder) == shipped.get(args.name, {}).get("files")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -41,11 +42,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     path = Path(path)
     if path.is_dir():
         raise SafeEditError(f"{path} is a folder; name a file to write")
+    created = make_folders(path.parent)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
         os.close(fd)
     except OSError as error:
+        remove_folders(created)
         raise os_problem(error, path) from error
     try:
         yield Path(tmp)
@@ -55,6 +57,42 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if not path.exists():  # a failed write leaves no folder it made either
+            remove_folders(created)
+
+
+def make_folders(folder: str | os.PathLike) -> list[Path]:
+    """`mkdir -p folder`, returning the folders it made (outermost first) so that a failed write can remove them
+    (`remove_folders`). A file where a folder should be is named as such; mkdir itself would only say "exists"."""
+    folder = Path(folder)
+    missing = []
+    for part in (folder, *folder.parents):
+        if part.is_dir():
+            break
+        missing.append(part)
+    created: list[Path] = []
+    for part in reversed(missing):
+        try:
+            part.mkdir()
+        except FileExistsError:
+            if part.is_dir():  # made meanwhile by another process
+                continue
+            remove_folders(created)
+            raise os_problem(OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(part))) from None
+        except OSError as error:
+            remove_folders(created)
+            raise os_problem(error, part) from error
+        created.append(part)
+    return created
+
+
+def remove_folders(created: list[Path]) -> None:
+    """Remove folders `make_folders` made, innermost first, as long as they are empty."""
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 @contextlib.contextmanager
@@ -71,12 +109,16 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, progress: bool 
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise SafeEditError(f"{path} already holds files (another run?); choose a new output folder, or pass "
                             "--overwrite to replace it as a whole")
+    created = make_folders(path.parent)
+    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(path, progress)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
         (tmp / OWNER_FILE).write_text(_owner(), encoding="utf-8")
     except OSError as error:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        remove_folders(created)
         raise os_problem(error, path) from error
     try:
         yield tmp
@@ -92,6 +134,8 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, progress: bool 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+        if not path.exists():  # a failed run leaves no folder it made either
+            remove_folders(created)
 
 
 OWNER_FILE = ".safeedit-owner"  # inside a transaction's temporary folder: host and process that write it

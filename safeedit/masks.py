@@ -237,18 +237,19 @@ class Mask:
         }
 
     # --- compatibility and I/O ------------------------------------------------------------------------
-    def check_matches(self, model: nn.Module | Mapping[str, torch.Tensor]) -> None:
-        """Raise a clear error unless every mask entry names a parameter of the same shape."""
+    def check_matches(self, model: nn.Module | Mapping[str, torch.Tensor], what: str = "mask") -> None:
+        """Raise a clear error unless every mask entry names a parameter of the same shape; `what` names the mask
+        in the message (e.g. its file)."""
         shapes = {n: p.shape for n, p in (model.named_parameters() if isinstance(model, nn.Module) else model.items())}
         for name, tensor in self.tensors.items():
             if name not in shapes:
                 raise SafeEditError(
-                    f"mask entry {name!r} names no parameter of the model; was it made for another model?"
+                    f"{what} entry {name!r} names no parameter of the model; was it made for another model?"
                 )
             if tuple(shapes[name]) != tuple(tensor.shape):
                 raise SafeEditError(
-                    f"mask entry {name!r} has shape {tuple(tensor.shape)} but the model's parameter has "
-                    f"{tuple(shapes[name])}; the mask was made for another architecture"
+                    f"{what} entry {name!r} has shape {tuple(tensor.shape)} but the model's parameter has "
+                    f"{tuple(shapes[name])}; it was made for another architecture"
                 )
 
     def to(self, device: str | torch.device) -> Mask:

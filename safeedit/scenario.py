@@ -195,6 +195,17 @@ class MergeTasks(Strict):
     batch_size: int = Field(default=16, ge=1, description="unlabeled examples per task in each learned-merge step")
 
 
+def embedded_tasks(modality: str) -> dict[str, str]:
+    """The embedded tasks of a modality (name -> description), as `runners.merging.load_tasks` reads them."""
+    if modality == "text":
+        from safeedit.data.text_tasks import TEXT_TASKS
+
+        return TEXT_TASKS
+    from safeedit.data.vision_tasks import VISION_TASKS
+
+    return VISION_TASKS
+
+
 class MergeScenario(ScenarioCore):
     """Merge task models, some backdoored, and keep the tasks without the backdoor (`kind: merge-backdoor`)."""
 
@@ -207,6 +218,11 @@ class MergeScenario(ScenarioCore):
     methods: dict[str, dict[str, Any] | None] = Field(min_length=1)
 
     def method_options(self) -> dict[str, BaseModel]:
+        embedded = embedded_tasks(self.model.modality)
+        unknown = [name for name in self.tasks.names if name not in embedded and not Path(name).is_dir()]
+        if unknown:
+            raise SafeEditError(f"scenario '{self.name}': tasks.names: {unknown[0]!r} is neither an embedded "
+                                f"{self.model.modality} task ({', '.join(embedded)}) nor a save_to_disk folder")
         unknown = [task for task in self.attacks if task not in self.tasks.names]
         if unknown:
             raise SafeEditError(f"scenario '{self.name}': attacks.{unknown[0]} names no task; choose from "
@@ -305,6 +321,8 @@ KINDS: dict[str, type[BaseModel]] = {"classification": Scenario, "generation": G
 
 def load_scenario(path: str | Path) -> ScenarioCore:
     path = Path(path)
+    if path.is_dir():
+        raise SafeEditError(f"{path} is a folder; give a scenario YAML file, e.g. one in scenarios/")
     if not path.is_file():
         raise SafeEditError(f"{path}: no such scenario file; see scenarios/ for ready-made ones")
     try:

@@ -14,6 +14,7 @@ from pydantic import PositiveFloat
 
 from safeedit.attribution.registry import register_score
 from safeedit.attribution.statistics import GradientSum, InputSquareSum, SquaredGradientSum, Tensors
+from safeedit.config import Seed
 
 ForgetGradient = Annotated[Tensors, GradientSum("forget")]
 RetainGradient = Annotated[Tensors, GradientSum("retain")]
@@ -61,7 +62,7 @@ def magnitude(weights: Tensors) -> Tensors:
 
 
 @register_score
-def random(weights: Tensors, seed: int = 0) -> Tensors:
+def random(weights: Tensors, seed: Seed = 0) -> Tensors:
     """Uniform noise, seeded per tensor name (the control for every ablation; same on any device)."""
     scores = {}
     for name, w in weights.items():

@@ -32,9 +32,14 @@ class ForgetRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_selector(self) -> ForgetRequest:
-        needed = {"class": "label", "random": "fraction", "ids": "ids"}[self.kind]
+        selectors = {"class": "label", "random": "fraction", "ids": "ids"}
+        needed = selectors[self.kind]
         if getattr(self, needed) is None:
             raise ValueError(f"forget kind '{self.kind}' needs '{needed}'")
+        other = next((key for key in selectors.values() if key != needed and getattr(self, key) is not None), None)
+        if other is not None:  # which one would win is a guess: say so instead
+            raise ValueError(f"forget kind '{self.kind}' selects by '{needed}', not '{other}'; remove '{other}' "
+                             f"or change the kind")
         return self
 
 

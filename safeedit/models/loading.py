@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,11 @@ def load_model(
     if path.is_dir():
         if not (path / "config.json").exists():
             raise SafeEditError(f"{path}: no config.json; save the model with save_pretrained() first")
+        try:
+            json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except ValueError as error:  # JSON or UTF-8: transformers would blame the folder, not the file
+            raise SafeEditError(f"{path / 'config.json'}: not valid JSON ({error}); save the model with "
+                                "save_pretrained() again") from None
         if not list(path.glob("*.safetensors")):
             pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
             raise SafeEditError(
@@ -105,9 +111,13 @@ def _load_transformers(spec: str, dtype: torch.dtype | None, trust_remote_code: 
     try:
         config = transformers.AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
     except Exception as error:
+        why = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]}"
+        if Path(spec).is_dir():  # a model folder whose config.json transformers cannot use
+            raise SafeEditError(f"{Path(spec) / 'config.json'}: not a model configuration transformers can read "
+                                f"({why}); save the model with save_pretrained() again") from None
         raise SafeEditError(
             f"{spec!r} is not an embedded model ({', '.join(EMBEDDED_MODELS)}), a model folder, or a reachable hub id "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+            f"({why})"
         ) from None
     architecture = (config.architectures or [None])[0]
     model_class = getattr(transformers, architecture, None) if architecture else None

@@ -15,7 +15,8 @@ from typing import Any
 import jinja2
 import yaml
 
-from safeedit.io import atomic_path, sha256_file, write_text_atomic
+from safeedit.errors import SafeEditError
+from safeedit.io import atomic_path, make_folders, sha256_file, write_text_atomic
 from safeedit.record import COUNT_METRICS, METRIC_LABELS, read_record, record_file, short_label
 from safeedit.report.chromium import html_to_pdf, screenshot
 from safeedit.report.manifest import write_manifest
@@ -137,12 +138,14 @@ def write_report(target: str | os.PathLike, out_dir: str | os.PathLike | None = 
     """
     record_path = record_file(target)
     record = read_record(record_path)
+    out = Path(out_dir) if out_dir else record_path.parent
+    if out.exists() and not out.is_dir():  # before signing: a bad --out writes nothing
+        raise SafeEditError(f"{out} is a file; name a folder for the report")
     if sign_key is not None:
         sign_record(record, record_path, sign_key)
     verification = verify_record(record, record_path, folder_manifest=False)
     signature = read_signature(record_path)
-    out = Path(out_dir) if out_dir else record_path.parent
-    out.mkdir(parents=True, exist_ok=True)
+    make_folders(out)
     record_copy = _copy_unless_same(record_path, out / "record.json")
     signature_copy = (_copy_unless_same(signature_path(record_path), signature_path(record_copy))
                       if signature is not None else None)

@@ -36,15 +36,16 @@ def key_fingerprint(public_key: Ed25519PublicKey) -> str:
 def generate_key(path: str | os.PathLike) -> tuple[Path, Path]:
     """Write a new private key (PEM, PKCS#8, owner-only) to `path` and its public key to `path`.pub."""
     path = Path(path)
-    if path.exists():
-        raise SafeEditError(f"{path} exists; refusing to overwrite a key (choose another path)")
+    public = path.with_name(path.name + ".pub")
+    for existing in (path, public):
+        if existing.exists():
+            raise SafeEditError(f"{existing} exists; refusing to overwrite a key (choose another path)")
     key = Ed25519PrivateKey.generate()
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
     with atomic_path(path) as partial:
         partial.write_bytes(private)
         partial.chmod(0o600)
-    public = path.with_name(path.name + ".pub")
     write_text_atomic(public, key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode())
     return path, public

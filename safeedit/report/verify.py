@@ -43,6 +43,8 @@ def _resolve(entry_path: str, bases: list[Path]) -> Path:
 
 def verify_run(target: str | os.PathLike, pubkey: str | os.PathLike | None = None) -> Verification:
     """Verify a run folder or record file; never raises for a mismatch, only for unusable arguments."""
+    if not Path(target).exists():  # a mistyped path is not a tampered run
+        raise SafeEditError(f"{target}: no such run folder or record file; check the path")
     record_path = record_file(target)
     trusted = load_public_key(pubkey) if pubkey else None
     try:

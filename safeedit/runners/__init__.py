@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from safeedit.errors import SafeEditError
 from safeedit.io import atomic_dir
 from safeedit.runners.classification import ClassificationJob
 from safeedit.runners.generation import GenerationJob
@@ -47,6 +48,7 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, progress: 
     scenario = load_scenario(path)
     check_work(scenario, allow_long)
     out = Path(out_dir) if out_dir else Path("runs") / scenario.name
+    check_replaceable(out, path, overwrite)
     if scenario.threads:
         torch.set_num_threads(scenario.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -57,4 +59,23 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, progress: 
     return out / record.name
 
 
-__all__ = ["RUNNERS", "run_scenario"]
+def check_replaceable(out: Path, scenario_path: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output folder whose replacement would delete what is not an earlier run: the
+    working folder (or one above it), a folder holding the scenario file, or (with `overwrite`) files without a
+    record. `atomic_dir` refuses any other non-empty folder unless `overwrite`."""
+    if not out.is_dir():
+        return
+    here = out.resolve()
+    if Path.cwd().resolve().is_relative_to(here):
+        raise SafeEditError(f"--out {out} is the working folder or holds it; name a new folder for the outputs")
+    if not overwrite or not any(out.iterdir()):
+        return
+    if scenario_path.resolve().is_relative_to(here):
+        raise SafeEditError(f"--out {out} holds the scenario file {scenario_path}, which --overwrite would delete; "
+                            "choose another output folder")
+    if not (out / "record.json").is_file():
+        raise SafeEditError(f"--out {out} holds files but no earlier run (no record.json); --overwrite replaces "
+                            "an earlier run only: choose a new output folder")
+
+
+__all__ = ["RUNNERS", "check_replaceable", "run_scenario"]
