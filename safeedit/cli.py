@@ -229,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     # defaults (None here) come from each method's options class; merge.json records the values used
     merge.add_argument("--scale", type=float, default=None, help="λ (default: the method's own)")
     merge.add_argument("--keep", type=float, default=None, help="TIES: share of each task vector kept")
+    merge.add_argument("--trim", choices=("tensor", "global"), default=None,
+                       help="TIES: keep int(keep·n) entries per tensor, a zero sign sum electing + (tensor, "
+                       "mergekit's; the default), or round(keep·N) over the whole vector, a zero sum electing "
+                       "nothing (global, FusionBench's)")
     merge.add_argument("--density", type=float, default=None,
                        help="DARE: share of each task vector's entries kept, at random")
     merge.add_argument("--seed", type=_seed, default=0, help="DARE: seed of the random drop (default 0)")
@@ -505,7 +509,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
         raise SafeEditError(f"{out} exists; choose a new output folder (nothing is overwritten)")
     # the method's options class holds the defaults; a flag the method does not read is refused
     method = get_method("merge", args.method)
-    given = {key: getattr(args, key) for key in ("scale", "keep", "density") if getattr(args, key) is not None}
+    flags = ("scale", "keep", "trim", "density")
+    given = {key: getattr(args, key) for key in flags if getattr(args, key) is not None}
     unread = [key for key in given if key not in method.options.model_fields]
     if unread:
         raise SafeEditError(f"--{unread[0]} does not apply to --method {args.method}")
@@ -532,7 +537,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
             base.tokenizer.save_pretrained(partial)
         (partial / "merge.json").write_text(json.dumps({
             "method": args.method, "scale": options.scale, "keep": getattr(options, "keep", None),
-            "density": getattr(options, "density", None), "seed": args.seed if args.method == "dare" else None,
+            "trim": getattr(options, "trim", None), "density": getattr(options, "density", None),
+            "seed": args.seed if args.method == "dare" else None,
             "exclude": args.exclude, "base": {args.base: base.weights_sha256},
             "tasks": {spec: loaded.weights_sha256 for spec, loaded in tasks.items()}}, indent=2))
     print(f"merged {len(tasks)} task models into {out} ({args.method})")

@@ -1,10 +1,12 @@
 """Masks: a bool tensor per parameter name, chosen from scores, combined, summarised and saved as safetensors.
 
-Selection takes exactly round(ratio · count) entries. The global and per-tensor scopes never concatenate or sort
-the scores: a two-pass radix select over the order-preserving integer image of the float32 scores (16 high
-bits, then 16 low bits, counted with `torch.bincount` chunk by chunk) finds the exact k-th largest value, so
-the extra memory is a few chunk-sized buffers whatever the model size. The row scope sorts one block of rows at
-a time with a stable sort.
+Selection takes exactly round(ratio · count) entries, halves rounded up (`rounding="half_up"`, the default), or
+int(ratio · count) (`rounding="floor"`, the count of the public SalUn and WAGLE code and of mergekit's magnitude
+trim) but then at least one entry per selection unit (the whole set, a tensor or a row). The global and
+per-tensor scopes never concatenate or sort the scores: a two-pass radix select over the order-preserving
+integer image of the float32 scores (16 high bits, then 16 low bits, counted with `torch.bincount` chunk by
+chunk) finds the exact k-th largest value, so the extra memory is a few chunk-sized buffers whatever the model
+size. The row scope sorts one block of rows at a time with a stable sort.
 
 Ties are broken deterministically: among equal scores, the entry that comes first wins, where entries are
 ordered by parameter name, then by flat (row-major) index.
@@ -27,12 +29,18 @@ from safeedit.io import load_safetensors, save_safetensors
 
 Scope = Literal["global", "tensor", "row"]
 SCOPES: tuple[str, ...] = ("global", "tensor", "row")
+Rounding = Literal["half_up", "floor"]
+ROUNDINGS: tuple[str, ...] = ("half_up", "floor")
 CHUNK = 1 << 22  # elements per working buffer (16 MiB of int32 keys)
 MASK_FORMAT = "safeedit.mask/1"
 
 
-def target_count(ratio: float, total: int) -> int:
-    """round(ratio · total), halves rounded up."""
+def target_count(ratio: float, total: int, rounding: Rounding = "half_up") -> int:
+    """round(ratio · total), halves rounded up; or with `floor`, int(ratio · total) as the reference code counts
+    (SalUn's and WAGLE's `int(n * r)`, mergekit's `int(density * numel)`), but at least 1 of a non-empty set: a
+    floor that would select nothing selects the single highest score (mergekit asserts instead)."""
+    if rounding == "floor":
+        return min(total, max(1, int(ratio * total)))
     return math.floor(ratio * total + 0.5)
 
 
@@ -110,10 +118,10 @@ def _select_top_k(named: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.
     return masks
 
 
-def _select_rows(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Per output row (dim 0) the top round(ratio · row length) entries; 1-D tensors count as one row."""
+def _select_rows(scores: torch.Tensor, ratio: float, rounding: Rounding = "half_up") -> torch.Tensor:
+    """Per output row (dim 0) the top `target_count(ratio, row length)` entries; 1-D tensors count as one row."""
     rows = scores.reshape(1, -1) if scores.dim() < 2 else scores.reshape(scores.shape[0], -1)
-    k = target_count(ratio, rows.shape[1])
+    k = target_count(ratio, rows.shape[1], rounding)
     mask = torch.zeros(rows.shape, dtype=torch.bool, device=scores.device)
     block = max(1, CHUNK // max(1, rows.shape[1]))
     for start in range(0, rows.shape[0], block):
@@ -144,12 +152,17 @@ class Mask:
         ratio: float,
         scope: Scope = "global",
         metadata: Mapping[str, str] | None = None,
+        rounding: Rounding = "half_up",
     ) -> Mask:
         """Select the highest-scoring round(ratio · count) entries, counted over all tensors (`global`), per
-        tensor (`tensor`) or per output row (`row`)."""
+        tensor (`tensor`) or per output row (`row`). With `rounding="floor"` the count is int(ratio · count), the
+        reference code's, but at least 1 per selection unit (the whole set, each tensor, each row); the metadata
+        then says `rounding: floor` (half-up masks keep their metadata, and bytes, as before)."""
         _check_ratio(ratio)
         if scope not in SCOPES:
             raise SafeEditError(f"unknown mask scope {scope!r}; choose one of: {', '.join(SCOPES)}")
+        if rounding not in ROUNDINGS:
+            raise SafeEditError(f"unknown mask rounding {rounding!r}; choose one of: {', '.join(ROUNDINGS)}")
         if not scores:
             raise SafeEditError("no scores to select from; check the parameter patterns")
         for name, tensor in scores.items():
@@ -159,14 +172,16 @@ class Mask:
                 raise SafeEditError(f"scores for {name!r} contain NaN; check the model weights and the data")
         if scope == "global":
             total = sum(t.numel() for t in scores.values())
-            selected = _select_top_k(scores, target_count(ratio, total))
+            selected = _select_top_k(scores, target_count(ratio, total, rounding))
         elif scope == "tensor":
             selected = {
-                name: _select_top_k({name: t}, target_count(ratio, t.numel()))[name] for name, t in scores.items()
+                name: _select_top_k({name: t}, target_count(ratio, t.numel(), rounding))[name]
+                for name, t in scores.items()
             }
         else:
-            selected = {name: _select_rows(t, ratio) for name, t in scores.items()}
-        info = {"ratio": repr(float(ratio)), "scope": scope, **(metadata or {})}
+            selected = {name: _select_rows(t, ratio, rounding) for name, t in scores.items()}
+        info = {"ratio": repr(float(ratio)), "scope": scope, **({"rounding": rounding} if rounding == "floor" else {}),
+                **(metadata or {})}
         return cls({name: selected[name] for name in scores}, info)
 
     @classmethod

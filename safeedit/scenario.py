@@ -67,6 +67,18 @@ class Evaluation(Strict):
     max_mia_examples: int = Field(default=5000, ge=10)
 
 
+def _with_overrides(defaults: dict[str, Any], overrides: dict[str, Any], options: type[BaseModel]) -> dict[str, Any]:
+    """`defaults` updated by `overrides`, where an override given under any name of a field (`mask_ratio`, the old
+    name of `ratio`) replaces the default of that field."""
+    merged = dict(defaults)
+    for name, field in options.model_fields.items():
+        names = {name, *(c for c in getattr(field.validation_alias, "choices", []) if isinstance(c, str))}
+        if names & set(overrides):
+            for alias in names:
+                merged.pop(alias, None)
+    return {**merged, **overrides}
+
+
 class ScenarioCore(Strict):
     """What every kind of scenario has: a name, the request in words, pass/fail criteria, a seed, CPU threads."""
 
@@ -107,7 +119,8 @@ class ScenarioCore(Strict):
         for name, given in self.methods.items():
             spec = self.method_spec(name)
             overrides = given.model_dump(exclude_none=True) if isinstance(given, BaseModel) else given or {}
-            options[name] = spec.validate({**self.method_defaults(spec), **overrides}, f"scenario '{self.name}'")
+            options[name] = spec.validate(_with_overrides(self.method_defaults(spec), overrides, spec.options),
+                                          f"scenario '{self.name}'")
         return options
 
 
@@ -261,7 +274,8 @@ class LMEvaluation(Strict):
     max_new_tokens: int = Field(default=48, ge=4, description="greedy answer length (ROUGE-L, accuracy)")
     retain_questions: int = Field(default=40, ge=1, description="retain questions evaluated (a seeded subset)")
     batch_size: int = Field(default=16, ge=1)
-    min_k: float = Field(default=0.2, gt=0, le=1, description="k of the Min-k% probability attack")
+    min_k: float = Field(default=0.4, gt=0, le=1,
+                         description="k of the Min-k% probability attack (open-unlearning's TOFU config: 0.4)")
 
 
 class LMScenario(ScenarioCore):

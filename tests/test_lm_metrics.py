@@ -77,13 +77,15 @@ def test_truth_ratios_match_a_direct_computation():
     paraphrased = ["anna wrote it", "she was born in paris"]
     perturbed = [["ben wrote it", "carl wrote the book", "anna"], ["she was born in rome"]]
     got = truth_ratios(model, tok, questions, paraphrased, perturbed, batch_size=2)
-    expected = []
+    expected, arithmetic = [], []
     for q, para, options in zip(questions, paraphrased, perturbed, strict=True):
         p_para = normalized_probability(answer_logprobs(model, tok, [q], [para])[0])
         p_pert = [normalized_probability(t) for t in answer_logprobs(model, tok, [q] * len(options), options)]
-        expected.append(np.mean([p / p_para for p in p_pert]))
+        expected.append(np.exp(np.mean(np.log(p_pert))) / p_para)  # geometric mean over perturbed (TOFU)
+        arithmetic.append(np.mean(p_pert) / p_para)  # the pre-issue-19 definition
     np.testing.assert_allclose(got, expected, rtol=1e-6)
     assert got.shape == (2,) and (got > 0).all()
+    assert not np.isclose(got[0], arithmetic[0], rtol=1e-6)  # three perturbed answers of different probabilities
 
 
 def test_normalized_probability_and_aggregates_by_hand():
@@ -122,9 +124,10 @@ def test_model_utility_is_the_harmonic_mean():
 def test_min_k_scores_and_auc_by_hand():
     ten = torch.tensor([-0.1, -5.0, -0.2, -0.3, -3.0, -0.4, -0.5, -0.6, -0.7, -0.8])
     three = torch.tensor([-1.0, -2.0, -4.0])
-    scores = min_k_scores([ten, three], k=0.2)
-    np.testing.assert_allclose(scores, [(-5.0 - 3.0) / 2, -4.0])  # 2 of 10 tokens; ceil(0.6) = 1 of 3
-    assert min_k_scores([three], k=1.0)[0] == pytest.approx(-7 / 3)
+    scores = min_k_scores([ten, three], k=0.2, drop_final=False)  # no end-of-sequence token to leave out
+    np.testing.assert_allclose(scores, [(-5.0 - 3.0) / 2, -4.0])  # int(2.0) = 2 of 10 tokens; int(0.6) = 0 -> 1 of 3
+    assert min_k_scores([three], k=1.0, drop_final=False)[0] == pytest.approx(-7 / 3)
+    assert min_k_scores([three], k=1.0)[0] == pytest.approx(-1.5)  # the final (EOS) token -4.0 left out
     assert min_k_scores([torch.full((30,), -1.0)], k=0.1)[0] == pytest.approx(-1.0)
     assert min_k_auc([-0.1, -0.2], [-1.0, -2.0, -3.0]) == 1.0
     assert min_k_auc([-1.0, -2.0, -3.0], [-0.1, -0.2]) == 0.0

@@ -133,3 +133,12 @@ def test_an_llm_objective_takes_only_its_own_options(tmp_path):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(scenario))
     with pytest.raises(SafeEditError, match=r"methods\.graddiff: beta"):
         load_scenario(tmp_path / "s.yaml")
+
+
+def test_a_method_override_under_the_old_option_name_replaces_the_shared_default(tmp_path):
+    scenario = {"name": "s", "kind": "llm-unlearning", "request": {"what": "two capitals"},
+                "model": {"name": "m"}, "data": {"protocol": "capitals"},
+                "unlearning": {"ratio": 0.3}, "methods": {"npo+wagle": {"mask_ratio": 0.05}, "npo+random": None}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(scenario))
+    options = load_scenario(tmp_path / "s.yaml").method_options()
+    assert options["npo+wagle"].ratio == 0.05 and options["npo+random"].ratio == 0.3

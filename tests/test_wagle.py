@@ -198,7 +198,7 @@ def test_bad_requests_fail_with_clear_errors():
 
 
 def test_objectives_are_registered_and_names_resolve_once():
-    assert list(methods("llm-unlearning")) == ["graddiff", "npo", "refusal"]
+    assert list(methods("llm-unlearning")) == ["graddiff", "npo", "refusal", "simnpo", "rmu"]
     dense, masked = resolve(KIND, "npo"), resolve(KIND, "graddiff+wagle")
     assert (dense.spec.name, dense.mask_score) == ("npo", None)
     assert (masked.spec.name, masked.mask_score) == ("graddiff", "wagle")

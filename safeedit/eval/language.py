@@ -1,16 +1,20 @@
-"""Language-model unlearning metrics of TOFU / WAGLE (DESIGN.md section 5).
+"""Language-model unlearning metrics of TOFU / WAGLE (DESIGN.md section 5), following the reference code.
+
+References (the definitions below cite file and function): TOFU, github.com/locuslab/tofu (evaluate_util.py,
+aggregate_eval_stat.py), and open-unlearning, github.com/locuslab/open-unlearning (src/evals/metrics/).
 
 - answer log-probabilities: teacher-forced log p of each answer token (and the end of turn) through the chat template;
-- truth ratio (per question): mean over perturbed answers of p(perturbed)^(1/len) / p(paraphrased)^(1/len), with
-  TOFU's forget aggregate mean min(R, 1/R) and retain aggregate mean max(0, 1 - R);
-- forget quality: p-value of the two-sample KS test between the unlearned and the retrained model's forget-set ratios;
+- truth ratio (per question): R = exp(-mean_j NLL(perturbed_j)) / exp(-NLL(paraphrased)), NLL the per-token mean
+  NLL of an answer, i.e. the GEOMETRIC mean over the perturbed answers of their length-normalised probabilities,
+  over the paraphrased answer's; forget aggregate mean min(R, 1/R), retain aggregate mean max(0, 1 - R);
+- forget quality: p-value of the two-sample KS test between the unlearned and the retrained model's forget-set R;
 - ROUGE-L recall of generated answers against the gold answers; model utility: harmonic mean of the retain metrics;
-- Min-k% Prob membership inference (Shi et al. 2024) and its ROC-AUC; perplexity of plain text.
+- Min-k% Prob membership inference (Shi et al. 2024) with open-unlearning's conventions (k = 0.4, the lowest
+  max(1, int(k * n)) token log-probs, a final end-of-sequence token not scored) and its ROC-AUC; perplexity.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,18 +89,42 @@ def answer_logprobs(model: nn.Module, tokenizer: Any, prompts: Sequence[str], an
 
 
 def normalized_probability(logprobs: torch.Tensor) -> float:
-    """exp(mean log p) = p(answer)^(1/len): the length-normalised probability TOFU compares answers by."""
+    """exp(mean log p) = p(answer)^(1/len) = exp(-NLL): the length-normalised answer probability.
+
+    Definition: TOFU, evaluate_util.py, `get_all_evals` (`avg_gt_loss` = summed loss / scored tokens) with
+    aggregate_eval_stat.py, `get_model_utility` (retain/forget 'Prob.': mean of exp(-avg_gt_loss));
+    open-unlearning, src/evals/metrics/utils.py, `evaluate_probability`, and memorization.py, `probability`.
+    """
     if logprobs.numel() == 0:
         raise SafeEditError("no token log-probabilities given; an answer needs at least one scored token")
     return float(torch.exp(logprobs.double().mean()))
 
 
+def truth_ratio(paraphrased: torch.Tensor, perturbed: Sequence[torch.Tensor]) -> float:
+    """One question's truth ratio from token log-probs: R = exp(-mean_j NLL(perturbed_j)) / exp(-NLL(paraphrased)).
+
+    NLL(answer) is the answer's mean token NLL (summed NLL / scored tokens), so the perturbed answers enter through
+    the GEOMETRIC mean of their length-normalised probabilities p^(1/len). R < 1: the model prefers the paraphrased
+    true answer to the perturbed false ones. Definition: TOFU, evaluate_util.py, `eval_perturbation_ratio`
+    (`torch.exp(gt_loss_per_token - perturb_loss_per_token.mean(-1))`) and aggregate_eval_stat.py,
+    `get_forget_quality` / `get_model_utility` (the inverse, exp(mean perturbed NLL - paraphrased NLL));
+    open-unlearning, src/evals/metrics/memorization.py, `truth_ratio` (`wrong_prob / (correct_prob + 1e-10)`, the
+    wrong answers' per-token losses averaged before the exp). Computed here in log space without the 1e-10.
+    """
+    if len(perturbed) == 0:
+        raise SafeEditError("a truth ratio needs at least one perturbed answer")
+    for values in (paraphrased, *perturbed):
+        if values.numel() == 0:
+            raise SafeEditError("no token log-probabilities given; an answer needs at least one scored token")
+    mean_perturbed_logp = torch.stack([p.double().mean() for p in perturbed]).mean()  # = -mean_j NLL(perturbed_j)
+    return float(torch.exp(mean_perturbed_logp - paraphrased.double().mean()))
+
+
 def truth_ratios(model: nn.Module, tokenizer: Any, questions: Sequence[str], paraphrased: Sequence[str],
                  perturbed: Sequence[Sequence[str]], batch_size: int = 16, max_length: int = 256) -> np.ndarray:
-    """TOFU's truth ratio per question: R = mean_j exp(mean log p(perturbed_j) - mean log p(paraphrased)).
-
-    R < 1: the model prefers the paraphrased true answer to the perturbed false ones.
-    """
+    """`truth_ratio` of every question (TOFU / open-unlearning: geometric mean over the perturbed answers), with the
+    answers scored through the chat template by `answer_logprobs` (the end of turn included, as the references
+    include the end-of-sequence token in the answer loss)."""
     _check_nonempty(questions, "questions")
     _check_same_length(questions, paraphrased, ("questions", "paraphrased answers"))
     _check_same_length(questions, perturbed, ("questions", "perturbed answer lists"))
@@ -111,9 +139,7 @@ def truth_ratios(model: nn.Module, tokenizer: Any, questions: Sequence[str], par
     ratios = np.empty(len(questions), dtype=np.float64)
     start = 0
     for i, options in enumerate(perturbed):
-        reference = para[i].double().mean()
-        terms = [torch.exp(p.double().mean() - reference) for p in pert[start:start + len(options)]]
-        ratios[i] = float(torch.stack(terms).mean())
+        ratios[i] = truth_ratio(para[i], pert[start:start + len(options)])
         start += len(options)
     return ratios
 
@@ -127,28 +153,49 @@ def _ratios(ratios: np.ndarray | Sequence[float]) -> np.ndarray:
 
 
 def forget_truth_ratio(ratios: np.ndarray | Sequence[float]) -> float:
-    """TOFU's forget-set aggregate: mean of min(R, 1/R); 1 means the model cannot tell true from false answers."""
+    """Forget-set aggregate of the truth ratios: mean of min(R, 1/R); 1 = the model cannot tell true from false.
+
+    Definition: TOFU, aggregate_eval_stat.py, `get_model_utility` ('forget' files: `np.minimum(R, 1/R)`);
+    open-unlearning, src/evals/metrics/memorization.py, `truth_ratio`, aggregator `closer_to_1_better`
+    (configs/eval/tofu_metrics/forget_Truth_Ratio.yaml).
+    """
     values = _ratios(ratios)
     with np.errstate(divide="ignore"):
         return float(np.minimum(values, 1.0 / values).mean())
 
 
 def retain_truth_ratio(ratios: np.ndarray | Sequence[float]) -> float:
-    """TOFU's retain-set aggregate: mean of max(0, 1 - R); higher means the true answers stay preferred."""
+    """Retain-set aggregate of the truth ratios: mean of max(0, 1 - R); higher = the true answers stay preferred.
+
+    Definition: open-unlearning, src/evals/metrics/memorization.py, `truth_ratio`, aggregator `true_better`
+    (configs/eval/tofu_metrics/retain_Truth_Ratio.yaml); TOFU, aggregate_eval_stat.py, `get_model_utility`
+    (`np.maximum(0, 1 - 1/x)` of x = 1/R).
+    """
     return float(np.maximum(0.0, 1.0 - _ratios(ratios)).mean())
 
 
 def forget_quality(unlearned_ratios: np.ndarray | Sequence[float],
                    retrain_ratios: np.ndarray | Sequence[float]) -> float:
-    """TOFU's forget quality: the two-sample KS p-value between the unlearned and the retrained model's forget-set
-    truth ratios (high = indistinguishable from retraining)."""
+    """Forget quality: the two-sample KS p-value between the unlearned and the retrained model's per-question
+    forget-set truth ratios R (high = indistinguishable from retraining).
+
+    Definition: TOFU, aggregate_eval_stat.py, `get_forget_quality` (`ks_2samp` of exp(mean perturbed NLL -
+    paraphrased NLL) = 1/R); open-unlearning, src/evals/metrics/privacy.py, `ks_test` over the `truth_ratio`
+    scores (configs/eval/tofu_metrics/forget_quality.yaml), and src/evals/metrics/utils.py, `get_forget_quality`
+    (1/(R + 1e-10)). The KS statistic and p-value depend only on the order of the pooled values, so R and 1/R
+    give the same p-value; the raw ratio is tested, not an aggregate such as min(R, 1/R).
+    """
     from scipy.stats import ks_2samp
 
     return float(ks_2samp(_ratios(unlearned_ratios), _ratios(retrain_ratios)).pvalue)
 
 
 def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
-    """ROUGE-L recall (stemmed) of each prediction against its reference, as TOFU reports it."""
+    """ROUGE-L recall (stemmed) of each prediction against its reference.
+
+    Definition: TOFU, evaluate_util.py, `eval_rouge_recall`; open-unlearning, src/evals/metrics/utils.py,
+    `eval_text_similarity` (`rougeL_recall`).
+    """
     from rouge_score import rouge_scorer
 
     _check_nonempty(predictions, "predictions")
@@ -158,7 +205,13 @@ def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> lis
 
 
 def model_utility(values: Sequence[float]) -> float:
-    """Harmonic mean of the retain metrics (TOFU's model utility); 0 when any of them is 0."""
+    """Harmonic mean of the given utility values; 0 when any of them is 0 (scipy's `hmean` also returns 0 then).
+
+    Definition: TOFU, aggregate_eval_stat.py, `get_model_utility` (`hmean` of the nine non-forget values: answer
+    probability, ROUGE-L recall and truth ratio on retain, real-authors and world-facts questions);
+    open-unlearning, src/evals/metrics/utility.py, `hm_aggregate` (configs/eval/tofu_metrics/model_utility.yaml).
+    Which values a caller passes is its part of the definition: `safeedit.eval.qa` records them by name.
+    """
     from scipy.stats import hmean
 
     array = np.asarray(values, dtype=np.float64).reshape(-1)
@@ -170,26 +223,66 @@ def model_utility(values: Sequence[float]) -> float:
     return float(hmean(array))
 
 
-def min_k_scores(logprobs: Sequence[torch.Tensor], k: float = 0.2) -> np.ndarray:
-    """Min-k% Prob per example: the mean of its lowest ceil(k · n) token log-probs (at least one token).
+MIN_K = 0.4  # open-unlearning, configs/eval/tofu_metrics/mia_min_k.yaml (and muse_metrics/mia_min_k.yaml): k: 0.4
 
-    Members of the training data have few very unlikely tokens, so a higher score is more member-like.
+
+def final_token_is_eos(tokenizer: Any, prompts: Sequence[str], answers: Sequence[str],
+                       max_length: int = 256) -> list[bool]:
+    """Per example, whether the last token `answer_logprobs` scores is the tokenizer's end-of-sequence token.
+
+    open-unlearning appends an end-of-sequence token when the chat template does not end with one and leaves the
+    last labelled token out of Min-k% (src/data/utils.py, `preprocess_chat_instance`; src/evals/metrics/utils.py,
+    `tokenwise_logprobs`: "-1 to ignore eos prediction"). On our labels (the template's own tokens, nothing
+    appended) that is: leave the final token out when it is the end-of-sequence token, keep everything otherwise
+    (after a ChatML template's `<|im_end|>` and newline the reference appends an end-of-sequence token and drops
+    that one, so `<|im_end|>` and the newline stay scored in both).
+    """
+    check_chat_template(tokenizer)
+    _check_same_length(prompts, answers, ("prompts", "answers"))
+    eos = tokenizer.eos_token_id
+    flags = []
+    for prompt, answer in zip(prompts, answers, strict=True):
+        labels = [label for label in tokenize_chat(tokenizer, ChatExample(prompt, answer), max_length)["labels"]
+                  if label != IGNORE_INDEX]
+        flags.append(eos is not None and len(labels) > 0 and labels[-1] == eos)
+    return flags
+
+
+def min_k_scores(logprobs: Sequence[torch.Tensor], k: float = MIN_K,
+                 drop_final: bool | Sequence[bool] = True) -> np.ndarray:
+    """Min-k% Prob per example: the mean of its lowest max(1, int(k * n)) token log-probs, n the tokens scored.
+
+    `drop_final` (one flag, or one per example; see `final_token_is_eos`) leaves each example's final token, its
+    end-of-sequence token, out before counting. Members of the training data have few very unlikely tokens, so a
+    higher score is more member-like. Definition: Shi et al. 2024 (arXiv 2310.16789) as open-unlearning computes
+    it: src/evals/metrics/mia/min_k.py, `MinKProbAttack.compute_score` (`max(1, int(len(lp) * self.k))`, Python's
+    truncation of the float product, which is kept here; score = -mean, the negated form of ours), over
+    src/evals/metrics/utils.py, `tokenwise_logprobs` (the last labelled token dropped), k = 0.4 in
+    configs/eval/tofu_metrics/mia_min_k.yaml.
     """
     _check_nonempty(logprobs, "log-probability tensors")
     if not 0 < k <= 1:
-        raise SafeEditError(f"k={k} is not a fraction; pass 0 < k <= 1 (0.2 = the lowest 20% of tokens)")
+        raise SafeEditError(f"k={k} is not a fraction; pass 0 < k <= 1 (0.4 = the lowest 40% of tokens)")
+    drops = [drop_final] * len(logprobs) if isinstance(drop_final, bool) else list(drop_final)
+    _check_same_length(logprobs, drops, ("log-probability tensors", "drop_final flags"))
     scores = np.empty(len(logprobs), dtype=np.float64)
-    for i, values in enumerate(logprobs):
+    for i, (values, drop) in enumerate(zip(logprobs, drops, strict=True)):
         flat = values.detach().double().reshape(-1).cpu()
+        flat = flat[:-1] if drop else flat
         if flat.numel() == 0:
-            raise SafeEditError(f"example {i} has no token log-probabilities; every example needs a scored token")
-        count = max(1, math.ceil(round(k * flat.numel(), 9)))  # round: 0.1 * 30 is 3.0000000000000004
+            raise SafeEditError(f"example {i} has no token log-probabilities to score (besides an end-of-sequence "
+                                "token); every example needs an answer token")
+        count = max(1, int(flat.numel() * k))
         scores[i] = float(torch.sort(flat).values[:count].mean())
     return scores
 
 
 def min_k_auc(member_scores: np.ndarray | Sequence[float], nonmember_scores: np.ndarray | Sequence[float]) -> float:
-    """ROC-AUC of telling members (label 1) from non-members by their Min-k% score; 0.5 = no information."""
+    """ROC-AUC of telling members (label 1) from non-members by their Min-k% score; 0.5 = no information.
+
+    Definition: open-unlearning, src/evals/metrics/mia/utils.py, `mia_auc` (`roc_auc_score` with forget = 0,
+    holdout = 1 over the negated scores: the same AUC, 1 when the forget answers are far more likely).
+    """
     from sklearn.metrics import roc_auc_score
 
     members = np.asarray(member_scores, dtype=np.float64).reshape(-1)

@@ -1,44 +1,75 @@
 """Merging baselines that need no data: task arithmetic and TIES.
 
 - Task arithmetic (Ilharco et al., ICLR 2023): θ = θ₀ + λ Σᵢ τᵢ, λ = 0.3.
-- TIES (Yadav et al., NeurIPS 2023): trim each τᵢ to its top-k% entries by magnitude (one threshold over the
-  whole vector, `Mask.top_k` with global scope), elect a sign per entry (sign of the sum of trimmed values), average
-  the trimmed values that agree with the elected sign (disjoint mean), then θ = θ₀ + λ τ_ties.
+- TIES (Yadav et al., NeurIPS 2023, "TIES-Merging: Resolving Interference When Merging Models"): trim each τᵢ to
+  its top-k% entries by magnitude, elect a sign per entry, average the trimmed values that agree with the elected
+  sign (disjoint mean), then θ = θ₀ + λ τ_ties. The paper leaves the trim's unit, its rounding and a zero-sum sign
+  open; two conventions are in use and both are here (`trim`):
+
+  `tensor` (the default): mergekit's, `mergekit/sparsify.py` `magnitude` and
+  `mergekit/merge_methods/generalized_task_arithmetic.py` (`get_mask` with method "sum", the task's `execute`, the
+  "ties" entry of `merge_methods/registry.py`: normalize on, no rescale). Each tensor of each τᵢ keeps its
+  k = int(density · n) largest |δ| (`Mask.top_k`, scope `tensor`, rounding `floor`; where mergekit asserts k > 0 we
+  keep max(1, k), so a tiny tensor keeps its largest entry; mergekit's argsort breaks ties in |δ| in no stated
+  order, ours gives them to the lower flat index). The elected sign is +1 where the sum of the trimmed values is
+  ≥ 0 (a zero sum elects +) and −1 elsewhere; an entry is kept where its sign equals the elected sign (a zero entry
+  has sign 0 and is never kept); the merged value is the sum of the kept values over their count (mergekit's
+  weights all 1; a count of 0 divides by 1).
+
+  `global`: one threshold over the whole task vector (`Mask.top_k`, scope `global`, round-half-up count), the trim
+  FusionBench's TIES uses; the elected sign is sign(sum), so a zero sum elects nothing. This is the function this
+  module had before the per-tensor default, kept bit-identical: the merge-backdoor scenarios (and the DAM
+  comparison in benchmarks/) name it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 import torch
 
+from safeedit.errors import SafeEditError
 from safeedit.masks import Mask
 from safeedit.merge.vectors import Vector, merged_parameters
+
+Trim = Literal["tensor", "global"]
 
 
 def task_arithmetic(base: Mapping[str, torch.Tensor], vectors: Mapping[str, Vector], scale: float = 0.3) -> Vector:
     return merged_parameters(base, vectors, {task: scale for task in vectors})
 
 
-def trimmed(vector: Vector, keep: float) -> Vector:
-    """τ with all but its top `keep` share of entries (by |τ|, over the whole vector) set to zero."""
-    keep_mask = Mask.top_k({name: t.abs() for name, t in vector.items()}, keep, scope="global")
+def trimmed(vector: Vector, keep: float, trim: Trim = "tensor") -> Vector:
+    """τ with all but its top `keep` share of entries by |τ| set to zero: per tensor, max(1, int(keep · n)) each
+    (`tensor`, mergekit's `magnitude`), or round-half-up(keep · N) over the whole vector (`global`)."""
+    if trim not in ("tensor", "global"):
+        raise SafeEditError(f"unknown TIES trim {trim!r}; choose tensor (mergekit's, per tensor) or global")
+    magnitudes = {name: t.abs() for name, t in vector.items()}
+    if trim == "tensor":
+        keep_mask = Mask.top_k(magnitudes, keep, scope="tensor", rounding="floor")
+    else:
+        keep_mask = Mask.top_k(magnitudes, keep, scope="global")
     return {name: t * keep_mask.tensors[name].to(t.dtype) for name, t in vector.items()}
 
 
-def ties_vector(vectors: Mapping[str, Vector], keep: float = 0.2) -> Vector:
-    """The TIES merged task vector: trim, elect sign, disjoint mean."""
-    kept = [trimmed(vector, keep) for vector in vectors.values()]
+def ties_vector(vectors: Mapping[str, Vector], keep: float = 0.2, trim: Trim = "tensor") -> Vector:
+    """The TIES merged task vector: trim, elect sign, disjoint mean (the conventions of `trim`: module docstring)."""
+    kept = [trimmed(vector, keep, trim) for vector in vectors.values()]
     merged = {}
     for name in kept[0]:
         stacked = torch.stack([vector[name] for vector in kept])
-        elected = torch.sign(stacked.sum(dim=0))
-        agrees = (torch.sign(stacked) == elected) & (stacked != 0)
+        if trim == "tensor":  # mergekit get_mask("sum"): sum ≥ 0 elects +1; sign 0 never matches
+            elected = torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0).to(stacked.dtype)
+            agrees = torch.sign(stacked) == elected
+        else:  # sign(sum): a zero sum elects 0, and nothing agrees with it
+            elected = torch.sign(stacked.sum(dim=0))
+            agrees = (torch.sign(stacked) == elected) & (stacked != 0)
         count = agrees.sum(dim=0).clamp(min=1)
         merged[name] = (stacked * agrees).sum(dim=0) / count
     return merged
 
 
 def ties(base: Mapping[str, torch.Tensor], vectors: Mapping[str, Vector], keep: float = 0.2,
-         scale: float = 1.0) -> Vector:
-    return merged_parameters(base, {"ties": ties_vector(vectors, keep)}, {"ties": scale})
+         scale: float = 1.0, trim: Trim = "tensor") -> Vector:
+    return merged_parameters(base, {"ties": ties_vector(vectors, keep, trim)}, {"ties": scale})

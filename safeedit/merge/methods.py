@@ -8,6 +8,8 @@ and registers with the rest (imported at the end of this module).
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from safeedit.config import Strict
@@ -33,6 +35,10 @@ class TaskArithmeticOptions(Strict):
 class TiesOptions(Strict):
     keep: float = Field(default=0.2, gt=0, le=1, description="share of each task vector kept by magnitude")
     scale: float = Field(default=1.0, ge=0, description="λ applied to the disjoint mean")
+    trim: Literal["tensor", "global"] = Field(
+        default="tensor", description="tensor: mergekit's TIES (per tensor int(keep·n), at least 1; a zero sum "
+        "elects +); global: one threshold over the whole vector, round-half-up, a zero sum elects nothing "
+        "(FusionBench's trim; the merge-backdoor scenarios use it)")
 
 
 # What no merge's evidence shows; each method adds what its own construction leaves open.
@@ -61,7 +67,7 @@ def task_arithmetic(setting: MergeSetting, options: TaskArithmeticOptions, seed:
                  "not backdoors: a backdoor carried by large weights survives the trim.",
                  paper="Yadav et al., NeurIPS 2023")
 def ties(setting: MergeSetting, options: TiesOptions, seed: int, progress: bool) -> EditResult:
-    return EditResult(parameters=ties_merge(setting.base, setting.vectors, options.keep, options.scale))
+    return EditResult(parameters=ties_merge(setting.base, setting.vectors, options.keep, options.scale, options.trim))
 
 
 @register_method("merge", summary="AdaMerging: merge coefficients learned by entropy minimization on unlabeled task "

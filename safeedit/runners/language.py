@@ -17,7 +17,7 @@ from torch import nn
 
 from safeedit.data.authors import fictitious_authors, qa_fingerprint, retain_subset
 from safeedit.data.capitals import CAPITAL_ANSWER_TOKENS, capital_facts, capitals_setting, known_capitals
-from safeedit.eval.qa import authors_metrics, capitals_metrics
+from safeedit.eval.qa import authors_metrics, capitals_metrics, metric_note
 from safeedit.eval.weights import weight_changes
 from safeedit.io import sha256_file
 from safeedit.methods import EditResult, MethodSpec, resolve
@@ -77,6 +77,7 @@ class LanguageJob(Job):
                                        "about": self.references["retrain"]}
         self.forget_chats, self.retain_chats = [q.chat() for q in data.forget], [q.chat() for q in data.retain]
         self.data_fingerprints = data.fingerprints()
+        self.notes.append(metric_note(scenario.evaluation.min_k))
         self.notes.append(
             f"{len(data.forget_authors)} of {section.authors} fictitious authors are forgotten ({len(data.forget)} "
             f"questions); retain metrics read {len(self.eval_retain)} of {len(data.retain)} retain questions; the "

@@ -7,6 +7,13 @@ log-likelihood of the answer tokens (the chat prompt is not scored) and γ_r the
 - `npo`       −(2/β) · mean log σ(β · (NLL_θ(y|x) − NLL_ref(y|x))) + γ_r · NLL(retain), with NLL summed over each
               forget answer's tokens and a frozen reference model (Zhang et al. 2024, β = 0.1)
 - `refusal`   NLL(refusal answer | forget question) + γ_r · NLL(retain)          (preference for "I don't know")
+- `simnpo`    −w_f · (2/β) · mean log σ(β · (NLL_θ(y|x)/|y| − δ)) + γ_r · NLL(retain): NPO without a reference
+              model, the forget NLL averaged over each answer's |y| tokens, δ a margin per token (Fan et al. 2024;
+              open-unlearning `src/trainer/unlearn/simnpo.py`, whose `gamma` is w_f and `delta` is δ)
+- `rmu`       D(h_θ(forget), c·u) + α · D(h_θ(retain), h_ref(retain)), with h the output of one decoder layer, u a
+              fixed random unit vector (seeded), c the steering coefficient and D the squared distance averaged
+              over hidden units, then over each answer's tokens, then over the batch (Li et al. 2024, WMDP;
+              open-unlearning `src/trainer/unlearn/rmu.py`, `compute_activation_loss`)
 
 The objectives are phases of the one masked loop (`loop.unlearn`), so any mask, or none, applies to any of them;
 `safeedit.unlearn.wagle` registers each as a method of kind `llm-unlearning`.
@@ -99,12 +106,19 @@ def graddiff_loss(retain_weight: float) -> Loss:
     return loss
 
 
+def read_frozen(reference: nn.Module, read: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
+    """`read(reference)` without gradients, in eval mode; the reference is the caller's model: its flags are put
+    back."""
+    was_training = reference.training
+    with torch.no_grad():
+        value = read(reference.eval())
+    reference.train(was_training)
+    return value
+
+
 def npo_loss(reference: nn.Module, beta: float, retain_weight: float) -> Loss:
     def loss(model: nn.Module, batch: dict) -> torch.Tensor:
-        was_training = reference.training
-        with torch.no_grad():  # the reference (the caller's model) is read in eval mode, its flags put back
-            reference_nll = sequence_nll(reference.eval(), batch["forget"])
-        reference.train(was_training)
+        reference_nll = read_frozen(reference, lambda frozen: sequence_nll(frozen, batch["forget"]))
         margin = beta * (sequence_nll(model, batch["forget"]) - reference_nll)
         return -(2 / beta) * F.logsigmoid(margin).mean() + retain_weight * default_loss(model, batch["retain"])
 
@@ -114,6 +128,86 @@ def npo_loss(reference: nn.Module, beta: float, retain_weight: float) -> Loss:
 def refusal_loss(retain_weight: float) -> Loss:
     def loss(model: nn.Module, batch: dict) -> torch.Tensor:
         return default_loss(model, batch["forget"]) + retain_weight * default_loss(model, batch["retain"])
+
+    return loss
+
+
+def simnpo_loss(beta: float, delta: float, forget_weight: float, retain_weight: float) -> Loss:
+    """SimNPO (Fan et al. 2024), plus the retain NLL: −(2/β) log σ(−(β/|y|) log π_θ(y|x) − γ), written with
+    the mean NLL per answer token, NLL_θ(y|x)/|y| = −log π_θ(y|x)/|y|, and the margin as open-unlearning and the
+    authors' code apply it, inside β: σ(β · (NLL_θ/|y| − δ)), so the paper's γ is β·δ."""
+
+    def loss(model: nn.Module, batch: dict) -> torch.Tensor:
+        forget = batch["forget"]
+        length = (forget["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).clamp(min=1)  # answer tokens scored
+        margin = beta * (sequence_nll(model, forget) / length - delta)
+        forget_term = -(2 / beta) * F.logsigmoid(margin).mean()
+        return forget_weight * forget_term + retain_weight * default_loss(model, batch["retain"])
+
+    return loss
+
+
+def decoder_layer(model: nn.Module, layer: int) -> str:
+    """The module path of decoder layer `layer` (`model.layers.7` in a Llama): the first module list holding
+    `config.num_hidden_layers` blocks."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    stacks = [name for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and
+              count is not None and len(module) == count]
+    if not stacks:
+        raise SafeEditError(f"rmu: no list of decoder layers found in {type(model).__name__}; RMU steers the "
+                            "output of one decoder layer of a Hugging Face causal LM (config.num_hidden_layers)")
+    if not 0 <= layer < count:
+        raise SafeEditError(f"rmu: layer {layer} does not exist; the model has {count} decoder layers "
+                            f"(0-{count - 1}); set the method's `layer` to one of them")
+    return f"{stacks[0]}.{layer}"
+
+
+def layer_output(model: nn.Module, path: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The output (b, s, d) of module `path` of `model` on `batch`, in float32 (the hidden states, the first element
+    where the layer returns a tuple). Only the body (`base_model`) runs: the output head is not needed."""
+    captured: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, inputs: Any, output: Any) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = model.get_submodule(path).register_forward_hook(keep)
+    try:
+        model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        handle.remove()
+    return captured[0].float()
+
+
+def steering_vector(dim: int, steering_coeff: float, seed: int) -> torch.Tensor:
+    """c·u: u = r/‖r‖ with r uniform on [0, 1)^dim drawn from a generator seeded with `seed` (`torch.rand`, as in
+    open-unlearning's `get_control_vector` and the WMDP code it borrows from)."""
+    r = torch.rand(dim, generator=torch.Generator().manual_seed(seed))
+    return steering_coeff * r / r.norm()
+
+
+def activation_distance(hidden: torch.Tensor, target: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    """Squared difference averaged over the hidden units, then over each sequence's `answer` positions (b, s), then
+    over the sequences (open-unlearning's `compute_activation_loss`)."""
+    per_token = (hidden - target).pow(2).mean(dim=-1)
+    per_sequence = (per_token * answer).sum(dim=1) / answer.sum(dim=1).clamp(min=1)
+    return per_sequence.mean()
+
+
+def rmu_loss(reference: nn.Module, path: str, steering_coeff: float, seed: int, retain_weight: float) -> Loss:
+    """RMU (Li et al. 2024, WMDP): the hidden states at `path` on forget answers toward c·u, on retain answers
+    toward the frozen reference's. The positions are the answer tokens (labels not ignored), as open-unlearning."""
+    target: list[torch.Tensor] = []  # c·u, drawn once the hidden size is seen
+
+    def loss(model: nn.Module, batch: dict) -> torch.Tensor:
+        forget, retain = batch["forget"], batch["retain"]
+        hidden = layer_output(model, path, forget)
+        if not target:
+            target.append(steering_vector(hidden.shape[-1], steering_coeff, seed))
+        original = read_frozen(reference, lambda frozen: layer_output(frozen, path, retain))
+        forget_term = activation_distance(hidden, target[0].to(hidden.device), forget["labels"] != IGNORE_INDEX)
+        retain_term = activation_distance(layer_output(model, path, retain), original,
+                                          retain["labels"] != IGNORE_INDEX)
+        return forget_term + retain_weight * retain_term
 
     return loss
 
@@ -147,3 +241,16 @@ def npo(data: LMUnlearnData, reference: nn.Module, retain_weight: float = 1.0, b
 def refusal(data: LMUnlearnData, retain_weight: float = 1.0) -> Objective:
     loader = data.loader(refusal_examples(data.forget, data.seed))
     return lambda epoch: [Phase("refusal", loader, refusal_loss(retain_weight))]
+
+
+def simnpo(data: LMUnlearnData, retain_weight: float = 1.0, beta: float = 4.5, delta: float = 0.0,
+           forget_weight: float = 0.125) -> Objective:
+    loader = data.loader()
+    return lambda epoch: [Phase("simnpo", loader, simnpo_loss(beta, delta, forget_weight, retain_weight))]
+
+
+def rmu(data: LMUnlearnData, reference: nn.Module, layer: int = 7, steering_coeff: float = 2.0,
+        retain_weight: float = 1.0) -> Objective:
+    loader = data.loader()
+    loss = rmu_loss(reference, decoder_layer(reference, layer), steering_coeff, data.seed, retain_weight)
+    return lambda epoch: [Phase("rmu", loader, loss)]

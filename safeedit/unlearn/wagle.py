@@ -42,11 +42,12 @@ MASK_ABOUT = {
     "random": "only a random r of the weights change (the control for the masks)",
 }
 MASK_SCORES = tuple(score for score in MASK_ABOUT if score is not None)
-LIMITATIONS = (
+APPROXIMATE = (
     "Approximate unlearning: the edited model is not proven identical to one never trained on the forget data; "
     "the evidence is behavioural (answers, answer probabilities, a membership attack) on the questions evaluated "
-    "here, and paraphrased or indirect questions may still recover the facts. Hyper-parameters were chosen on "
-    "other forget sets (benchmarks/wagle.py); another model or request may need them re-tuned.")
+    "here, and paraphrased or indirect questions may still recover the facts.")
+LIMITATIONS = (f"{APPROXIMATE} Hyper-parameters were chosen on other forget sets (benchmarks/wagle.py); another "
+               "model or request may need them re-tuned.")
 
 
 class LMUnlearnOptions(BaseModel):
@@ -73,8 +74,12 @@ class LMUnlearnDefaults(NPOOptions):
 
     @classmethod
     def for_method(cls, options: BaseModel, method_options: type[BaseModel]) -> dict[str, Any]:
-        """The part of `options` that `method_options` (an objective's configuration) has."""
-        return {k: v for k, v in options.model_dump().items() if k in method_options.model_fields}
+        """The part of `options` that `method_options` (an objective's configuration) shares by inheritance: from
+        these defaults, the `LMUnlearnOptions` go to every objective and `beta` only to NPO's (`NPOOptions`), so an
+        objective's own option of the same name (SimNPO's β, on another scale) keeps its default unless set for that
+        method; options of the objective's own class pass whole."""
+        shared = next(base for base in type(options).__mro__ if issubclass(method_options, base))
+        return {k: v for k, v in options.model_dump().items() if k in getattr(shared, "model_fields", {})}
 
 
 @dataclass(frozen=True)
