@@ -10,9 +10,9 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pydantic
 import torch
@@ -42,37 +42,22 @@ DATA_SPEC_HELP = (
 )
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: a whole number ≥ 1 (batch sizes, thread counts, lengths)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is below 1; give 1 or more")
-    return value
+def _bounded(convert: type[int] | type[float], ok: Callable[[Any], bool], why: str) -> Callable[[str], Any]:
+    """An argparse type: `convert(text)`, refused in one line (what is wrong, the fix) unless `ok(value)`."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if convert is int else ''}number") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{value} {why}")
+        return value
+    return parse
 
 
-def _seed(text: str) -> int:
-    """An argparse type: a seed, 0 to 2**32 - 1 (what torch, numpy and random all take)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"{value} is not a seed; give 0 to {SEED_LIMIT - 1}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    """An argparse type: a share in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]; give a share such as 0.1")
-    return value
+_positive_int = _bounded(int, lambda v: v >= 1, "is below 1; give 1 or more")  # batch sizes, threads, lengths
+_seed = _bounded(int, lambda v: 0 <= v < SEED_LIMIT, f"is not a seed; give 0 to {SEED_LIMIT - 1}")
+_fraction = _bounded(float, lambda v: 0 < v <= 1, "is not in (0, 1]; give a share such as 0.1")
 
 
 def _score_list() -> str:

@@ -16,3 +16,13 @@ def _seeded():
     """Every test starts from the same global RNG state, so failures reproduce."""
     torch.manual_seed(1234)
     yield
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One cache for the test module (`SAFEEDIT_CACHE`): what it builds (digits data, a trained model) is reused
+    within the module and never read from an earlier run."""
+    path = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SAFEEDIT_CACHE", str(path))
+        yield path

@@ -384,3 +384,16 @@ def distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> N
         with open(f"{out_dir}/rank{rank}.json", "w") as handle:
             json.dump(errors, handle)
         dist.destroy_process_group()
+
+
+# The cheapest classification scenario (no retraining): a base that tests change one field of.
+QUICK_SCENARIO = {
+    "name": "quick-digits",
+    "request": {"what": "the digit 3"},
+    "model": {"name": "digits-cnn"},
+    "data": {"source": "digits"},
+    "forget": {"kind": "class", "label": 3},
+    "methods": {"ga": {"epochs": 1, "lr": 0.01}},
+    "retrain": None,
+    "threads": 1,
+}

@@ -56,10 +56,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SAFEEDIT_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
+def _module_cache(cache):
+    yield cache
 
 
 def refused(command: str, model: str | Path, data: str | Path, tmp_path: Path, capfd) -> str:

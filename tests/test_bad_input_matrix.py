@@ -36,6 +36,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import QUICK_SCENARIO
 
 import safeedit
 from safeedit.cli import main
@@ -176,24 +177,7 @@ def check_case(c: Case, ctx: Ctx, capsys, monkeypatch) -> None:
 # --- shared inputs, made once --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SAFEEDIT_CACHE", str(path))
-        yield path
-
-
-QUICK = {  # the cheapest classification scenario (no retraining): the base every classification case breaks once
-    "name": "quick-digits",
-    "request": {"what": "the digit 3"},
-    "model": {"name": "digits-cnn"},
-    "data": {"source": "digits"},
-    "forget": {"kind": "class", "label": 3},
-    "methods": {"ga": {"epochs": 1, "lr": 0.01}},
-    "retrain": None,
-    "threads": 1,
-}
+QUICK = QUICK_SCENARIO
 
 
 def _tiny_models(root: Path) -> dict[str, Path]:

@@ -18,15 +18,6 @@ from safeedit.io import load_safetensors, sha256_file
 from safeedit.masks import Mask, target_count
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One embedded-model cache for the module: digits-cnn is trained once (seconds) and reused."""
-    path = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SAFEEDIT_CACHE", str(path))
-        yield path
-
-
 def run(argv, capsys) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()

@@ -12,22 +12,14 @@ import pytest
 import torch
 import transformers
 import yaml
+from helpers import QUICK_SCENARIO
 
 from safeedit import __version__
 from safeedit.cli import EXIT_FAIL, EXIT_OK, EXIT_USAGE, main
 from safeedit.masks import Mask
 from safeedit.progress import bars_off, configure
 
-QUICK = {
-    "name": "quick-digits",
-    "request": {"what": "digit 3"},
-    "model": {"name": "digits-cnn"},
-    "data": {"source": "digits"},
-    "forget": {"kind": "class", "label": 3},
-    "methods": {"ga": {"epochs": 1, "lr": 0.01}},
-    "retrain": None,
-    "threads": 1,
-}
+QUICK = QUICK_SCENARIO
 
 
 def run_quick(tmp_path, criteria: list, *extra: str) -> int:
