@@ -547,14 +547,16 @@ def plot(paths: list[Path], out: Path) -> None:
                untuned_rates(rows))]
     if rates := tuned_rates(rows, meta):
         panels.append((f"B. lr chosen per row on split {meta['tune_split']}", rates))
-    figure, grid = plt.subplots(len(panels), 3, figsize=(13, 4 * len(panels)), sharey=True, squeeze=False)
+    measured = [o for o in OBJECTIVES if any(r["method"].split("+")[0] == o for r in rows)]  # one column each
+    figure, grid = plt.subplots(len(panels), len(measured), figsize=(13 * len(measured) / 3, 4 * len(panels)),
+                                sharey=True, squeeze=False)
     markers = {"": "o", "random": "x", "magnitude": "s", "saliency": "^", "wagle": "*"}
     colors = {"": "tab:blue", "random": "tab:orange", "magnitude": "tab:brown", "saliency": "tab:red",
               "wagle": "tab:green"}
     for axes, (title, panel_rates) in zip(grid, panels, strict=True):
         _, table = authors_table(rows, meta, panel_rates)
         original = table["original"][0]["model_utility"]
-        for axis, objective in zip(axes, OBJECTIVES, strict=True):
+        for axis, objective in zip(axes, measured, strict=True):
             for mask, marker in markers.items():
                 entries = table.get(method_name(objective, mask), [])
                 if entries:
