@@ -17,13 +17,8 @@ from safeedit.errors import SafeEditError
 from safeedit.methods import get_method, methods, resolve
 from safeedit.scenario import KINDS
 from safeedit.unlearn.baselines_llm import RMUOptions, SimNPOOptions
-from safeedit.unlearn.lm_objectives import (
-    activation_distance,
-    decoder_layer,
-    rmu_loss,
-    simnpo_loss,
-    steering_vector,
-)
+from safeedit.unlearn.lm_objectives import simnpo_loss
+from safeedit.unlearn.rmu import activation_distance, decoder_layer, rmu_loss, steering_vector
 from safeedit.unlearn.wagle import KIND, LMUnlearnDefaults, about, lm_unlearn
 
 

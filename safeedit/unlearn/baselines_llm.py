@@ -2,7 +2,7 @@
 
 Like GradDiff, NPO and refusal (`safeedit.unlearn.wagle`), each is a method of kind `llm-unlearning` that any
 mask confines (`simnpo+wagle`, `rmu+random`, ...) or none (`simnpo`, `rmu`: every weight may change). The losses
-are `lm_objectives.simnpo_loss` and `lm_objectives.rmu_loss`. The defaults are open-unlearning's
+are `lm_objectives.simnpo_loss` and `rmu.rmu_loss`. The defaults are open-unlearning's
 (github.com/locuslab/open-unlearning, `configs/trainer/SimNPO.yaml` and `configs/trainer/RMU.yaml`), set there
 for TOFU on Llama-class models and not tuned here.
 """
@@ -13,6 +13,7 @@ from pydantic import Field
 
 from safeedit.methods import EditResult, register_method
 from safeedit.unlearn import lm_objectives
+from safeedit.unlearn import rmu as rmu_objective
 from safeedit.unlearn.wagle import APPROXIMATE, KIND, MASK_SCORES, LMUnlearnOptions, LMUnlearnSetting, masked_unlearn
 
 UNTUNED = ("The defaults are open-unlearning's for TOFU on Llama-class models, not tuned here; another model or "
@@ -65,7 +66,7 @@ def simnpo(setting: LMUnlearnSetting, options: SimNPOOptions, seed: int, progres
                               f"{UNTUNED}"),
                  mask_scores=MASK_SCORES)
 def rmu(setting: LMUnlearnSetting, options: RMUOptions, seed: int, progress: bool) -> EditResult:
-    lm_objectives.decoder_layer(setting.model, options.layer)  # a missing layer fails before any mask is scored
-    return masked_unlearn("rmu", lambda data: lm_objectives.rmu(
+    rmu_objective.decoder_layer(setting.model, options.layer)  # a missing layer fails before any mask is scored
+    return masked_unlearn("rmu", lambda data: rmu_objective.rmu(
         data, setting.model, options.layer, options.steering_coeff, options.retain_weight), setting, options, seed,
         progress)
