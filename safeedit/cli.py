@@ -22,7 +22,7 @@ import yaml
 from safeedit.attribution import SCORES, compute_scores, get_score
 from safeedit.config import SEED_LIMIT
 from safeedit.errors import SafeEditError, first_problem, os_problem
-from safeedit.io import load_safetensors, save_safetensors, sha256_file
+from safeedit.io import check_output_path, load_safetensors, save_safetensors, sha256_file
 from safeedit.masks import SCOPES, Mask
 from safeedit.progress import configure as configure_output
 
@@ -374,6 +374,7 @@ def _process_group(device: torch.device) -> Iterator[bool]:
 
 
 def cmd_scores(args: argparse.Namespace) -> None:
+    check_output_path(args.out)  # before the scores are computed
     with _process_group(_device(args.device)) as writes:
         scores, metadata = _compute(args)
         if writes:
@@ -398,6 +399,7 @@ def _read_scores(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def cmd_mask(args: argparse.Namespace) -> None:
+    check_output_path(args.out)
     if args.scores:
         scores, metadata = _read_scores(args.scores)
         metadata["scores_sha256"] = sha256_file(args.scores)
@@ -492,6 +494,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists():
         raise SafeEditError(f"{out} exists; choose a new output folder (nothing is overwritten)")
+    check_output_path(out, folder=True)  # a path through a file, before the models are loaded
     # the method's options class holds the defaults; a flag the method does not read is refused
     method = get_method("merge", args.method)
     flags = ("scale", "keep", "trim", "density")

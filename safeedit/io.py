@@ -61,6 +61,19 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
             remove_folders(created)
 
 
+def check_output_path(path: str | os.PathLike, folder: bool = False) -> None:
+    """Refuse, before any work, an output path that cannot be written: a folder where a file goes (or a file where
+    a folder goes), or a path that runs through a file."""
+    path = Path(path)
+    if path.is_dir() and not folder:
+        raise SafeEditError(f"{path} is a folder; name a file to write")
+    if path.is_file() and folder:
+        raise SafeEditError(f"{path} is a file; name a folder for the outputs")
+    blocking = next((part for part in path.parents if part.exists() and not part.is_dir()), None)
+    if blocking is not None:
+        raise SafeEditError(f"{blocking}: a part of the path is a file, not a folder: fix the path")
+
+
 def make_folders(folder: str | os.PathLike) -> list[Path]:
     """`mkdir -p folder`, returning the folders it made (outermost first) so that a failed write can remove them
     (`remove_folders`). A file where a folder should be is named as such; mkdir itself would only say "exists"."""

@@ -46,7 +46,10 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, progress: 
     `runners.job.WORK_LIMITS` are refused before any work unless `allow_long`."""
     path = Path(path)
     scenario = load_scenario(path)
-    check_work(scenario, allow_long)
+    try:
+        check_work(scenario, allow_long)
+    except SafeEditError as error:
+        raise SafeEditError(f"{path}: {error}") from None
     out = Path(out_dir) if out_dir else Path("runs") / scenario.name
     check_replaceable(out, path, overwrite)
     if scenario.threads:
