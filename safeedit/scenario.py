@@ -59,7 +59,15 @@ class ModelSection(Strict):
 class DataSection(Strict):
     source: str = Field(description="embedded data set, local file or folder, or hub id")
     train_split: str = "train"
-    test_split: str = "test"
+    test_split: str | float = Field(default="test", description="a split name, or a fraction in (0, 1) of the "
+                                    "training split held out (seeded by the scenario seed) as the test set")
+
+    @field_validator("test_split")
+    @classmethod
+    def _fraction(cls, value: str | float) -> str | float:
+        if isinstance(value, float) and not 0 < value < 1:
+            raise ValueError(f"{value} is neither a split name nor a fraction in (0, 1) such as 0.2")
+        return value
 
 
 class Evaluation(Strict):

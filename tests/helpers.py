@@ -397,3 +397,15 @@ QUICK_SCENARIO = {
     "retrain": None,
     "threads": 1,
 }
+
+
+def word_tokenizer(words: list[str]):
+    """A whitespace word-level tokenizer over `words` (the first four: [PAD], [UNK], [CLS], [SEP]) that
+    `save_pretrained` / `from_pretrained` round-trip, for tiny text models saved like any Hugging Face folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", eos_token="[SEP]")

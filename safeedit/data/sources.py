@@ -82,13 +82,7 @@ class DataSpec:
         match = SPEC.fullmatch(spec.strip())
         if not match:
             raise SafeEditError(f"data spec {spec!r} not understood; write SOURCE[:SPLIT][[COLUMN=VALUE,...]]")
-        conditions = []
-        for part in filter(None, (match["filter"] or "").split(",")):
-            condition = CONDITION.fullmatch(part)
-            if not condition:
-                raise SafeEditError(f"filter {part!r} in {spec!r} not understood; write COLUMN=VALUE or COLUMN!=VALUE")
-            conditions.append((condition["column"], condition["op"], condition["value"]))
-        return cls(match["source"], match["split"] or "train", tuple(conditions))
+        return cls(match["source"], match["split"] or "train", parse_conditions(match["filter"] or "", repr(spec)))
 
 
 def _load_source(source: str, split: str) -> Dataset:
@@ -100,6 +94,10 @@ def _load_source(source: str, split: str) -> Dataset:
             builder = FILE_BUILDERS.get(path.suffix.lower())
             if builder is None:
                 raise SafeEditError(f"{path}: unsupported data file type; use .jsonl, .json, .csv or .parquet")
+            if split != "train":  # one file is one split: never hand the training rows out as another split
+                raise SafeEditError(f"{path} is a single file, one split ('train'), so it has no split {split!r}; "
+                                    "in a scenario give data.test_split: 0.2 to hold out a seeded 20% as the test "
+                                    "set, or give a folder or data set with that split")
             return _no_rows_check(_build(path, lambda: datasets.load_dataset(builder, data_files=str(path),
                                                                              split="train")), path)
         if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
@@ -181,21 +179,58 @@ def _matches(column: np.ndarray, op: str, value: str) -> np.ndarray:
     return hit if op == "=" else ~hit
 
 
+def parse_conditions(text: str, where: str) -> tuple[tuple[str, str, str], ...]:
+    """`COLUMN=VALUE,COLUMN!=VALUE` (the filter grammar of data specs) as (column, op, value) triples."""
+    conditions = []
+    for part in filter(None, text.split(",")):
+        condition = CONDITION.fullmatch(part)
+        if not condition:
+            raise SafeEditError(f"filter {part!r} in {where} not understood; write COLUMN=VALUE or COLUMN!=VALUE")
+        conditions.append((condition["column"], condition["op"], condition["value"]))
+    return tuple(conditions)
+
+
+def matching_rows(dataset: Dataset, conditions: tuple[tuple[str, str, str], ...], where: str) -> np.ndarray:
+    """Which rows of `dataset` meet every (column, op, value) condition; an unknown column is named."""
+    keep = np.ones(len(dataset), dtype=bool)
+    for column, op, value in conditions:
+        if column not in dataset.column_names:
+            raise SafeEditError(f"filter column {column!r} not in {where}; columns: {', '.join(dataset.column_names)}")
+        keep &= _matches(np.asarray(dataset[column]), op, value)
+    return keep
+
+
 def load_data(spec: str | DataSpec) -> Dataset:
     """The rows of a data set named by `spec` (see the module docstring); raises if none remain."""
     text = spec if isinstance(spec, str) else None
     spec = DataSpec.parse(spec) if isinstance(spec, str) else spec
     dataset = _load_source(spec.source, spec.split)
     if spec.conditions:
-        keep = np.ones(len(dataset), dtype=bool)
-        for column, op, value in spec.conditions:
-            if column not in dataset.column_names:
-                raise SafeEditError(
-                    f"filter column {column!r} not in data {spec.source!r}; columns: {', '.join(dataset.column_names)}"
-                )
-            keep &= _matches(np.asarray(dataset[column]), op, value)
-        dataset = dataset.select(np.flatnonzero(keep))
+        dataset = dataset.select(np.flatnonzero(matching_rows(dataset, spec.conditions, f"data {spec.source!r}")))
     if len(dataset) == 0:
         raise SafeEditError(f"data {spec.source}:{spec.split} has no rows after the filter {list(spec.conditions)}")
     _SPECS[dataset] = text or spec.source
     return dataset
+
+
+def load_train_test(source: str, train_split: str, test_split: str | float, seed: int) -> tuple[Dataset, Dataset,
+                                                                                                  str | None]:
+    """The training and test sets of a scenario: two named splits of `source`, or, with a fraction as
+    `test_split`, a seeded share of the training split held out as the test set (and a note saying so). The test
+    set never shares an example id with the training set."""
+    train = load_data(f"{source}:{train_split}")
+    if isinstance(test_split, float):
+        parts = train.train_test_split(test_size=test_split, seed=seed)
+        note = (f"The test set is a seeded {test_split:.0%} of {source}:{train_split} (seed {seed}), held out before "
+                "the forget request; the other rows are the training set.")
+        return parts["train"], parts["test"], note
+    if test_split == train_split:
+        raise SafeEditError(f"data.test_split is the training split {train_split!r}; name another split, or a "
+                            "fraction (e.g. 0.2) to hold out a seeded share of the training rows")
+    test = load_data(f"{source}:{test_split}")
+    if "id" in train.column_names and "id" in test.column_names:
+        shared = set(train["id"]) & set(test["id"])
+        if shared:
+            raise SafeEditError(f"the {test_split!r} and {train_split!r} splits of {source} share {len(shared)} "
+                                f"example id(s) (e.g. {sorted(shared, key=str)[0]!r}); a test set must be held out")
+    return train, test, None

@@ -6,8 +6,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from safeedit.data import load_data, make_loader
+from safeedit.data import make_loader
 from safeedit.data.forget import split_forget
+from safeedit.data.sources import load_train_test
 from safeedit.errors import SafeEditError
 from safeedit.eval.classification import evaluate_classifier, gap_to_retrain, mia_is_informative
 from safeedit.eval.weights import weight_changes
@@ -30,8 +31,9 @@ class ClassificationJob(Job):
         self.loaded = load_model(scenario.model.name, scenario.model.weights,
                                  trust_remote_code=scenario.model.trust_remote_code, progress=progress)
         self.original = original = self.loaded.model.to(self.device)
-        train = load_data(f"{scenario.data.source}:{scenario.data.train_split}")
-        self.test = load_data(f"{scenario.data.source}:{scenario.data.test_split}")
+        train, self.test, test_note = load_train_test(scenario.data.source, scenario.data.train_split,
+                                                      scenario.data.test_split, scenario.seed)
+        self.test_note = test_note
         self.split = split = split_forget(train, scenario.forget)
         self.examples_per_epoch = len(split.retain)  # most objectives pass over the retain set (GA: forget, fewer)
         say(f"forget {len(split.forget)} / retain {len(split.retain)} / test {len(self.test)} examples", progress)
@@ -96,7 +98,7 @@ class ClassificationJob(Job):
         }
 
     def notes(self) -> list[str]:
-        notes, original = [], self.original_metrics
+        notes, original = [self.test_note] if self.test_note else [], self.original_metrics
         if not mia_is_informative(original):
             notes.append(
                 f"The SVC membership attack tells retain from test examples of the original model only "

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from safeedit.data import load_data
 from safeedit.data.forget import split_forget
+from safeedit.data.sources import load_train_test
 from safeedit.errors import SafeEditError
 from safeedit.eval.generation import generation_metrics, judge_accuracy, sample_grid
 from safeedit.eval.weights import weight_changes
@@ -48,8 +48,9 @@ class GenerationJob(Job):
         original.unet.to(self.device)
         self.judge_loaded = load_model(scenario.judge.name, scenario.judge.weights, progress=progress)
         self.judge = self.judge_loaded.model.to(self.device).eval()
-        train = load_data(f"{scenario.data.source}:{scenario.data.train_split}")
-        self.test = load_data(f"{scenario.data.source}:{scenario.data.test_split}")
+        train, self.test, test_note = load_train_test(scenario.data.source, scenario.data.train_split,
+                                                      scenario.data.test_split, scenario.seed)
+        self.test_note = test_note
         if not 0 <= forget_class < original.num_classes:
             raise SafeEditError(f"forget.label {forget_class} is not a class of the model "
                                 f"(0..{original.num_classes - 1})")
@@ -134,4 +135,4 @@ class GenerationJob(Job):
                  "of the real test images correctly; its errors on generated images count as the generator's."]
         if self.judge_test_accuracy < 0.9:
             notes.append("The judge is below 90% accuracy on real images: its verdicts on samples are weak evidence.")
-        return notes
+        return [self.test_note, *notes] if self.test_note else notes
