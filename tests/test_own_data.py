@@ -87,7 +87,8 @@ def test_a_single_file_is_never_its_own_test_set(user_files):
 def test_scenario_forgets_a_customer_of_a_user_model_and_csv(user_files, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     scenario = {
-        "name": "forget-c007", "request": {"what": "every support ticket of customer C007", "reason": "erasure request (GDPR art. 17)"},
+        "name": "forget-c007",
+        "request": {"what": "every support ticket of customer C007", "reason": "erasure request (GDPR art. 17)"},
         "model": {"name": str(user_files / "ticket-classifier"), "recipe": {"epochs": 1, "lr": 1e-3, "batch_size": 16}},
         "data": {"source": str(user_files / "tickets.csv"), "test_split": 0.25},
         "forget": {"kind": "ids", "column": "customer_id", "ids": ["C007"]},
