@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from datasets import Dataset
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from safeedit.config import Seed
 from safeedit.data.sources import matching_rows, parse_conditions
@@ -35,6 +35,17 @@ class ForgetRequest(BaseModel):
     where: dict[str, int | float | str] | str | None = Field(
         default=None, description="rows to forget: {column: value, ...} or 'column=value,column!=value'")
     seed: Seed = 0
+
+    @model_serializer(mode="wrap")
+    def _stated(self, handler: Any) -> dict[str, Any]:
+        """The request as stated: `column` and `where` only when used (records of id-column requests stay as
+        they were)."""
+        data = handler(self)
+        if data.get("column") == "id":
+            data.pop("column")
+        if data.get("where") is None:
+            data.pop("where", None)
+        return data
 
     def conditions(self) -> tuple[tuple[str, str, str], ...]:
         """The `where` filter as (column, op, value) triples."""
@@ -111,5 +122,5 @@ def _rows_with_ids(train: Dataset, column: str, wanted: list[int | str]) -> np.n
         raise SafeEditError(f"forget ids {wanted[:5]} are text but column {column!r} holds numbers")
     unknown = sorted(set(wanted_keys.tolist()) - set(keys.tolist()), key=str)
     if unknown:
-        raise SafeEditError(f"forget ids {unknown[:5]} are not in column {column!r} of the training data")
+        raise SafeEditError(f"forget ids {unknown[:5]} are not in the training data (column {column!r})")
     return np.isin(keys, wanted_keys)
