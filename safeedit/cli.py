@@ -598,6 +598,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         result["model_check"] = f"every entry matches a parameter of {args.model}"
     if args.compare:
         other = Mask.load(args.compare)
+        if not set(mask.tensors) & set(other.tensors):
+            raise SafeEditError(f"--compare {args.compare} shares no tensor name with {args.mask}; compare masks made "
+                                "for the same model")
         try:
             result["jaccard"] = mask.jaccard(other)
         except SafeEditError as error:

@@ -360,6 +360,19 @@ def test_report_into_another_folder_carries_the_record_and_signature(run_copy, k
     assert files.html.parent == tmp_path / "for-auditor"
 
 
+def test_a_report_into_a_new_folder_is_written_whole_or_not_at_all(run_copy, tmp_path, monkeypatch):
+    import safeedit.report.render as render
+
+    def broken_pdf(html, pdf):
+        raise SafeEditError("Chromium crashed")
+
+    monkeypatch.setattr(render, "html_to_pdf", broken_pdf)
+    with pytest.raises(SafeEditError, match="Chromium crashed"):
+        write_report(run_copy, tmp_path / "for-auditor", pdf=True)
+    assert not (tmp_path / "for-auditor").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".for-auditor")]
+
+
 def test_a_record_without_reference_masks_or_evidence_still_renders(run_folder):
     """Records of other kinds may lack any optional part: the page renders what is there, nothing breaks."""
     record = read_record(run_folder)

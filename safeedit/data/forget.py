@@ -55,6 +55,8 @@ class ForgetRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_selector(self) -> ForgetRequest:
+        if self.seed != 0 and self.kind != "random":
+            raise ValueError(f"forget kind '{self.kind}' does not read 'seed' (it picks no rows at random); remove it")
         if self.column != "id" and self.kind != "ids":
             raise ValueError(f"forget kind '{self.kind}' does not read 'column'; it names where 'ids' are looked up")
         selectors = {"class": "label", "random": "fraction", "ids": "ids", "where": "where"}

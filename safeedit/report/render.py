@@ -16,7 +16,7 @@ import jinja2
 import yaml
 
 from safeedit.errors import SafeEditError
-from safeedit.io import atomic_path, make_folders, sha256_file, write_text_atomic
+from safeedit.io import atomic_dir, atomic_path, make_folders, sha256_file, write_text_atomic
 from safeedit.record import COUNT_METRICS, METRIC_LABELS, read_record, record_file, short_label
 from safeedit.report.chromium import html_to_pdf, screenshot
 from safeedit.report.manifest import write_manifest
@@ -134,8 +134,15 @@ def write_report(target: str | os.PathLike, out_dir: str | os.PathLike | None = 
 
     With `sign_key`, first writes a detached Ed25519 signature of the record (`record.json.sig`). The record is
     verified (hashes of every file it names) before rendering, and the outcome is part of the report. Last, the
-    folder's manifest hashes every file in it, report pages included (signed too, with `sign_key`).
+    folder's manifest hashes every file in it, report pages included (signed too, with `sign_key`). A new `out_dir`
+    is written whole or not at all.
     """
+    if out_dir is not None and not Path(out_dir).exists():
+        final = Path(out_dir)
+        with atomic_dir(final) as work:
+            files = write_report(target, work, pdf, sign_key, shown_folder or final, png)
+        return ReportFiles(**{key: final / path.name if path is not None else None
+                              for key, path in vars(files).items()})
     record_path = record_file(target)
     record = read_record(record_path)
     out = Path(out_dir) if out_dir else record_path.parent
