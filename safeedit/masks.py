@@ -107,7 +107,7 @@ def _select_top_k(named: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.
             keys = _sortable(chunk)
             selected = keys > threshold
             equal = keys == threshold
-            n_equal = int(equal.sum().item())
+            n_equal = int(torch.count_nonzero(equal))
             if n_equal <= ties_left:
                 selected |= equal
                 ties_left -= n_equal
@@ -217,14 +217,14 @@ class Mask:
         """|A ∩ B| / |A ∪ B| (1.0 when both are empty)."""
         inter = union = 0
         for _, a, b in self._aligned(other):
-            inter += int((a & b).sum().item())
-            union += int((a | b).sum().item())
+            inter += int(torch.count_nonzero(a & b))
+            union += int(torch.count_nonzero(a | b))
         return inter / union if union else 1.0
 
     # --- summaries ------------------------------------------------------------------------------------
     @property
     def selected(self) -> int:
-        return sum(int(t.sum().item()) for t in self.tensors.values())
+        return sum(int(torch.count_nonzero(t)) for t in self.tensors.values())
 
     @property
     def total(self) -> int:
@@ -238,7 +238,7 @@ class Mask:
         """Per tensor: selected count, size and density (share selected); sparsity is 1 − density."""
         stats = []
         for name, t in self.tensors.items():
-            chosen = int(t.sum().item())
+            chosen = int(torch.count_nonzero(t))
             stats.append({"name": name, "selected": chosen, "total": t.numel(), "density": chosen / max(1, t.numel())})
         return stats
 

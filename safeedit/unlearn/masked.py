@@ -46,7 +46,7 @@ class MaskedTraining:
         self.model = model
         params = dict(model.named_parameters())
         self._requires_grad = {name: p.requires_grad for name, p in params.items()}
-        self._keep: dict[str, torch.Tensor] = {}  # True where the weight may change
+        self._drop: dict[str, torch.Tensor] = {}  # True where the weight must not change (inverted once, here)
         self._frozen_values: dict[str, torch.Tensor] = {}  # the masked-out entries, in row-major order
         self._handles: list = []
         for name, p in params.items():
@@ -55,12 +55,12 @@ class MaskedTraining:
             if keep is None or not keep.any():
                 p.requires_grad_(False)
                 continue
-            keep = keep.to(p.device)
-            self._keep[name] = keep
             p.requires_grad_(True)
-            if not keep.all():
-                self._frozen_values[name] = p.detach().masked_select(~keep)
-                self._handles.append(p.register_hook(_zero_masked_out(keep)))
+            drop = ~keep.to(p.device)
+            self._drop[name] = drop
+            if drop.any():
+                self._frozen_values[name] = p.detach().masked_select(drop)
+                self._handles.append(p.register_hook(_zero_masked_out(drop)))
         self._params = params
         self._buffers = {name: b.detach().clone() for name, b in model.named_buffers()} if buffers == "freeze" else {}
         if optimizer is not None:
@@ -70,7 +70,7 @@ class MaskedTraining:
     def restore(self) -> None:
         """Write the masked-out weights (and frozen buffers) back to their values on entry."""
         for name, values in self._frozen_values.items():
-            self._params[name].masked_scatter_(~self._keep[name], values)
+            self._params[name].masked_scatter_(self._drop[name], values)
         if self._buffers:
             live = dict(self.model.named_buffers())
             for name, value in self._buffers.items():
@@ -87,12 +87,12 @@ class MaskedTraining:
     @property
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters with at least one masked-in entry: pass these to the optimizer."""
-        return [self._params[name] for name in self._keep]
+        return [self._params[name] for name in self._drop]
 
 
-def _zero_masked_out(keep: torch.Tensor):
+def _zero_masked_out(drop: torch.Tensor):
     def hook(grad: torch.Tensor) -> torch.Tensor:
-        return grad.masked_fill(~keep, 0)
+        return grad.masked_fill(drop, 0)
 
     return hook
 
