@@ -203,6 +203,10 @@ class Record(Strict):
     outputs: list[FileEntry]
     data: dict[str, Fingerprint]
     model: dict[str, Any]
+    reference: dict[str, Any] | None = Field(
+        default=None, description="the model trained without the forget data that the 'retrain' result is "
+        "(classification: kind retrained-from-scratch | fine-tuned-from-base | given | none, source, recipe, seed, "
+        "what it was trained on); null for kinds that do not state it")
     seeds: dict[str, int]
     environment: dict[str, Any]
     timings: dict[str, float]

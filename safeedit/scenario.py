@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_serializer, model_validator
 
 from safeedit.attacks.backdoor import TriggerSpec
 from safeedit.config import Seed, Strict
@@ -33,6 +33,16 @@ from safeedit.models.lm_training import FinetuneOptions
 from safeedit.prune import PruningOptions
 from safeedit.unlearn.diffusion import DiffusionRetrainOptions
 from safeedit.unlearn.methods import RetrainOptions
+from safeedit.unlearn.reference import (
+    NONE,
+    SCRATCH,
+    ReferencePlan,
+    ReferenceSection,
+    from_retrain,
+    parse_reference,
+    plan_reference,
+    stated_reference,
+)
 from safeedit.unlearn.wagle import LMUnlearnDefaults
 
 
@@ -147,8 +157,44 @@ class Scenario(ScenarioBase):
 
     kind: Literal["classification"] = "classification"
     method_kind: ClassVar[str] = "classification"
-    retrain: RetrainOptions | None = RetrainOptions()
+    reference: ReferenceSection | None = Field(
+        default=None, description="the model trained without the forget data: {from: BASE | scratch, epochs, lr, "
+        "...}, {model: PATH} or none; see safeedit.unlearn.reference")
+    retrain: RetrainOptions | None = Field(default=None, description="older name of reference: {from: scratch, ...} "
+                                                                     "(null: reference: none); kept as stated")
     evaluation: Evaluation = Evaluation()
+    _reference_plan: ReferencePlan = PrivateAttr()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse_reference(cls, raw: Any) -> Any:
+        return stated_reference(raw) if isinstance(raw, dict) else raw
+
+    @model_validator(mode="after")
+    def _plan_reference(self) -> Scenario:
+        stated = self.model_fields_set
+        section = (self.reference if "reference" in stated else from_retrain(self.retrain) if "retrain" in stated
+                   else None)
+        recipe = self.model.recipe.model_dump() if self.model.recipe else None
+        self._reference_plan = plan_reference(section, self.model.name, recipe)
+        if section is None:  # unstated: the record's scenario names the default that ran
+            self.reference = parse_reference({"from": SCRATCH})
+        return self
+
+    @model_serializer(mode="wrap")
+    def _as_stated(self, handler: Any) -> dict[str, Any]:
+        """`retrain:` where the scenario used the older name (records written before `reference:` read back
+        unchanged), `reference:` otherwise."""
+        data = handler(self)
+        data.pop("reference" if "retrain" in self.model_fields_set else "retrain", None)
+        return data
+
+    def reference_plan(self) -> ReferencePlan:
+        """The reference this scenario asks for, resolved (recipe complete, paths checked)."""
+        return self._reference_plan
+
+    def result_names(self) -> set[str]:
+        return {"original", *self.methods, *(["retrain"] if self._reference_plan.kind != NONE else [])}
 
 
 class JudgeSection(Strict):

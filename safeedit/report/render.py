@@ -26,6 +26,16 @@ from safeedit.report.texts import headline_metrics, kind_text
 from safeedit.report.verify import verify_record
 
 REFERENCE_ROWS = {"original": "before (original model)", "retrain": "reference (retrained without the data)"}
+# The `retrain` row as what the reference was (record.reference.kind; records without one: REFERENCE_ROWS).
+RETRAIN_ROWS = {"retrained-from-scratch": "reference (retrained from scratch without the data)",
+                "fine-tuned-from-base": "reference (base fine-tuned without the data)",
+                "given": "reference (given, trained without the data)"}
+
+
+def reference_rows(record: dict[str, Any]) -> dict[str, str]:
+    """The metrics table's labels of the reference rows, the `retrain` row saying what its reference was."""
+    kind = (record.get("reference") or {}).get("kind")
+    return {**REFERENCE_ROWS, **({"retrain": RETRAIN_ROWS[kind]} if kind in RETRAIN_ROWS else {})}
 
 
 @dataclass
@@ -116,7 +126,7 @@ def render_html(record: dict[str, Any], record_path: Path, verification, signatu
         metrics=metrics,
         labels=METRIC_LABELS,
         short={m: short_label(m) for m in metrics},
-        reference_rows=REFERENCE_ROWS,
+        reference_rows=reference_rows(record),
         ORIGIN_TEXT=ORIGIN_TEXT,
         figures={**all_figures(record, metrics), **_output_images(record, record_path.parent)},
         layer_changes=layer_changes,

@@ -84,8 +84,9 @@ KINDS: dict[str, KindText] = {
             "UA (unlearning accuracy) is the share of forget examples the model now gets wrong; a model retrained "
             "without them is the target, not 100% in general. RA and TA are accuracies on the kept training data "
             "and on unseen test data: the cost. MIA-efficacy is the share of forget examples a membership attack "
-            "judges 'not in the training set'. Gap to retrain is the mean absolute difference to the retrained "
-            "reference over UA, RA, TA and MIA-efficacy: lower is closer to exact unlearning."
+            "judges 'not in the training set'. Gap to retrain is the mean absolute difference to the reference (a "
+            "model trained without the forget data) over UA, RA, TA and MIA-efficacy: lower is closer to exact "
+            "unlearning."
         ),
         obligations=(_ERASURE, _ROBUSTNESS),
     ),

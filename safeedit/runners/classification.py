@@ -1,24 +1,33 @@
-"""The classification job: forget data from a classifier, compare every method with a model retrained without it,
-and write weights, masks and the record (the loop itself is `safeedit.runners.job`)."""
+"""The classification job: forget data from a classifier, compare every method with a model trained without it
+(the scenario's `reference:`, `safeedit.unlearn.reference`), and write weights, masks and the record (the loop
+itself is `safeedit.runners.job`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
 from safeedit.data import make_loader
-from safeedit.data.forget import split_forget
+from safeedit.data.forget import fingerprint, split_forget
 from safeedit.data.sources import load_train_test
 from safeedit.errors import SafeEditError
 from safeedit.eval.classification import evaluate_classifier, gap_to_retrain, mia_is_informative
 from safeedit.eval.weights import weight_changes
 from safeedit.methods import EditResult
 from safeedit.models import EMBEDDED_MODELS, load_model
+from safeedit.models.reference import BaseStart, check_reference_architecture
 from safeedit.progress import say
 from safeedit.runners.common import OutputWriter, data_fingerprints, input_entries
 from safeedit.runners.job import Job
+from safeedit.runners.references import (
+    CLASSIFICATION_REFERENCE_NOTES,
+    CLASSIFICATION_REFERENCES,
+    SCRATCH_FOR_FINE_TUNED,
+)
 from safeedit.scenario import Scenario
 from safeedit.unlearn.methods import UnlearnTask, retrain
+from safeedit.unlearn.reference import FROM_BASE, FROM_SCRATCH, GIVEN, NONE, SCRATCH, ReferencePlan
 
 
 class ClassificationJob(Job):
@@ -27,6 +36,11 @@ class ClassificationJob(Job):
 
     def prepare(self) -> None:
         scenario, progress = self.scenario, self.progress
+        plan = scenario.reference_plan()
+        if plan.kind in (FROM_BASE, GIVEN):  # configurations only: a reference of another architecture stops here
+            check_reference_architecture(scenario.model.name, plan.source,
+                                         "reference.from" if plan.kind == FROM_BASE else "reference.model",
+                                         scenario.model.trust_remote_code)
         say(f"scenario {scenario.name}: loading model {scenario.model.name}", progress)
         self.loaded = load_model(scenario.model.name, scenario.model.weights,
                                  trust_remote_code=scenario.model.trust_remote_code, progress=progress)
@@ -40,8 +54,6 @@ class ClassificationJob(Job):
         self.eval_loaders = {name: self.loader(data, scenario.evaluation.batch_size) for name, data in
                              (("forget", split.forget), ("retain", split.retain), ("test", self.test))}
         entry = EMBEDDED_MODELS.get(scenario.model.name)
-        recipe = (scenario.model.recipe.model_dump() if scenario.model.recipe else
-                  {"epochs": entry.epochs, "lr": entry.lr, "batch_size": entry.batch_size} if entry else {})
         self.task = UnlearnTask(
             model=original, forget=split.forget, retain=split.retain, num_classes=_num_classes(original),
             loader=self.loader, build_fresh=entry.build if entry else lambda: type(original)(original.config),
@@ -51,14 +63,43 @@ class ClassificationJob(Job):
         self.original_metrics = self.results["original"]["metrics"]["after"]
         self.writer = OutputWriter(self.out, scenario.name, self.loaded.weights_sha256)
         self.retrain_s = None
-        if scenario.retrain is not None:
-            say("retraining from scratch on the retain set (the reference)", progress)
-            start = time.perf_counter()
-            reference = retrain(self.task, scenario.retrain, recipe).model
-            self.retrain_s = time.perf_counter() - start
-            self.results["retrain"] = {**self.measure(reference, "retrain"), "wall_time_s": self.retrain_s,
-                                       "seed": scenario.seed + scenario.retrain.seed_offset}
-            self.writer.save("retrain", reference.state_dict(), None)
+        self.reference_files: dict[str, dict[str, str]] = {}
+        if plan.kind != NONE:  # the reference row's words say what was done
+            self.references = {**self.references, "retrain": CLASSIFICATION_REFERENCES[plan.kind]}
+        self.reference = self.add_reference(plan)
+
+    def add_reference(self, plan: ReferencePlan) -> dict[str, Any]:
+        """The reference's result entry (`retrain`), its weights when trained here, and what the record says of
+        it: kind, source, recipe and seed, what it was trained on."""
+        if plan.kind == NONE:
+            return {"kind": NONE}
+        if plan.kind == GIVEN:
+            say(f"loading the reference {plan.source} (trained without the forget data, as given)", self.progress)
+            name = self.scenario.model.name  # an embedded model's reference is a weights file of its architecture
+            given = (load_model(name, plan.source, progress=self.progress) if name in EMBEDDED_MODELS else
+                     load_model(plan.source, progress=self.progress))
+            self.reference_files["reference weights"] = given.files
+            self.results["retrain"] = {**self.measure(given.model.to(self.device), "retrain"), "wall_time_s": None}
+            return {"kind": GIVEN, "source": plan.source, "weights_sha256": given.weights_sha256}
+        task, record = self.task, {"kind": plan.kind, "source": plan.source or SCRATCH, "recipe": plan.recipe()}
+        if plan.kind == FROM_BASE:
+            say(f"loading the base checkpoint {plan.source}", self.progress)
+            base = load_model(plan.source, progress=self.progress)  # safetensors only, trust_remote_code off
+            self.reference_files["reference base weights"] = base.files
+            start = BaseStart.of(base.model, self.original, plan.source)
+            task = dataclasses.replace(task, build_fresh=lambda: start.build(self.original))
+            record["initialised"] = start.initialised
+            say("fine-tuning the base on the retain set (the reference)", self.progress)
+        else:
+            say("retraining from scratch on the retain set (the reference)", self.progress)
+        seed = self.scenario.seed + plan.options.seed_offset
+        started = time.perf_counter()
+        model = retrain(task, plan.options, {}).model
+        self.retrain_s = time.perf_counter() - started
+        self.results["retrain"] = {**self.measure(model, "retrain"), "wall_time_s": self.retrain_s, "seed": seed,
+                                   "options": plan.recipe()}
+        self.writer.save("retrain", model.state_dict(), None)
+        return {**record, "seed": seed, "trained_on": {"retain": fingerprint(self.split.retain)}}
 
     def loader(self, data, batch_size: int, shuffle: bool = False, seed: int = 0):
         return make_loader(data, self.original, self.loaded.tokenizer, batch_size, shuffle=shuffle, seed=seed,
@@ -81,17 +122,19 @@ class ClassificationJob(Job):
         after = entry["metrics"]["after"]
         if "retrain" in self.results:
             after["gap_to_retrain"] = gap_to_retrain(after, self.results["retrain"]["metrics"]["after"])
-            after["time_vs_retrain"] = wall_s / self.retrain_s
+            if self.retrain_s:  # a given reference was trained elsewhere: its time is unknown
+                after["time_vs_retrain"] = wall_s / self.retrain_s
         entry["metrics"]["before"] = self.original_metrics
         return {**entry, "weight_changes": weight_changes(self.original, result.model, result.mask)}
 
     def record_fields(self, started: float) -> dict[str, Any]:
         return {
             "kind": self.kind,
-            "inputs": input_entries(self.path, {"model weights": self.loaded.files}),
+            "inputs": input_entries(self.path, {"model weights": self.loaded.files, **self.reference_files}),
             "data": data_fingerprints(self.split, self.test),
             "model": {"source": self.scenario.model.name, "origin": self.loaded.origin,
                       "weights_sha256": self.loaded.weights_sha256},
+            "reference": self.reference,
             "timings": self.timings(started, retrain_s=self.retrain_s),
             "notes": self.notes(),
             "mia_informative": mia_is_informative(self.original_metrics),
@@ -106,10 +149,20 @@ class ClassificationJob(Job):
                 f"little evidence here; the log-odds attack AUC (retain vs test "
                 f"{original['mia_auc_retain_vs_test']:.2f}) shows how much power any such attack has."
             )
-        if self.scenario.retrain is None:
-            notes.append("No model was retrained without the forget data, so closeness to exact unlearning is "
-                         "unknown.")
-        return notes
+        return [*notes, *self.reference_notes()]
+
+    def reference_notes(self) -> list[str]:
+        """What the reference was, in words, or which comparisons are missing without one."""
+        reference, kind = self.reference, self.reference["kind"]
+        recipe = reference.get("recipe") or {}
+        text = CLASSIFICATION_REFERENCE_NOTES[kind].format(
+            model=self.scenario.model.name, source=reference.get("source"), retain=len(self.split.retain),
+            seed=reference.get("seed"), sha256=reference.get("weights_sha256"),
+            initialised=", ".join(reference.get("initialised", [])),
+            recipe=(f"{recipe.get('epochs')} epochs, lr {recipe.get('lr'):g}, batch {recipe.get('batch_size')}, "
+                    f"weight decay {recipe.get('weight_decay'):g}, {recipe.get('optimizer')}") if recipe else "")
+        fine_tuned = kind == FROM_SCRATCH and self.scenario.model.name not in EMBEDDED_MODELS
+        return [text, SCRATCH_FOR_FINE_TUNED] if fine_tuned else [text]
 
 
 def _num_classes(model) -> int:

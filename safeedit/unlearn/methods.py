@@ -1,8 +1,8 @@
 """The classifier unlearning methods a scenario can name, each one registered function (`safeedit.methods`).
 
 Every method gets the same task (the original model, forget and retain data, a loader factory) and returns an
-`EditResult`: the edited model and, where it used one, its mask. `retrain` (from scratch on the retain set, with
-the original recipe) is the reference the approximate methods are measured against.
+`EditResult`: the edited model and, where it used one, its mask. `retrain` (on the retain set, from scratch or from
+the model's base checkpoint, with the recorded recipe) is the reference the approximate methods are measured against.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class UnlearnTask:
     retain: Dataset
     num_classes: int
     loader: Callable[[Dataset, int, bool, int], DataLoader]  # (data, batch size, shuffle, seed)
-    build_fresh: Callable[[], nn.Module]  # a newly initialised model of the same architecture
+    build_fresh: Callable[[], nn.Module]  # where the reference starts: a new model of the same architecture
+    # (randomly initialised, or with a base checkpoint's body: safeedit.unlearn.reference)
     seed: int = 0
     progress: bool = True
 
@@ -58,7 +59,7 @@ class L1SparseOptions(ObjectiveOptions):
 
 
 class RetrainOptions(BaseModel):
-    """Training from scratch on the retain set; defaults come from the original model's recipe."""
+    """Training the reference on the retain set; defaults come from the original model's recipe."""
 
     model_config = ConfigDict(extra="forbid")
     epochs: int | None = Field(default=None, ge=1)
@@ -131,7 +132,8 @@ def salun_method(task: UnlearnTask, options: SalUnOptions, seed: int, progress: 
 
 
 def retrain(task: UnlearnTask, options: RetrainOptions, recipe: dict) -> EditResult:
-    """A model trained from scratch on the retain set only: what exact unlearning would produce."""
+    """A model trained on the retain set only, from `task.build_fresh()` (a seeded random initialisation, or a base
+    checkpoint's body with a seeded head): what exact unlearning would produce."""
     epochs = options.epochs or recipe.get("epochs")
     lr = options.lr or recipe.get("lr")
     batch_size = options.batch_size or recipe.get("batch_size", 64)
