@@ -10,6 +10,12 @@ size. The row scope sorts one block of rows at a time with a stable sort.
 
 Ties are broken deterministically: among equal scores, the entry that comes first wins, where entries are
 ordered by parameter name, then by flat (row-major) index.
+
+Scores sharded by FSDP2 (`DTensor`, see `safeedit.sharding`) give exactly the single-process mask, sharded the
+same way: each process counts its own shards and the two 65536-bucket histograms are summed across processes
+(two all-reduces, per tensor for the per-tensor scope); only when tied entries straddle the threshold does a
+third all-reduce tell each process how many ties the processes before it hold. Rows are whole on each process,
+so the row scope needs no communication except for 1-D tensors, which are one row (selected as a tensor).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from torch import nn
 
 from safeedit.errors import SafeEditError
 from safeedit.io import load_safetensors, save_safetensors
+from safeedit.sharding import Shards, count_nonzero, found_anywhere, gathered, is_sharded, local, wrap_like
 
 Scope = Literal["global", "tensor", "row"]
 SCOPES: tuple[str, ...] = ("global", "tensor", "row")
@@ -61,13 +68,16 @@ def _chunks(tensor: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         yield start, flat[start : start + CHUNK]
 
 
-def _kth_largest_key(tensors: list[torch.Tensor], k: int) -> tuple[int, int]:
-    """The k-th largest sortable key over all `tensors` and how many keys are strictly larger."""
+def _kth_largest_key(tensors: list[torch.Tensor], k: int, shards: Shards | None = None) -> tuple[int, int, int]:
+    """The k-th largest sortable key over all `tensors` (and the other processes' shards of them, with `shards`),
+    how many keys are strictly larger and how many equal it."""
     device = tensors[0].device
     high_counts = torch.zeros(1 << 16, dtype=torch.int64, device=device)
     for tensor in tensors:
         for _, chunk in _chunks(tensor):
             high_counts += torch.bincount((_sortable(chunk) >> 16) + 32768, minlength=1 << 16).to(device)
+    if shards is not None:
+        shards.sum(high_counts)
     high, above = _bucket_holding(high_counts, k)
     low_counts = torch.zeros(1 << 16, dtype=torch.int64, device=device)
     for tensor in tensors:
@@ -76,9 +86,11 @@ def _kth_largest_key(tensors: list[torch.Tensor], k: int) -> tuple[int, int]:
             in_bucket = keys[(keys >> 16) == high - 32768]
             if in_bucket.numel():
                 low_counts += torch.bincount(in_bucket & 0xFFFF, minlength=1 << 16).to(device)
+    if shards is not None:
+        shards.sum(low_counts)
     low, above_low = _bucket_holding(low_counts, k - above)
     key = ((high - 32768) << 16) | low
-    return key, above + above_low
+    return key, above + above_low, int(low_counts[low])
 
 
 def _bucket_holding(counts: torch.Tensor, k: int) -> tuple[int, int]:
@@ -90,37 +102,57 @@ def _bucket_holding(counts: torch.Tensor, k: int) -> tuple[int, int]:
     return bucket, above
 
 
-def _select_top_k(named: Mapping[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """Exactly k entries with the largest scores over all tensors in `named` (ties: name, then flat index)."""
+def _ties_elsewhere(tensors: list[torch.Tensor], key: int, shards: Shards | None) -> tuple[list[int], list[int]]:
+    """Per tensor, how many entries equal to `key` the processes before this one hold, and those after it."""
+    if shards is None:
+        return [0] * len(tensors), [0] * len(tensors)
+    counts = torch.zeros(shards.world, len(tensors), dtype=torch.int64)
+    for i, tensor in enumerate(tensors):
+        counts[shards.index, i] = sum(int(torch.count_nonzero(_sortable(chunk) == key)) for _, chunk in _chunks(tensor))
+    shards.sum(counts)
+    return counts[: shards.index].sum(0).tolist(), counts[shards.index + 1 :].sum(0).tolist()
+
+
+def _select_top_k(
+    named: Mapping[str, torch.Tensor], k: int, shards: Shards | None = None
+) -> dict[str, torch.Tensor]:
+    """Exactly k entries with the largest scores over all tensors in `named` (ties: name, then flat index);
+    with `shards`, the local part of the mask over this process's shards of the tensors."""
     names = sorted(named)
-    masks = {name: torch.zeros(named[name].shape, dtype=torch.bool, device=named[name].device) for name in names}
+    tensors = [local(named[name]) for name in names]
+    masks = {
+        name: torch.zeros(t.shape, dtype=torch.bool, device=t.device) for name, t in zip(names, tensors, strict=True)
+    }
     total = sum(named[name].numel() for name in names)
     if k == 0:
         return masks
     if k == total:
         return {name: ~mask for name, mask in masks.items()}
-    threshold, greater = _kth_largest_key([named[name] for name in names], k)
-    ties_left = k - greater
-    for name in names:
+    threshold, greater, equal = _kth_largest_key(tensors, k, shards)
+    ties_left = k - greater  # how many of the entries equal to the threshold are selected, the first ones in order
+    before, after = _ties_elsewhere(tensors, threshold, shards if equal > ties_left else None)
+    for name, tensor, ties_before, ties_after in zip(names, tensors, before, after, strict=True):
+        ties_left -= ties_before
         flat_mask = masks[name].view(-1)
-        for start, chunk in _chunks(named[name]):
+        for start, chunk in _chunks(tensor):
             keys = _sortable(chunk)
             selected = keys > threshold
-            equal = keys == threshold
-            n_equal = int(torch.count_nonzero(equal))
-            if n_equal <= ties_left:
-                selected |= equal
-                ties_left -= n_equal
-            elif ties_left > 0:
-                selected[equal.nonzero().view(-1)[:ties_left]] = True
-                ties_left = 0
+            is_tie = keys == threshold
+            n_ties = int(torch.count_nonzero(is_tie))
+            take = min(max(ties_left, 0), n_ties)
+            if take == n_ties:
+                selected |= is_tie
+            elif take:
+                selected[is_tie.nonzero().view(-1)[:take]] = True
+            ties_left -= n_ties
             flat_mask[start : start + chunk.numel()] = selected
+        ties_left -= ties_after
     return masks
 
 
 def _select_rows(scores: torch.Tensor, ratio: float, rounding: Rounding = "half_up") -> torch.Tensor:
     """Per output row (dim 0) the top `target_count(ratio, row length)` entries; 1-D tensors count as one row."""
-    rows = scores.reshape(1, -1) if scores.dim() < 2 else scores.reshape(scores.shape[0], -1)
+    rows = scores.reshape(1, -1) if scores.dim() < 2 else scores.flatten(1)  # (a shard may have no row)
     k = target_count(ratio, rows.shape[1], rounding)
     mask = torch.zeros(rows.shape, dtype=torch.bool, device=scores.device)
     block = max(1, CHUNK // max(1, rows.shape[1]))
@@ -133,7 +165,10 @@ def _select_rows(scores: torch.Tensor, ratio: float, rounding: Rounding = "half_
 
 @dataclass
 class Mask:
-    """A bool tensor per parameter name: True marks the weights an edit may change (or, for pruning, remove)."""
+    """A bool tensor per parameter name: True marks the weights an edit may change (or, for pruning, remove).
+
+    Entries may be FSDP2 shards (`DTensor`, as `top_k` gives for sharded scores); counts, summaries and
+    `full_tensor` then communicate, so every process calls them."""
 
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
@@ -157,7 +192,10 @@ class Mask:
         """Select the highest-scoring round(ratio · count) entries, counted over all tensors (`global`), per
         tensor (`tensor`) or per output row (`row`). With `rounding="floor"` the count is int(ratio · count), the
         reference code's, but at least 1 per selection unit (the whole set, each tensor, each row); the metadata
-        then says `rounding: floor` (half-up masks keep their metadata, and bytes, as before)."""
+        then says `rounding: floor` (half-up masks keep their metadata, and bytes, as before).
+
+        FSDP2-sharded scores (`DTensor`) give the single-process mask sharded like them; every process of the
+        mesh must call this (it communicates)."""
         _check_ratio(ratio)
         if scope not in SCOPES:
             raise SafeEditError(f"unknown mask scope {scope!r}; choose one of: {', '.join(SCOPES)}")
@@ -168,18 +206,29 @@ class Mask:
         for name, tensor in scores.items():
             if not torch.is_floating_point(tensor):
                 raise SafeEditError(f"scores for {name!r} have dtype {tensor.dtype}; scores must be floating point")
-            if any(torch.isnan(chunk).any() for _, chunk in _chunks(tensor)):  # chunked: no full-size temporary
-                raise SafeEditError(f"scores for {name!r} contain NaN; check the model weights and the data")
+        shards = Shards.of(scores)
+        # chunked: no full-size temporary
+        nan = [name for name, t in scores.items() if any(torch.isnan(c).any() for _, c in _chunks(local(t)))]
+        if found_anywhere(nan, shards):
+            where = f"scores for {nan[0]!r}" if nan else "scores on another process"
+            raise SafeEditError(f"{where} contain NaN; check the model weights and the data")
+
+        def top(name: str, t: torch.Tensor, k: int) -> torch.Tensor:
+            return _select_top_k({name: t}, k, shards)[name]
+
         if scope == "global":
             total = sum(t.numel() for t in scores.values())
-            selected = _select_top_k(scores, target_count(ratio, total, rounding))
+            selected = _select_top_k(scores, target_count(ratio, total, rounding), shards)
         elif scope == "tensor":
+            selected = {name: top(name, t, target_count(ratio, t.numel(), rounding)) for name, t in scores.items()}
+        else:  # whole rows are local to a process, but a 1-D tensor is one row, split across processes
             selected = {
-                name: _select_top_k({name: t}, target_count(ratio, t.numel(), rounding))[name]
+                name: top(name, t, target_count(ratio, t.numel(), rounding)) if shards is not None and t.dim() < 2
+                else _select_rows(local(t), ratio, rounding)
                 for name, t in scores.items()
             }
-        else:
-            selected = {name: _select_rows(t, ratio, rounding) for name, t in scores.items()}
+        if shards is not None:
+            selected = {name: wrap_like(part, scores[name]) for name, part in selected.items()}
         info = {"ratio": repr(float(ratio)), "scope": scope, **({"rounding": rounding} if rounding == "floor" else {}),
                 **(metadata or {})}
         return cls({name: selected[name] for name in scores}, info)
@@ -217,14 +266,14 @@ class Mask:
         """|A ∩ B| / |A ∪ B| (1.0 when both are empty)."""
         inter = union = 0
         for _, a, b in self._aligned(other):
-            inter += int(torch.count_nonzero(a & b))
-            union += int(torch.count_nonzero(a | b))
+            inter += count_nonzero(a & b)
+            union += count_nonzero(a | b)
         return inter / union if union else 1.0
 
     # --- summaries ------------------------------------------------------------------------------------
     @property
     def selected(self) -> int:
-        return sum(int(torch.count_nonzero(t)) for t in self.tensors.values())
+        return sum(count_nonzero(t) for t in self.tensors.values())
 
     @property
     def total(self) -> int:
@@ -238,7 +287,7 @@ class Mask:
         """Per tensor: selected count, size and density (share selected); sparsity is 1 − density."""
         stats = []
         for name, t in self.tensors.items():
-            chosen = int(torch.count_nonzero(t))
+            chosen = count_nonzero(t)
             stats.append({"name": name, "selected": chosen, "total": t.numel(), "density": chosen / max(1, t.numel())})
         return stats
 
@@ -270,7 +319,18 @@ class Mask:
     def to(self, device: str | torch.device) -> Mask:
         return Mask({name: t.to(device) for name, t in self.tensors.items()}, dict(self.metadata))
 
+    def full_tensor(self) -> Mask:
+        """The mask with every FSDP-sharded entry gathered whole (a collective: call it on every process); plain
+        entries as they are. Save a sharded mask this way, from one process."""
+        return Mask({name: gathered(t) for name, t in self.tensors.items()}, dict(self.metadata))
+
     def save(self, path: str | os.PathLike) -> None:
+        sharded = next((name for name, t in self.tensors.items() if is_sharded(t)), None)
+        if sharded is not None:
+            raise SafeEditError(
+                f"mask entry {sharded!r} is sharded across processes; gather it with mask.full_tensor() on every "
+                "process, then save from one (e.g. rank 0)"
+            )
         metadata = {**self.metadata, "format": MASK_FORMAT, "selected": str(self.selected), "total": str(self.total)}
         save_safetensors(self.tensors, path, metadata)
 

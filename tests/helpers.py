@@ -386,6 +386,40 @@ def distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> N
         dist.destroy_process_group()
 
 
+def spawn_and_collect(worker: Callable, world: int, out_dir, timeout_s: float) -> list[tuple[dict, dict]]:
+    """Run `worker(rank, world, init_file, out_dir)` in `world` spawned processes; each saves
+    `rank{r}.safetensors` (keys "case/name") and `rank{r}.json` (errors per case). Per rank: {case: {name:
+    tensor}} and the errors."""
+    import json
+    import time
+    from pathlib import Path
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    out = Path(out_dir)
+    context = mp.start_processes(
+        worker, args=(world, str(out / "init"), str(out)), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"distributed workers still running after {timeout_s} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    ranks = []
+    for rank in range(world):
+        results: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in load_file(str(out / f"rank{rank}.safetensors")).items():
+            case, _, name = key.rpartition("/")
+            results.setdefault(case, {})[name] = value
+        ranks.append((results, json.loads((out / f"rank{rank}.json").read_text())))
+    return ranks
+
+
 # The cheapest classification scenario (no retraining): a base that tests change one field of.
 QUICK_SCENARIO = {
     "name": "quick-digits",

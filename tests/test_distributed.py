@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import time
-
 import helpers as H
 import pytest
 import torch
-import torch.multiprocessing as mp
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
-from safeedit.attribution.distributed import rank_and_world, shard_batches
+from safeedit.attribution.distributed import shard_batches
+from safeedit.sharding import rank_and_world
 
 WORLD = 2
 TIMEOUT_S = 120
@@ -21,33 +17,7 @@ TIMEOUT_S = 120
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
     """Run every case of helpers.DISTRIBUTED_CASES once in 2 spawned processes; per rank, scores and errors."""
-    out = tmp_path_factory.mktemp("distributed")
-    context = mp.start_processes(
-        H.distributed_worker,
-        args=(WORLD, str(out / "init"), str(out)),
-        nprocs=WORLD,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"distributed workers still running after {TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-    ranks = []
-    for rank in range(WORLD):
-        flat = load_file(str(out / f"rank{rank}.safetensors"))
-        errors = json.loads((out / f"rank{rank}.json").read_text())
-        scores: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in flat.items():
-            case, _, name = key.partition("/")
-            scores.setdefault(case, {})[name] = value
-        ranks.append((scores, errors))
-    return ranks
+    return H.spawn_and_collect(H.distributed_worker, WORLD, tmp_path_factory.mktemp("distributed"), TIMEOUT_S)
 
 
 @pytest.mark.parametrize("case", H.DISTRIBUTED_CASES)

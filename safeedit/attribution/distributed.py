@@ -1,23 +1,23 @@
-"""The distributed side of attribution: which batches this process takes, and the one reduction at the end.
+"""The distributed side of attribution: which batches this process takes, and when.
 
 Works with any process group `torch.distributed` knows (gloo on CPU, NCCL on GPU), whether it was started by
-`torchrun`, `accelerate launch` or by hand. Without an initialised group everything is a no-op.
+`torchrun`, `accelerate launch` or by hand. Without an initialised group everything is a no-op. The reductions
+themselves (`all_reduce_sum`) live in `safeedit.sharding`, with the FSDP2 shards.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
+from safeedit.errors import SafeEditError
+from safeedit.sharding import all_reduce_sum
 
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+_END = object()
 
 
 class EveryNthBatch(Sampler):
@@ -58,15 +58,24 @@ def shard_batches(loader: Iterable, rank: int, world: int) -> Iterable:
     return itertools.islice(loader, rank, None, world)
 
 
-def all_reduce_sum(tensors: Iterable[torch.Tensor]) -> None:
-    """Sum tensors in place across processes (no-op in a single process)."""
-    if rank_and_world()[1] == 1:
-        return
-    needs_cuda = dist.get_backend() == "nccl"  # NCCL reduces CUDA tensors only (CPU-offloaded states, counters)
-    for tensor in tensors:
-        if needs_cuda and not tensor.is_cuda:
-            staged = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-            dist.all_reduce(staged, op=dist.ReduceOp.SUM)
-            tensor.copy_(staged)
-        else:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+def lockstep(batches: Iterable, spare: Iterable) -> Iterator[tuple[Any, bool]]:
+    """(batch, counts) pairs, as many on every process. FSDP gathers each layer's parameters in every forward, so
+    no process may stop while another still has a batch: one whose batches ran out repeats its last (or, having
+    had none, the first of `spare`) with counts=False, for the caller to weight 0. A one-number all-reduce per
+    step tells when every process is done."""
+    iterator, last = iter(batches), _END
+    while True:
+        batch = next(iterator, _END)
+        active = torch.tensor([batch is not _END], dtype=torch.int64)
+        all_reduce_sum([active])
+        if not active.item():
+            return
+        if batch is not _END:
+            last = batch
+            yield batch, True
+            continue
+        if last is _END:
+            last = next(iter(spare), _END)
+        if last is _END:
+            raise SafeEditError("this process has no batch while others have; give every process at least one batch")
+        yield last, False

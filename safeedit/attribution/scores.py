@@ -15,6 +15,7 @@ from pydantic import PositiveFloat
 from safeedit.attribution.registry import register_score
 from safeedit.attribution.statistics import GradientSum, InputSquareSum, SquaredGradientSum, Tensors
 from safeedit.config import Seed
+from safeedit.sharding import local, shard_like
 
 ForgetGradient = Annotated[Tensors, GradientSum("forget")]
 RetainGradient = Annotated[Tensors, GradientSum("retain")]
@@ -63,10 +64,10 @@ def magnitude(weights: Tensors) -> Tensors:
 
 @register_score
 def random(weights: Tensors, seed: Seed = 0) -> Tensors:
-    """Uniform noise, seeded per tensor name (the control for every ablation; same on any device)."""
+    """Uniform noise, seeded per tensor name (the control for every ablation; same on any device or sharding)."""
     scores = {}
     for name, w in weights.items():
         digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-        scores[name] = torch.rand(w.shape, generator=generator).to(w.device)
+        scores[name] = shard_like(torch.rand(w.shape, generator=generator).to(local(w).device), w)
     return scores

@@ -4,6 +4,12 @@ Each statistic reads one data role ("forget", "retain", "calibration", "data"), 
 model's dtype, adds into them batch after batch, and declares its reduction across processes: all of them are
 sums, so a distributed pass is the same code followed by one all-reduce. Memory is one state set per statistic,
 nothing proportional to the data.
+
+Under FSDP2 a statistic read from gradients keeps the state of this process's shard only (see
+`safeedit.sharding`): the sharded gradient it reads is already reduced across processes, a mean over the
+processes' batches, so such states are scaled back to sums instead of all-reduced. That is exact for statistics
+linear in the gradient; the others (`linear = False`, e.g. squared gradients) need every process to take the same
+batch at each step, which the driver arranges.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from safeedit.errors import SafeEditError
+from safeedit.sharding import local
 
 Tensors = dict[str, torch.Tensor]
 
@@ -26,6 +33,7 @@ class BatchContext:
     """What a forward hook may need to know about the current batch (the padding mask, for token inputs)."""
 
     token_mask: torch.Tensor | None = None
+    counts: bool = True  # False for a step that only keeps FSDP's processes in lock step: hooks add nothing
 
 
 @dataclass(frozen=True)
@@ -33,12 +41,15 @@ class Statistic:
     """A streaming statistic over one data role; subclasses say how states start and how a batch adds in."""
 
     role: str
-    needs_backward: ClassVar[bool] = True
+    needs_backward: ClassVar[bool] = True  # states read from `param.grad`, shaped like the (local) parameters
+    linear: ClassVar[bool] = True  # a batch adds a linear function of its gradient (see the module docstring)
     kind: ClassVar[str] = ""
 
     def init_states(self, model: nn.Module, params: Mapping[str, nn.Parameter], device: torch.device | None) -> Tensors:
+        """Zeros shaped like each parameter (this process's shard of a sharded one), fp32."""
         return {
-            name: torch.zeros(p.shape, dtype=torch.float32, device=device or p.device) for name, p in params.items()
+            name: torch.zeros(local(p).shape, dtype=torch.float32, device=device or local(p).device)
+            for name, p in params.items()
         }
 
     def after_backward(self, states: Tensors, params: Mapping[str, nn.Parameter]) -> None:
@@ -56,7 +67,7 @@ def _batch_gradients(states: Tensors, params: Mapping[str, nn.Parameter]) -> tup
         grad = params[name].grad
         if grad is not None:  # a parameter the loss does not reach contributes zero
             state_list.append(state)
-            grad_list.append(grad.to(device=state.device, dtype=torch.float32))
+            grad_list.append(local(grad).to(device=state.device, dtype=torch.float32))
     return state_list, grad_list
 
 
@@ -76,6 +87,7 @@ class GradientSum(Statistic):
 class SquaredGradientSum(Statistic):
     """F = Σ_batches (∇θ ℓ(batch))², the empirical diagonal Fisher."""
 
+    linear: ClassVar[bool] = False
     kind: ClassVar[str] = "squared_gradient"
 
     def after_backward(self, states: Tensors, params: Mapping[str, nn.Parameter]) -> None:
@@ -114,7 +126,7 @@ class InputSquareSum(Statistic):
             name: torch.zeros(
                 (1, module.in_features) if isinstance(module, nn.Linear) else (module.weight.shape[0], 1),
                 dtype=torch.float32,
-                device=device or params[name].device,
+                device=device or local(params[name]).device,
             )
             for name, module in owners.items()
         }
@@ -122,6 +134,8 @@ class InputSquareSum(Statistic):
     def attach(self, model: nn.Module, states: Tensors, context: BatchContext) -> list:
         def make_hook(state: torch.Tensor):
             def hook(module: nn.Module, inputs: tuple) -> None:
+                if not context.counts:
+                    return
                 x = inputs[0].detach()
                 mask = context.token_mask
                 if mask is not None and x.shape[:-1] == mask.shape:

@@ -10,13 +10,24 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from safeedit.attribution.distributed import all_reduce_sum, rank_and_world, shard_batches
+from safeedit.attribution.distributed import lockstep, shard_batches
 from safeedit.attribution.params import select_parameters
 from safeedit.attribution.registry import get_score
-from safeedit.attribution.statistics import BatchContext, Tensors
+from safeedit.attribution.statistics import BatchContext, Statistic, Tensors
 from safeedit.batches import default_forward, default_loss, to_device
 from safeedit.errors import SafeEditError
 from safeedit.progress import bars_off
+from safeedit.sharding import (
+    Shards,
+    all_reduce_sum,
+    found_anywhere,
+    is_sharded,
+    local,
+    rank_and_world,
+    replicate_like,
+    shard_like,
+    wrap_like,
+)
 
 LossFunction = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -75,6 +86,12 @@ def compute_scores(
     `state_device="cpu"` keeps the accumulators off the accelerator for models too large for two copies.
     With `relative_to` (name -> tensor, e.g. the weights before a fine-tune), weight-based scores read the update
     θ − θ_ref instead of θ: `magnitude` becomes |Δθ| and `wanda` |ΔW_ij| · ‖X_j‖₂.
+
+    A model sharded by FSDP2 (`fully_shard`, every parameter a `DTensor`) gives the single-process scores as
+    `DTensor`s sharded like the parameters: each process accumulates its own shard from the gradients FSDP
+    reduce-scatters, and all processes step together (one padding step, weighted 0, for those that run out of
+    batches first). Scores needing squared gradients (fisher) make every process take every batch instead of
+    every world-th one, as FSDP's gradient is already the mean over the processes' batches.
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module  # DDP would average gradients per batch; we sum once at the end instead
@@ -91,47 +108,82 @@ def compute_scores(
         )
 
     params = select_parameters(model, include, exclude)
-    for name, p in params.items():
-        if not torch.isfinite(p).all():
-            raise SafeEditError(f"parameter {name!r} holds NaN or infinite values; the model is corrupt, reload it")
-    device = next(iter(params.values())).device
+    shards = Shards.of(params)
+    corrupt = [name for name, p in params.items() if not torch.isfinite(local(p)).all()]
+    if found_anywhere(corrupt, shards):
+        where = f"parameter {corrupt[0]!r}" if corrupt else "a parameter shard on another process"
+        raise SafeEditError(f"{where} holds NaN or infinite values; the model is corrupt, reload it")
+    device = local(next(iter(params.values()))).device
     rank, world = rank_and_world()
 
     states: dict[str, Tensors] = {}
+    scale: dict[str, int] = {}  # per role: what turns FSDP's mean over processes back into a sum
     with attribution_mode(model, params):
         for arg, stat in spec.statistics.items():
             states[arg] = stat.init_states(model, params, torch.device(state_device) if state_device else None)
         for role in spec.roles:
             role_stats = {arg: (stat, states[arg]) for arg, stat in spec.statistics.items() if stat.role == role}
-            batches = shard_batches(data[role], rank, world) if shard else data[role]
+            every_batch = shards is not None and not all(stat.linear for stat, _ in role_stats.values())
+            if every_batch and not shard:
+                raise SafeEditError(
+                    f"score '{score}' squares gradients, and FSDP's are means over the processes' batches: give "
+                    "every process the whole data and shard=True (each then takes every batch)"
+                )
+            scale[role] = 1 if every_batch or shards is None else shards.world
+            batches = shard_batches(data[role], rank, world) if shard and not every_batch else data[role]
             batches = _progress(batches, f"{score}: {role}", progress and rank == 0)
-            seen = torch.tensor([_stream(model, batches, role, role_stats, params, loss_fn, forward_fn, device)])
+            steps = lockstep(batches, data[role]) if shards is not None else ((batch, True) for batch in batches)
+            seen = torch.tensor([_stream(model, steps, role, role_stats, params, loss_fn, forward_fn, device)])
             all_reduce_sum([seen])
             if seen.item() == 0:
                 raise SafeEditError(f"the {role} data is empty; give at least one example")
-    for role_states in states.values():
-        all_reduce_sum(role_states.values())
+    _reduce(spec.statistics, states, params, scale)
     weights = {name: p.detach() for name, p in params.items()}
     if relative_to is not None:
         missing = [name for name in params if name not in relative_to]
         if missing:
             raise SafeEditError(f"relative_to has no tensor for {missing[0]!r}; give the reference model's weights")
-        weights = {name: w - relative_to[name].to(w.device, w.dtype) for name, w in weights.items()}
+        weights = {
+            name: w - shard_like(relative_to[name].to(local(w).device, w.dtype), w) for name, w in weights.items()
+        }
     return spec.function(weights, **states, **score_options)
 
 
-def _stream(model, batches, role, role_stats, params, loss_fn, forward_fn, device) -> int:
-    """Add every batch into the role's statistics; return the number of batches this process saw."""
+def _reduce(
+    statistics: Mapping[str, Statistic], states: dict[str, Tensors], params: Mapping[str, torch.Tensor],
+    scale: Mapping[str, int],
+) -> None:
+    """Make the states whole, in place: per-process sums are all-reduced. Under FSDP, gradient states are already
+    reduced (FSDP's mean, scaled back to a sum) and become `DTensor`s sharded like their parameters; the others
+    (activation statistics) become replicated `DTensor`s, so score functions compute in `DTensor` arithmetic."""
+    all_reduce_sum(
+        state for arg, stat in statistics.items() for name, state in states[arg].items()
+        if not (stat.needs_backward and is_sharded(params[name]))
+    )
+    for arg, stat in statistics.items():
+        for name, state in states[arg].items():
+            param = params[name]
+            if is_sharded(param):
+                states[arg][name] = (
+                    wrap_like(state.mul_(scale[stat.role]), param) if stat.needs_backward
+                    else replicate_like(state, param)
+                )
+
+
+def _stream(model, steps, role, role_stats, params, loss_fn, forward_fn, device) -> int:
+    """Add every (batch, counts) step into the role's statistics, a step that does not count with weight 0;
+    return the number of counted batches this process saw."""
     context = BatchContext()
     hooks = [h for stat, state in role_stats.values() for h in stat.attach(model, state, context)]
     needs_backward = any(stat.needs_backward for stat, _ in role_stats.values())
     seen = 0
     try:
-        for index, batch in enumerate(batches):
+        for index, (batch, counts) in enumerate(steps):
             batch = to_device(batch, device)
             context.token_mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            context.counts = counts
             if needs_backward:
-                loss = loss_fn(model, batch)
+                loss = loss_fn(model, batch) * (1.0 if counts else 0.0)
                 if not torch.isfinite(loss):
                     raise SafeEditError(
                         f"the {role} loss is {loss.item()} at batch {index}; check the weights and inputs for NaN"
@@ -144,7 +196,7 @@ def _stream(model, batches, role, role_stats, params, loss_fn, forward_fn, devic
             else:
                 with torch.no_grad():
                     forward_fn(model, batch)
-            seen += 1
+            seen += counts
     finally:
         for handle in hooks:
             handle.remove()

@@ -16,6 +16,12 @@ not covered by the mask: with ``buffers="update"`` (the default, as in SalUn's r
 pass in train mode updates them; ``buffers="freeze"`` restores every buffer (counters included) after each step and
 on exit, for edits that must not touch anything outside the mask. Element-wise optimizers (SGD, Adam, AdamW,
 RMSprop, Adagrad...) leave the masked-in updates exactly as they would be without the mask.
+
+A model sharded by FSDP2 (`fully_shard`, parameters as `DTensor`s) is masked shard by shard: the mask may be
+whole (each process cuts its rows out, without communication) or sharded like the parameters (as `Mask.top_k`
+gives for sharded scores). FSDP assigns the reduce-scattered gradient to the sharded parameter instead of
+running its tensor hooks, so there the gradient is masked by a post-accumulate hook, which FSDP does run, before
+clipping and the optimizer read it.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from safeedit.errors import SafeEditError
 from safeedit.masks import Mask
+from safeedit.sharding import count_nonzero, is_sharded, local, shard_like
 
 
 class MaskedTraining:
@@ -52,15 +60,18 @@ class MaskedTraining:
         for name, p in params.items():
             p.grad = None  # gradients from before the block would bypass the mask
             keep = mask.tensors.get(name)
-            if keep is None or not keep.any():
+            if keep is None or count_nonzero(keep) == 0:
                 p.requires_grad_(False)
                 continue
             p.requires_grad_(True)
-            drop = ~keep.to(p.device)
+            drop = ~local(_laid_out_like(name, keep, p)).to(local(p).device)
             self._drop[name] = drop
             if drop.any():
-                self._frozen_values[name] = p.detach().masked_select(drop)
-                self._handles.append(p.register_hook(_zero_masked_out(drop)))
+                self._frozen_values[name] = local(p).detach().masked_select(drop)
+                self._handles.append(
+                    p.register_post_accumulate_grad_hook(_zero_masked_out_of_grad(drop)) if is_sharded(p)
+                    else p.register_hook(_zero_masked_out(drop))
+                )
         self._params = params
         self._buffers = {name: b.detach().clone() for name, b in model.named_buffers()} if buffers == "freeze" else {}
         if optimizer is not None:
@@ -70,7 +81,7 @@ class MaskedTraining:
     def restore(self) -> None:
         """Write the masked-out weights (and frozen buffers) back to their values on entry."""
         for name, values in self._frozen_values.items():
-            self._params[name].masked_scatter_(self._drop[name], values)
+            local(self._params[name]).masked_scatter_(self._drop[name], values)
         if self._buffers:
             live = dict(self.model.named_buffers())
             for name, value in self._buffers.items():
@@ -90,9 +101,27 @@ class MaskedTraining:
         return [self._params[name] for name in self._drop]
 
 
+def _laid_out_like(name: str, keep: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The mask entry sharded like its parameter: a whole entry of a sharded parameter is cut to its shard."""
+    if is_sharded(keep) and (not is_sharded(param) or keep.placements != param.placements):
+        raise SafeEditError(
+            f"mask entry {name!r} is sharded as {keep.placements} but its parameter is "
+            f"{getattr(param, 'placements', 'whole')}; pass mask.full_tensor() (or the mask sharded like the model)"
+        )
+    return shard_like(keep, param)
+
+
 def _zero_masked_out(drop: torch.Tensor):
     def hook(grad: torch.Tensor) -> torch.Tensor:
         return grad.masked_fill(drop, 0)
+
+    return hook
+
+
+def _zero_masked_out_of_grad(drop: torch.Tensor):
+    @torch.no_grad()
+    def hook(param: torch.Tensor) -> None:
+        local(param.grad).masked_fill_(drop, 0)
 
     return hook
 
