@@ -35,3 +35,11 @@ REFERENCES: dict[str, dict[str, dict[str, str]]] = {
                                       "floor", "limitations": _NOT_A_METHOD},
     },
 }
+
+# The `about` of the reference row (`retrain`) when the user gives the reference model (`reference: {model: PATH}`).
+GIVEN_REFERENCE = {
+    "summary": "your reference model (reference.model), trained without the forget data: what exact unlearning "
+               "would give",
+    "limitations": "Trained by you, not by this run: the record names its files by SHA-256, but that it never saw "
+                   "the forget data is your statement. It is scored with the model's tokenizer.",
+}
