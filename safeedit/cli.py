@@ -38,7 +38,9 @@ DATA_SPEC_HELP = (
     "Data specs: SOURCE[:SPLIT][[COLUMN=VALUE,COLUMN!=VALUE]] where SOURCE is an embedded set (digits, "
     "fashion-mnist), a .jsonl/.csv/.parquet file, a saved data set folder or a hub id; quote specs with "
     "brackets in a shell, "
-    'e.g. "digits:train[label=3]".'
+    'e.g. "digits:train[label=3]". Text is read from a \'text\' column; for a causal language model, a file of '
+    'question-answer rows ({"question": ..., "answer": ...} or {"messages": [user turn, assistant turn]} per line, '
+    "as llm-unlearning scenarios read them) is read through the model's chat template, the loss on the answer only."
 )
 
 
@@ -303,6 +305,7 @@ def _options(pairs: Sequence[str]) -> dict:
 
 def _compute(args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safeedit.data import load_data, make_loader
+    from safeedit.data.qa_files import dataset_chat_examples
     from safeedit.models import load_model
 
     if not args.model or not args.score:
@@ -316,6 +319,7 @@ def _compute(args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], dict[st
     extra = [role for role in given if role not in spec.roles]
     if extra:
         raise SafeEditError(f"score '{args.score}' does not read " + ", ".join(f"--{r}" for r in extra))
+    chats = _question_answer_data(given)  # read and checked before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model, args.weights, trust_remote_code=args.trust_remote_code, progress=not args.quiet)
@@ -323,13 +327,19 @@ def _compute(args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], dict[st
     if device.type == "cuda" and dist.is_initialized():
         device = torch.device("cuda", torch.cuda.current_device())
     model = loaded.model.to(device)
-    datasets_by_role = {role: load_data(text) for role, text in given.items()}
+    datasets_by_role = {role: load_data(text) for role, text in given.items() if role not in chats}
+    for role, dataset in list(datasets_by_role.items()):  # a folder or hub data set of question-answer rows
+        examples = dataset_chat_examples(dataset, f"data {given[role]!r}")
+        if examples is not None:
+            chats[role] = examples
+            del datasets_by_role[role]
     if "forget" in datasets_by_role and "retain" in datasets_by_role:
         _check_disjoint(datasets_by_role["forget"], datasets_by_role["retain"])
     loaders = {
         role: make_loader(ds, model, loaded.tokenizer, args.batch_size, args.max_length)
         for role, ds in datasets_by_role.items()
     }
+    loaders.update(_chat_loaders(chats, given, model, loaded.tokenizer, args))
     scores = compute_scores(
         model, args.score, loaders, include=args.include, exclude=args.exclude, options=options, progress=not args.quiet
     )
@@ -339,9 +349,38 @@ def _compute(args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], dict[st
         "model": args.model,
         "source_weights_sha256": loaded.weights_sha256,
         **{f"data_{role}": text for role, text in given.items()},
-        **{f"examples_{role}": str(len(ds)) for role, ds in datasets_by_role.items()},
+        **{f"examples_{role}": str(len(ds)) for role, ds in [*datasets_by_role.items(), *chats.items()]},
     }
     return scores, metadata
+
+
+def _question_answer_data(given: dict[str, str]) -> dict:
+    """role -> chat examples, for the data specs that name local question-answer files (`question`/`answer` or
+    `messages` rows, as scenarios read them; `safeedit.data.qa_files`)."""
+    from safeedit.data.qa_files import spec_chat_examples
+
+    read = {role: spec_chat_examples(text) for role, text in given.items()}
+    return {role: examples for role, examples in read.items() if examples is not None}
+
+
+def _chat_loaders(chats: dict, given: dict[str, str], model, tokenizer, args: argparse.Namespace) -> dict:
+    """Batches of question-answer data for a causal LM: through its chat template, loss on the answer tokens only
+    (what the LLM unlearning objectives and `npo+wagle` masks read)."""
+    from safeedit.data.chat import chat_loader
+    from safeedit.data.loaders import is_causal_lm
+    from safeedit.unlearn.lm_objectives import check_forget_retain
+
+    if not chats:
+        return {}
+    role = next(iter(chats))
+    if not is_causal_lm(model) or tokenizer is None:
+        raise SafeEditError(f"--{role} {given[role]} holds questions and answers, which a causal language model "
+                            f"reads through its chat template; {args.model} is not one (give a *ForCausalLM folder "
+                            "with its tokenizer, or data with a 'text' column)")
+    if "forget" in chats and "retain" in chats:
+        check_forget_retain(chats["forget"], chats["retain"])
+    return {role: chat_loader(tokenizer, examples, args.batch_size, args.max_length)
+            for role, examples in chats.items()}
 
 
 def _check_disjoint(forget, retain) -> None:

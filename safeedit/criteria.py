@@ -72,6 +72,10 @@ class Criterion(BaseModel):
         parts = self.parts
         return {name for name in (parts["result"], parts["rhs_result"]) if name}
 
+    def metrics_named(self) -> set[str]:
+        parts = self.parts
+        return {name for name in (parts["metric"], parts["rhs_metric"]) if name}
+
     def evaluate(self, results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         """Check against a record's `results`; returns the criterion's row of the verdict."""
         parts = self.parts
@@ -112,6 +116,17 @@ def check_names(criteria: list[Criterion], result_names: set[str]) -> None:
                 f"criterion {criterion.check!r} names {sorted(unknown)[0]!r}, which this scenario does not "
                 f"produce; choose from {', '.join(sorted(result_names))}"
             )
+
+
+def check_metrics(criteria: list[Criterion], measured: set[str], fixes: Mapping[str, str]) -> None:
+    """Fail early when a criterion names a metric the scenario will not measure (`measured`: every metric its
+    results will hold), saying what would measure it (`fixes`: metric -> how) or which metrics exist."""
+    for criterion in criteria:
+        unknown = sorted(criterion.metrics_named() - measured)
+        if unknown:
+            fix = fixes.get(unknown[0]) or f"this scenario measures {', '.join(sorted(measured))}"
+            raise SafeEditError(f"criterion {criterion.check!r} needs {unknown[0]}, which this scenario does not "
+                                f"measure; {fix}")
 
 
 def verdict(criteria: list[Criterion], results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

@@ -23,10 +23,12 @@ from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_seria
 
 from safeedit.attacks.backdoor import TriggerSpec
 from safeedit.config import Seed, Strict
-from safeedit.criteria import Criterion, check_names
+from safeedit.criteria import Criterion, check_metrics, check_names
 from safeedit.data.forget import ForgetRequest
 from safeedit.data.prompts import SafetySizes
+from safeedit.data.qa_files import QAFiles, read_qa_files
 from safeedit.errors import SafeEditError, first_problem
+from safeedit.eval.qa import qa_metric_names
 from safeedit.methods import MethodSpec, get_method, resolve
 from safeedit.models.encoders import FinetuneRecipe
 from safeedit.models.lm_training import FinetuneOptions
@@ -123,6 +125,9 @@ class ScenarioCore(Strict):
     def method_defaults(self, spec: MethodSpec) -> dict[str, Any]:
         """Options method `spec` starts from before its own overrides (e.g. the scenario's `pruning:` section)."""
         return {}
+
+    def check_inputs(self) -> None:
+        """Read and check the files the scenario names, before any model loads (default: nothing to read here)."""
 
     def method_spec(self, name: str) -> MethodSpec:
         """The registered method `name` (for `<objective>+<mask>` names, the objective's)."""
@@ -324,6 +329,24 @@ class CapitalsSection(Strict):
     fluency_texts: int = Field(default=40, ge=1, description="held-out Wikipedia summaries for perplexity")
 
 
+class QAFilesSection(Strict):
+    """Your own question-answer files (JSON Lines; the row format is in `safeedit.data.qa_files`): the model named in
+    `model` is unlearned as it is. Paths are relative to the working folder."""
+
+    protocol: Literal["files"] = Field(description="implied when the section names a retain file")
+    forget: str = Field(description="questions and answers to forget (.jsonl, .json or .csv)")
+    retain: str = Field(description="questions and answers to keep (the objectives' retain term, retain metrics)")
+    holdout: str | None = Field(default=None, description="questions and answers the model never saw: the "
+                                                          "membership attack's non-members (mia_auc)")
+    perturbed: str | None = Field(default=None, description="wrong answers by question (truth ratio, forget "
+                                                            "quality); or 'perturbed' in each forget row")
+
+
+class LMReference(Strict):
+    model: str = Field(description="your model fine-tuned without the forget data (a save_pretrained folder): the "
+                                   "reference of forget quality")
+
+
 class LMEvaluation(Strict):
     max_new_tokens: int = Field(default=48, ge=4, description="greedy answer length (ROUGE-L, accuracy)")
     retain_questions: int = Field(default=40, ge=1, description="retain questions evaluated (a seeded subset)")
@@ -339,7 +362,9 @@ class LMScenario(ScenarioCore):
     method_kind: ClassVar[str] = "llm-unlearning"
     masked_names: ClassVar[bool] = True
     model: ModelSection
-    data: AuthorsSection | CapitalsSection = Field(discriminator="protocol")
+    data: AuthorsSection | CapitalsSection | QAFilesSection = Field(discriminator="protocol")
+    reference: LMReference | None = Field(
+        default=None, description="your own files: a model fine-tuned without the forget data (forget quality)")
     finetune: FinetuneOptions = Field(
         default=FinetuneOptions(lora_rank=0, epochs=5, lr=5e-5),
         description="fictitious authors: how the model to unlearn (all authors) and the reference (retain "
@@ -351,6 +376,67 @@ class LMScenario(ScenarioCore):
     evaluation: LMEvaluation = LMEvaluation()
     save_weights: list[str] | None = Field(
         default=None, description="methods whose edited weights are written (default: the first method)")
+
+    _files: QAFiles | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _files_protocol(cls, raw: Any) -> Any:
+        """`data: {forget: F.jsonl, retain: R.jsonl, ...}` without a protocol is `protocol: files`."""
+        data = raw.get("data") if isinstance(raw, dict) else None
+        if (isinstance(data, dict) and "protocol" not in data and not isinstance(data.get("forget"), int)
+                and {"forget", "retain", "holdout", "perturbed"} & set(data)):
+            return {**raw, "data": {"protocol": "files", **data}}
+        return raw
+
+    @model_validator(mode="after")
+    def _sections_of_the_protocol(self) -> LMScenario:
+        files = isinstance(self.data, QAFilesSection)
+        if self.reference is not None and not files:
+            raise ValueError(f"reference: applies to your own files (data: {{forget: ..., retain: ...}}); protocol "
+                             f"{self.data.protocol} makes its own reference (retrain) or has none: remove reference")
+        fields = type(self).model_fields
+        own = [name for name in ("finetune", "retrain") if files and getattr(self, name) != fields[name].default]
+        if own:
+            raise ValueError(f"{own[0]}: applies to protocol fictitious-authors, which fine-tunes the model and its "
+                             "reference; your own files unlearn the model as it is, and reference: {model: PATH} "
+                             f"names your model fine-tuned without the forget data: remove {own[0]}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _stated(self, handler: Any) -> dict[str, Any]:
+        """The scenario as stated: `reference` only when given (records of the other protocols keep their shape)."""
+        data = handler(self)
+        if data.get("reference") is None:
+            data.pop("reference", None)
+        return data
+
+    def qa_files(self) -> QAFiles:
+        """Your own files, read and checked once (`check_inputs` reads them before any model loads)."""
+        if self._files is None:
+            data = self.data
+            self._files = read_qa_files(data.forget, data.retain, data.holdout, data.perturbed)
+        return self._files
+
+    def check_inputs(self) -> None:
+        if not isinstance(self.data, QAFilesSection):
+            return
+        files = self.qa_files()
+        if self.reference is not None:
+            from safeedit.models.language import check_reference_folder
+
+            check_reference_folder(self.reference.model, self.model.name)
+        measured = qa_metric_names(files.forget.has_perturbed(), files.retain.has_perturbed(),
+                                   files.holdout is not None, self.reference is not None, retain_perplexity=True)
+        perturbed = "give wrong answers for every forget question (data.perturbed, or 'perturbed' in each row)"
+        fixes = {"mia_auc": "give data.holdout: questions and answers the model never saw",
+                 "truth_ratio_forget": perturbed,
+                 "forget_quality": perturbed if not files.forget.has_perturbed() else
+                 "give reference: {model: PATH}, your model fine-tuned without the forget data",
+                 "truth_ratio_retain": "give wrong answers for every retain question (data.perturbed, or "
+                                       "'perturbed' in each row)",
+                 **dict.fromkeys(("forget_accuracy", "retain_accuracy"), "it is measured for protocol: capitals")}
+        check_metrics(self.criteria, measured, fixes)
 
     def method_defaults(self, spec: MethodSpec) -> dict[str, Any]:
         return LMUnlearnDefaults.for_method(self.unlearning, spec.options)
@@ -366,6 +452,8 @@ class LMScenario(ScenarioCore):
         return self.save_weights if self.save_weights is not None else list(self.methods)[:1]
 
     def has_reference(self) -> bool:
+        if isinstance(self.data, QAFilesSection):
+            return self.reference is not None
         return isinstance(self.data, AuthorsSection) and self.retrain
 
     def result_names(self) -> set[str]:
@@ -409,6 +497,7 @@ def load_scenario(path: str | Path) -> ScenarioCore:
     scenario.method_options()
     try:
         check_names(scenario.criteria, scenario.result_names())
+        scenario.check_inputs()
     except SafeEditError as error:
         raise SafeEditError(f"{path}: {error}") from None
     return scenario

@@ -10,7 +10,8 @@ aggregate_eval_stat.py), and open-unlearning, github.com/locuslab/open-unlearnin
 - forget quality: p-value of the two-sample KS test between the unlearned and the retrained model's forget-set R;
 - ROUGE-L recall of generated answers against the gold answers; model utility: harmonic mean of the retain metrics;
 - Min-k% Prob membership inference (Shi et al. 2024) with open-unlearning's conventions (k = 0.4, the lowest
-  max(1, int(k * n)) token log-probs, a final end-of-sequence token not scored) and its ROC-AUC; perplexity.
+  max(1, int(k * n)) token log-probs, a final end-of-sequence token not scored) and its ROC-AUC; perplexity of
+  plain text, and of answers given their questions.
 """
 
 from __future__ import annotations
@@ -291,6 +292,16 @@ def min_k_auc(member_scores: np.ndarray | Sequence[float], nonmember_scores: np.
     _check_nonempty(others, "non-member scores")
     labels = np.concatenate([np.ones(len(members)), np.zeros(len(others))])
     return float(roc_auc_score(labels, np.concatenate([members, others])))
+
+
+def answer_perplexity(logprobs: Sequence[torch.Tensor]) -> float:
+    """exp(total NLL / total scored tokens) over answers scored by `answer_logprobs` (teacher-forced, given their
+    questions through the chat template): the perplexity of the answers themselves, every token weighted alike."""
+    _check_nonempty(logprobs, "log-probability tensors")
+    total = torch.cat([values.detach().double().reshape(-1).cpu() for values in logprobs])
+    if total.numel() == 0:
+        raise SafeEditError("no token log-probabilities given; an answer needs at least one scored token")
+    return float(torch.exp(-total.sum() / total.numel()))
 
 
 @torch.no_grad()

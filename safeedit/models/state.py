@@ -37,3 +37,15 @@ def check_finite(model: nn.Module | Mapping[str, torch.Tensor], source: str) -> 
     for name, tensor in tensors.items():
         if torch.is_floating_point(tensor) and not torch.isfinite(tensor).all():
             raise SafeEditError(f"{source}: tensor {name!r} holds NaN or infinite values; the checkpoint is corrupt")
+
+
+def check_same_architecture(model: nn.Module, other: nn.Module, source: str) -> None:
+    """Refuse `other` (named `source`) unless it has `model`'s parameter names and shapes: a reference or a
+    comparison model must be the same network, not only the same kind."""
+    mine = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    theirs = {name: tuple(p.shape) for name, p in other.state_dict().items()}
+    differs = next((name for name in sorted(mine.keys() | theirs.keys()) if mine.get(name) != theirs.get(name)), None)
+    if differs is not None:
+        raise SafeEditError(f"{source}: tensor {differs!r} is {theirs.get(differs, 'missing')} there but "
+                            f"{mine.get(differs, 'missing')} in the model; it belongs to another architecture: give a "
+                            "model fine-tuned from the same base")

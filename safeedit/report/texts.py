@@ -140,21 +140,24 @@ _LLM_ERASURE = Obligation(
 )
 KINDS["llm-unlearning"] = KindText(
     title="Removal of facts from a language model",
-    headline_metrics=("forget_quality", "truth_ratio_forget", "rouge_l_forget", "rouge_l_retain", "model_utility",
-                      "mia_auc", "forget_accuracy", "retain_accuracy", "perplexity"),
-    higher_is_better={"forget_quality": True, "rouge_l_retain": True, "model_utility": True,
-                      "retain_accuracy": True},
+    headline_metrics=("forget_quality", "truth_ratio_forget", "rouge_l_forget", "rouge_l_retain", "probability_forget",
+                      "probability_retain", "model_utility", "mia_auc", "forget_accuracy", "retain_accuracy",
+                      "perplexity"),
+    higher_is_better={"forget_quality": True, "rouge_l_retain": True, "probability_retain": True,
+                      "model_utility": True, "retain_accuracy": True},
     reading=(
         "Forget quality is the p-value of a Kolmogorov-Smirnov test between the truth ratios of the edited model "
         "and of a model fine-tuned without the forget data, on the forget questions: high (≥ 0.05) means the two "
         "cannot be told apart. The truth ratio compares the probability of wrong answers with that of the true "
         "answer reworded; on the forget set it is reported as mean min(R, 1/R), 1 meaning the model no longer "
         "prefers the truth. ROUGE-L recall measures how much of the true answer the model's greedy answer repeats "
-        "(forget: lower is more forgotten; retain: the cost). Model utility is the harmonic mean of answer "
-        "probability, truth ratio and ROUGE-L on retained questions. The membership AUC (Min-k% probability) "
-        "separates forget answers from answers the model never saw: 0.5 means no trace. For facts learned in "
-        "pre-training, forget and retain accuracy are the shares of questions answered correctly, and perplexity "
-        "on held-out Wikipedia text measures fluency."
+        "(forget: lower is more forgotten; retain: the cost). Answer probability is the per-token probability of "
+        "the true answer (forget: lower is more forgotten; retain: the cost). Model utility is the harmonic mean "
+        "of answer probability, truth ratio and ROUGE-L on retained questions (those measured: the notes name "
+        "them). The membership AUC (Min-k% probability) separates forget answers from answers the model never "
+        "saw: 0.5 means no trace. For facts learned in pre-training, forget and retain accuracy are the shares of "
+        "questions answered correctly, and perplexity on held-out Wikipedia text measures fluency; for your own "
+        "files, perplexity is that of the retained answers (lower is better)."
     ),
     obligations=(_LLM_ERASURE, _ROBUSTNESS),
 )

@@ -1,11 +1,12 @@
-"""The LLM unlearning job: build the setting (fictitious authors or known capitals), run each `<objective>[+<mask>]`
-method (registered, kind `llm-unlearning`) on the same model, evaluate with the protocol's metrics, write masks,
-weights and the record (the loop itself is `safeedit.runners.job`).
+"""The LLM unlearning job: build the setting (fictitious authors, known capitals or the user's own question files),
+run each `<objective>[+<mask>]` method (registered, kind `llm-unlearning`) on the same model, evaluate with the
+protocol's metrics, write masks, weights and the record (the loop itself is `safeedit.runners.job`).
 
 Fictitious authors: the model to unlearn is the base model fine-tuned on every trained author, the reference the
 same fine-tune on the retain authors only; both are cached (they are the setting, not the method) and recorded as
 inputs with their hashes. Capitals: the base model is the model to unlearn; only the capitals it answers correctly
-are used, and there is no retrained reference.
+are used, and there is no retrained reference. Own files: the model is unlearned as it is; the files (read and
+checked when the scenario was loaded) and the optional reference folder are recorded as inputs with their hashes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from torch import nn
 
 from safeedit.data.authors import fictitious_authors, qa_fingerprint, retain_subset
 from safeedit.data.capitals import CAPITAL_ANSWER_TOKENS, capital_facts, capitals_setting, known_capitals
-from safeedit.eval.qa import authors_metrics, capitals_metrics, metric_note
+from safeedit.data.qa_files import QAFiles
+from safeedit.eval.qa import QAEvaluation, QASets, capitals_metrics, metric_note, qa_metrics, utility_parts
 from safeedit.eval.weights import weight_changes
 from safeedit.io import sha256_file
 from safeedit.methods import EditResult, MethodSpec, resolve
@@ -25,13 +27,15 @@ from safeedit.models.cache import cached_finetune
 from safeedit.progress import say
 from safeedit.runners.common import OutputWriter, input_entries
 from safeedit.runners.job import Job
-from safeedit.scenario import AuthorsSection, CapitalsSection, LMScenario
+from safeedit.runners.references import GIVEN_REFERENCE
+from safeedit.scenario import AuthorsSection, CapitalsSection, LMScenario, QAFilesSection
 from safeedit.unlearn.wagle import KIND, LMUnlearnSetting, about
 
 
 class LanguageJob(Job):
-    """LLM unlearning: the model to unlearn (and, for fictitious authors, the retrain reference) is the setting;
-    each method is an objective, optionally confined to the mask its name gives (`npo+wagle`)."""
+    """LLM unlearning: the model to unlearn and its reference (fictitious authors: the retain-only fine-tune; own
+    files: the user's `reference.model`, if given) are the setting; each method is an objective, optionally confined
+    to the mask its name gives (`npo+wagle`)."""
 
     kind = KIND
     scenario: LMScenario
@@ -42,8 +46,11 @@ class LanguageJob(Job):
         self.inputs: dict[str, dict[str, str]] = {"model weights": self.loaded.files}
         self.notes: list[str] = []
         self.reference_ratios: np.ndarray | None = None
+        self.qa: QASets | None = None  # the question sets of fictitious authors and own files (capitals: None)
         if isinstance(scenario.data, AuthorsSection):
             source_sha = self.prepare_authors(base, scenario.data)
+        elif isinstance(scenario.data, QAFilesSection):
+            source_sha = self.prepare_files(base)
         else:
             source_sha = self.prepare_capitals(base, scenario.data)
         self.examples_per_epoch = len(self.forget_chats)  # an epoch passes over the forget set
@@ -58,8 +65,8 @@ class LanguageJob(Job):
         scenario, loaded, progress = self.scenario, self.loaded, self.progress
         data = fictitious_authors(section.authors, section.questions_per_author, section.holdout_authors,
                                   section.forget_ratio, section.perturbed, section.seed, section.split_seed)
-        self.authors = data
-        self.eval_retain = retain_subset(data.retain, scenario.evaluation.retain_questions, scenario.seed)
+        eval_retain = retain_subset(data.retain, scenario.evaluation.retain_questions, scenario.seed)
+        self.qa = QASets(data.forget, eval_retain, data.holdout)
         self.original, original_path = cached_finetune(
             base, self.tokenizer, [q.chat() for q in data.train()], scenario.finetune, scenario.seed,
             "authors-all", loaded.weights_sha256, progress)
@@ -71,7 +78,7 @@ class LanguageJob(Job):
                 "authors-retain", loaded.weights_sha256, progress)
             self.inputs["reference (fine-tuned on the retain authors only, cached)"] = {
                 str(reference_path): sha256_file(reference_path)}
-            retrained = self.authors_evaluation(reference, "retrain", None)
+            retrained = self.qa_evaluation(reference, "retrain", None)
             self.reference_ratios = retrained.forget_ratios
             self.results["retrain"] = {"metrics": {"after": retrained.metrics}, "wall_time_s": None,
                                        "about": self.references["retrain"]}
@@ -80,16 +87,49 @@ class LanguageJob(Job):
         self.notes.append(metric_note(scenario.evaluation.min_k))
         self.notes.append(
             f"{len(data.forget_authors)} of {section.authors} fictitious authors are forgotten ({len(data.forget)} "
-            f"questions); retain metrics read {len(self.eval_retain)} of {len(data.retain)} retain questions; the "
+            f"questions); retain metrics read {len(eval_retain)} of {len(data.retain)} retain questions; the "
             f"membership attack compares the forget answers with answers about {section.holdout_authors} authors the "
             "model never saw.")
         return source_sha
+
+    def prepare_files(self, base: nn.Module) -> str:
+        """The user's files (read when the scenario was loaded) and, when given, the reference model, evaluated here
+        and then freed; returns the SHA-256 of the model's weights."""
+        scenario, evaluation = self.scenario, self.scenario.evaluation
+        files = scenario.qa_files()
+        self.original = base
+        self.inputs.update(files.inputs())
+        retain = retain_subset(files.retain.items, evaluation.retain_questions, scenario.seed)
+        self.qa = QASets(files.forget.items, retain, files.holdout.items if files.holdout else None,
+                         retain_perplexity=True)
+        self.forget_chats, self.retain_chats = files.forget.chats(), files.retain.chats()
+        self.data_fingerprints = files.fingerprints()
+        if scenario.reference is not None:
+            self.results["retrain"] = self.given_reference(scenario.reference.model)
+        parts = utility_parts(files.retain.has_perturbed())
+        self.notes.append(metric_note(evaluation.min_k, parts))
+        self.notes.append(files_note(files, len(retain), scenario.reference is not None))
+        return self.loaded.weights_sha256
+
+    def given_reference(self, folder: str) -> dict[str, Any]:
+        """The reference row from the user's model trained without the forget data; keeps its forget truth ratios
+        for forget quality."""
+        from safeedit.models.language import load_language_model
+        from safeedit.models.state import check_same_architecture
+
+        say(f"loading the reference {folder}", self.progress)
+        loaded = load_language_model(folder, self.scenario.model.trust_remote_code, self.progress)
+        check_same_architecture(self.original, loaded.model, f"reference.model {folder}")
+        self.inputs["reference model (reference.model)"] = loaded.files
+        evaluated = self.qa_evaluation(loaded.model.to(self.device), "the reference", None)
+        self.reference_ratios = evaluated.forget_ratios
+        return {"metrics": {"after": evaluated.metrics}, "wall_time_s": None, "about": GIVEN_REFERENCE}
 
     def prepare_capitals(self, base: nn.Module, section: CapitalsSection) -> str:
         """The capitals the base model (the model to unlearn) knows, split into forget and retain; returns the
         SHA-256 of the base weights."""
         evaluation = self.scenario.evaluation
-        self.original, self.authors = base, None
+        self.original = base
         facts = capital_facts()
         known = known_capitals(base, self.tokenizer, facts, CAPITAL_ANSWER_TOKENS, evaluation.batch_size)
         self.capitals = capitals = capitals_setting(known, section, evaluation.retain_questions, self.scenario.seed)
@@ -105,18 +145,18 @@ class LanguageJob(Job):
             "or capital. No retrained reference exists for knowledge learned in pre-training.")
         return self.loaded.weights_sha256
 
-    def authors_evaluation(self, model: nn.Module, name: str, reference_ratios: np.ndarray | None):
+    def qa_evaluation(self, model: nn.Module, name: str, reference_ratios: np.ndarray | None) -> QAEvaluation:
         evaluation = self.scenario.evaluation
         with self.timed_evaluation():
             say(f"evaluating {name}", self.progress)
-            return authors_metrics(model, self.tokenizer, self.authors.forget, self.eval_retain, self.authors.holdout,
-                                   reference_ratios, evaluation.max_new_tokens, evaluation.batch_size,
-                                   evaluation.min_k)
+            return qa_metrics(model, self.tokenizer, self.qa, reference_ratios, evaluation.max_new_tokens,
+                              evaluation.batch_size, evaluation.min_k)
 
     def measure(self, model: nn.Module, name: str) -> dict[str, float]:
-        """The protocol's metrics of `model` (fictitious authors: forget quality against the reference's)."""
-        if self.authors is not None:
-            return self.authors_evaluation(model, name, self.reference_ratios).metrics
+        """The protocol's metrics of `model` (forget quality against the reference's truth ratios, where there is
+        a reference)."""
+        if self.qa is not None:
+            return self.qa_evaluation(model, name, self.reference_ratios).metrics
         capitals, evaluation = self.capitals, self.scenario.evaluation
         with self.timed_evaluation():
             say(f"evaluating {name}", self.progress)
@@ -150,3 +190,24 @@ class LanguageJob(Job):
             "timings": self.timings(started),
             "notes": self.notes,
         }
+
+
+def files_note(files: QAFiles, evaluated_retain: int, reference: bool) -> str:
+    """What the record's metrics read of the user's files, and what was not measured for want of which file."""
+    retain = len(files.retain.items)
+    parts = [f"Your files: {len(files.forget.items)} forget questions ({files.forget.path}) and {retain} retain "
+             f"questions ({files.retain.path}); every retain question is used by the objectives' retain term, the "
+             f"retain metrics read {evaluated_retain} of them" + (" (a seeded subset)" if evaluated_retain < retain
+                                                                  else "") + ".",
+             "Perplexity is that of the retain answers given their questions (through the chat template, the end "
+             "of turn included)."]
+    if files.holdout is not None:
+        parts.append(f"The membership attack compares the forget answers with {len(files.holdout.items)} held-out "
+                     f"answers ({files.holdout.path}) the model never saw.")
+    else:
+        parts.append("No held-out questions (data.holdout), so no membership attack (mia_auc).")
+    if not files.forget.has_perturbed():
+        parts.append("No perturbed answers for the forget questions, so no truth ratio or forget quality.")
+    elif not reference:
+        parts.append("No reference model (reference.model), so no forget quality.")
+    return " ".join(parts)

@@ -68,3 +68,11 @@ CLASSIFICATION_REFERENCE_NOTES: dict[str, str] = {
 # Added to the from-scratch note for a model that is not embedded: it was most likely fine-tuned from a checkpoint.
 SCRATCH_FOR_FINE_TUNED = ("For a model fine-tuned from a pretrained checkpoint, reference: {from: BASE} (the base "
                           "fine-tuned on the retain rows) is the model trained without the data.")
+
+# The `about` of the reference row (`retrain`) when the user gives the reference model (`reference: {model: PATH}`).
+GIVEN_REFERENCE = {
+    "summary": "your reference model (reference.model), trained without the forget data: what exact unlearning "
+               "would give",
+    "limitations": "Trained by you, not by this run: the record names its files by SHA-256, but that it never saw "
+                   "the forget data is your statement. It is scored with the model's tokenizer.",
+}
