@@ -35,3 +35,12 @@ REFERENCES: dict[str, dict[str, dict[str, str]]] = {
                                       "floor", "limitations": _NOT_A_METHOD},
     },
 }
+
+# A repair of the user's own fine-tuned model (`harmful-finetune` with `calibration:`): no alignment, no attack.
+REPAIR_REFERENCES: dict[str, dict[str, str]] = {
+    "original": {"summary": "your fine-tuned model as given, before any edit: what every method prunes",
+                 "limitations": _NOT_A_METHOD},
+    "base": {"summary": "the model before your fine-tune (base:), as given",
+             "limitations": "Reference only: how the model behaved before the fine-tune; target: update moves the "
+                            "selected weights back to their values here."},
+}
