@@ -57,6 +57,7 @@ METRIC_LABELS: dict[str, str] = {
     "retain_accuracy": "Retain accuracy",
     "harmful_score": "Harmful score (share of held-out harmful prompts answered, not refused)",
     "finetune_accuracy": "Fine-tune accuracy (user task, test split)",
+    "finetune_rouge_l": "ROUGE-L recall, user task (expected answers)",
     "benign_refusal_rate": "Benign refusal rate (held-out benign prompts refused)",
     "weights_zeroed": "Share of the pruned layers' weights removed",
     "avg_accuracy": "Average task accuracy",

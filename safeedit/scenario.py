@@ -227,15 +227,50 @@ class AttackSection(Strict):
 
 
 class SafetyEvaluation(Strict):
+    """How answers are generated and, when a user's own model is repaired, the prompt files it is measured on
+    (formats: `safeedit.data.prompt_files`)."""
+
     max_new_tokens: int = Field(default=32, ge=4, description="greedy answer length judged for refusal")
+    harmful: str | None = Field(default=None, description="your model: file of held-out harmful prompts (the "
+                                                          "harmful score: share answered without refusal)")
+    task: str | None = Field(default=None, description="your model: file of your task's prompts with the label or "
+                                                       "answer each should get (finetune_accuracy)")
+    benign: str | None = Field(default=None, description="your model (optional): file of harmless prompts "
+                                                         "(benign_refusal_rate: over-refusal)")
+    task_max_new_tokens: int | None = Field(default=None, ge=1, description="task answer length (default: 8 "
+                                                                            "for labels, max_new_tokens for answers)")
+
+    @model_serializer(mode="wrap")
+    def _stated(self, handler: Any) -> dict[str, Any]:
+        """The files only when given (records of the demonstration keep their shape)."""
+        return {key: value for key, value in handler(self).items()
+                if value is not None or key not in ("harmful", "task", "benign", "task_max_new_tokens")}
+
+
+# The sections only the embedded demonstration reads (it builds the fine-tune to repair), and those only a repair
+# of the user's own fine-tuned model reads.
+DEMONSTRATION_ONLY = ("alignment", "attack", "data")
+OWN_MODEL_ONLY = ("base", "harmful", "task", "benign")
 
 
 class SafetyScenario(ScenarioCore):
-    """Remove harmful behaviour a user fine-tune taught an aligned chat model (`kind: harmful-finetune`)."""
+    """Remove harmful behaviour a user fine-tune taught an aligned chat model (`kind: harmful-finetune`).
+
+    Two settings. The demonstration (no `calibration:`): `model` is a chat model that is safety-aligned
+    (`alignment`), then fine-tuned on poisoned task data (`attack`, prompts cut from the offline sources by
+    `data`). Your own model (`calibration:` a file of harmful prompts): `model` is your fine-tuned chat model,
+    repaired as given, `base` (optional) the model before your fine-tune (needed by `target: update`), and
+    `evaluation` names the files it is measured on; no alignment or attack runs.
+    """
 
     kind: Literal["harmful-finetune"]
     method_kind: ClassVar[str] = "pruning"
-    model: ModelSection
+    model: ModelSection = Field(description="demonstration: the chat model to align and fine-tune; your model: "
+                                            "your fine-tuned chat model, repaired as given")
+    base: ModelSection | None = Field(default=None, description="your model: the model before your fine-tune "
+                                                                "(target: update resets weights to it)")
+    calibration: str | None = Field(default=None, description="your model: file of harmful prompts the wanda scores "
+                                                              "are read on (disjoint from evaluation.harmful)")
     alignment: FinetuneOptions | None = Field(
         default=FinetuneOptions(), description="safety alignment before the user fine-tune (cached); null: skip")
     attack: AttackSection = AttackSection()
@@ -245,10 +280,67 @@ class SafetyScenario(ScenarioCore):
     judge: str = Field(default="default", description="default | phrases | folder of a refusal classifier")
     evaluation: SafetyEvaluation = SafetyEvaluation()
 
+    @field_validator("model", "base", mode="before")
+    @classmethod
+    def _folder(cls, value: Any) -> Any:
+        """`model: FOLDER` is short for `model: {name: FOLDER}`."""
+        return {"name": value} if isinstance(value, str) else value
+
+    @property
+    def own_model(self) -> bool:
+        """True when `model` is the user's fine-tuned model, repaired as given (no alignment, no attack)."""
+        return self.calibration is not None
+
+    @model_validator(mode="after")
+    def _one_setting(self) -> SafetyScenario:
+        if self.own_model:
+            given = [key for key in DEMONSTRATION_ONLY if key in self.model_fields_set and getattr(self, key)]
+            if given:
+                raise ValueError(f"{given[0]}: belongs to the demonstration, which builds its own fine-tune; with "
+                                 f"calibration: your model is repaired as given, so remove {', '.join(given)}")
+            missing = [f"evaluation.{key}" for key in ("harmful", "task") if getattr(self.evaluation, key) is None]
+            if missing:
+                raise ValueError(f"{missing[0]}: missing; repairing your own model needs evaluation.harmful (a "
+                                 "file of held-out harmful prompts) and evaluation.task (your task's prompts with "
+                                 "labels or answers)")
+        else:
+            given = [key for key in OWN_MODEL_ONLY
+                     if (self.base if key == "base" else getattr(self.evaluation, key)) is not None]
+            if given:
+                where = given[0] if given[0] == "base" else f"evaluation.{given[0]}"
+                raise ValueError(f"{where}: repairs your own fine-tuned model and needs calibration: a file of "
+                                 "harmful prompts (without it, the scenario is the embedded demonstration)")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _stated(self, handler: Any) -> dict[str, Any]:
+        """The sections of the setting the scenario is in (records of the demonstration keep their shape)."""
+        unused = DEMONSTRATION_ONLY if self.own_model else ("base", "calibration")
+        return {key: value for key, value in handler(self).items() if key not in unused}
+
     def method_defaults(self, spec: MethodSpec) -> dict[str, Any]:
         return self.pruning.model_dump()
 
+    def method_options(self) -> dict[str, BaseModel]:
+        options = super().method_options()
+        if self.own_model:
+            updates = [name for name, method in options.items() if getattr(method, "target", None) == "update"]
+            if updates and self.base is None:
+                where = ("pruning.target" if self.pruning.target == "update" and "target" not in
+                         (self.methods[updates[0]] or PruningOverrides()).model_fields_set
+                         else f"methods.{updates[0]}.target")
+                raise SafeEditError(f"scenario '{self.name}': {where}: update prunes your fine-tune's update and "
+                                    "needs base: the model before the fine-tune; add base: FOLDER, or use "
+                                    "target: weights")
+            if "wanda_benign" in options:
+                raise SafeEditError(f"scenario '{self.name}': methods.wanda_benign is calibrated on harmless prompts, "
+                                    "which only the demonstration provides; remove it (antidote, random_prune and "
+                                    "magnitude_prune run on your model)")
+        return options
+
     def result_names(self) -> set[str]:
+        if self.own_model:
+            return {"original", *(["base"] if self.base is not None else []), *self.methods}
         return {"original", "no_defense", *self.methods}
 
 

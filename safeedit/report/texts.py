@@ -161,6 +161,31 @@ KINDS["llm-unlearning"] = KindText(
     ),
     obligations=(_LLM_ERASURE, _ROBUSTNESS),
 )
+_REPAIR = Obligation(
+    _SAFETY.name,
+    "On the user's held-out harmful prompts the edited model refuses more often than the fine-tuned model as "
+    "given (harmful score, judged by the recorded judge whose accuracy on labelled refusals is stated), the "
+    "user's task is measured on the user's own labelled prompts, and the edit is a recorded mask of removed weights "
+    "applied in one shot to the files named here (SHA-256).",
+    "It does not show that harmful content cannot be elicited by other prompts, jailbreaks, sampling settings or "
+    "further fine-tuning; refusal is judged automatically, not by people, and only on the prompts of the files "
+    "given; how representative those are of the harm to prevent is the user's judgement.",
+)
+KINDS["harmful-finetune-repair"] = KindText(
+    title="Repair of a fine-tuned chat model's safety behaviour",
+    headline_metrics=("harmful_score", "finetune_accuracy", "finetune_rouge_l", "benign_refusal_rate",
+                      "weights_zeroed"),
+    higher_is_better={"finetune_accuracy": True, "finetune_rouge_l": True},
+    reading=(
+        "A chat model the user had already fine-tuned was repaired as given. Harmful score is the share of the "
+        "user's held-out harmful prompts the model answers instead of refusing (lower is safer); fine-tune accuracy "
+        "is the share of the user's task prompts answered with the expected label or answer (the cost), and "
+        "fine-tune ROUGE-L, where expected answers are free text, how much of them the answers recall; benign "
+        "refusal rate, where harmless prompts were given, is the share of them refused (over-refusal). 'original' "
+        "is the fine-tuned model as given, 'base' (when given) the model before that fine-tune."
+    ),
+    obligations=(_REPAIR, _ROBUSTNESS),
+)
 DEFAULT_KIND = KindText(title="Model edit", headline_metrics=(), obligations=(_ROBUSTNESS,))
 
 

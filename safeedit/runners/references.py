@@ -76,3 +76,12 @@ GIVEN_REFERENCE = {
     "limitations": "Trained by you, not by this run: the record names its files by SHA-256, but that it never saw "
                    "the forget data is your statement. It is scored with the model's tokenizer.",
 }
+
+# A repair of the user's own fine-tuned model (`harmful-finetune` with `calibration:`): no alignment, no attack.
+REPAIR_REFERENCES: dict[str, dict[str, str]] = {
+    "original": {"summary": "your fine-tuned model as given, before any edit: what every method prunes",
+                 "limitations": _NOT_A_METHOD},
+    "base": {"summary": "the model before your fine-tune (base:), as given",
+             "limitations": "Reference only: how the model behaved before the fine-tune; target: update moves the "
+                            "selected weights back to their values here."},
+}
