@@ -305,7 +305,7 @@ SCENARIO_CASES = [
     scenario_case("files-reference-missing", setting("reference.model", lambda c: str(c.inputs / "ref")),
                   "reference.model", "no such folder"),
     scenario_case("files-reference-other-architecture", setting("reference.model", other_architecture),
-                  "reference.model", "hidden_size 16 but the model 32"),
+                  "reference.model", "is [66, 16], the model's [66, 32]"),
     scenario_case("files-finetune-is-for-authors", setting("finetune", {"epochs": 1}),
                   "finetune: applies to protocol fictitious-authors"),
     scenario_case("files-reference-with-capitals", setting("data", {"protocol": "capitals"}),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import unittest.mock
 from pathlib import Path
 
@@ -83,13 +82,12 @@ def load_language_model(spec: str, trust_remote_code: bool = False, progress: bo
     return loaded
 
 
-# config.json keys that must agree between a model and its reference (the same base, fine-tuned differently)
-SAME_BASE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size")
-
-
 def check_reference_folder(reference: str, model: str, field: str = "reference.model") -> None:
-    """Before anything loads: `reference` is a model folder, not the model itself, and where both folders have a
-    readable config.json, of the same architecture (`SAME_BASE_KEYS`); the weights are compared after loading."""
+    """Before anything loads: `reference` is a model folder, not the model itself, and where the model is a folder
+    too, of the same configuration class, architecture and parameter shapes (from the configurations alone,
+    `safeedit.models.reference`); the weights are compared again after loading."""
+    from safeedit.models.reference import check_reference_architecture
+
     path = Path(reference)
     if not path.is_dir():
         raise SafeEditError(f"{field}: {path}: no such folder; give your model fine-tuned without the forget data, "
@@ -99,15 +97,5 @@ def check_reference_folder(reference: str, model: str, field: str = "reference.m
     if Path(model).is_dir() and path.resolve() == Path(model).resolve():
         raise SafeEditError(f"{field}: {path} is the model to unlearn itself; give a model fine-tuned without the "
                             "forget data")
-    configs = []
-    for folder in (path, Path(model)):
-        try:
-            configs.append(json.loads((folder / "config.json").read_text(encoding="utf-8")))
-        except (OSError, ValueError):  # no folder (an embedded model or a hub id) or a broken file: the loader says
-            return
-    ref_config, model_config = configs
-    for key in SAME_BASE_KEYS:
-        if key in ref_config and key in model_config and ref_config[key] != model_config[key]:
-            raise SafeEditError(f"{field}: {path} has {key} {ref_config[key]!r} but the model {model_config[key]!r}; "
-                                "the reference must be the same architecture, fine-tuned from the same base "
-                                "without the forget data")
+    if (Path(model) / "config.json").is_file():  # an embedded model or a hub id: checked once loaded
+        check_reference_architecture(model, reference, field)

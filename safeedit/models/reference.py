@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors import safe_open
 from torch import nn
 
 from safeedit.errors import SafeEditError
+from safeedit.models.compare import first_difference, safetensors_shapes
 from safeedit.models.loading import check_safetensors
 from safeedit.models.zoo import EMBEDDED_MODELS
 
@@ -89,20 +89,21 @@ def _meta_shapes(model_class: type[nn.Module], config: transformers.PretrainedCo
 
 def _shape_difference(reference: dict[str, tuple[int, ...]], model: dict[str, tuple[int, ...]]) -> str | None:
     """The first difference of two name -> shape maps, in words (None when equal)."""
-    for name, shape in model.items():
-        if name not in reference:
-            return f"parameter {name!r} only in the model"
-        if reference[name] != shape:
-            return f"parameter {name!r} is {list(reference[name])}, the model's {list(shape)}"
-    extra = sorted(set(reference) - set(model))
-    return f"parameter {extra[0]!r} not in the model" if extra else None
+    difference = first_difference(model, reference)
+    if difference is None:
+        return None
+    name, in_model, in_reference = difference
+    if in_reference is None:
+        return f"parameter {name!r} only in the model"
+    if in_model is None:
+        return f"parameter {name!r} not in the model"
+    return f"parameter {name!r} is {list(in_reference)}, the model's {list(in_model)}"
 
 
 def _check_embedded_file(model_name: str, path: str, field: str) -> None:
     """An embedded model's reference is a safetensors file of its architecture (names and shapes from the header)."""
     check_safetensors(Path(path))
-    with safe_open(path, framework="pt") as handle:
-        given = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+    given = safetensors_shapes(path)
     with torch.device("meta"):
         expected = {name: tuple(t.shape) for name, t in EMBEDDED_MODELS[model_name].build().state_dict().items()}
     difference = _shape_difference(given, expected)

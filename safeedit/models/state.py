@@ -42,10 +42,13 @@ def check_finite(model: nn.Module | Mapping[str, torch.Tensor], source: str) -> 
 def check_same_architecture(model: nn.Module, other: nn.Module, source: str) -> None:
     """Refuse `other` (named `source`) unless it has `model`'s parameter names and shapes: a reference or a
     comparison model must be the same network, not only the same kind."""
+    from safeedit.models.compare import first_difference
+
     mine = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     theirs = {name: tuple(p.shape) for name, p in other.state_dict().items()}
-    differs = next((name for name in sorted(mine.keys() | theirs.keys()) if mine.get(name) != theirs.get(name)), None)
-    if differs is not None:
-        raise SafeEditError(f"{source}: tensor {differs!r} is {theirs.get(differs, 'missing')} there but "
-                            f"{mine.get(differs, 'missing')} in the model; it belongs to another architecture: give a "
-                            "model fine-tuned from the same base")
+    difference = first_difference(mine, theirs)
+    if difference is not None:
+        name, in_model, in_other = difference
+        raise SafeEditError(f"{source}: tensor {name!r} is {in_other or 'missing'} there but {in_model or 'missing'} "
+                            "in the model; it belongs to another architecture: give a model fine-tuned from the same "
+                            "base")
