@@ -32,7 +32,7 @@ ROLE_HELP = {
     "calibration": "calibration data whose activations are measured (wanda)",
     "data": "data for the Fisher information (fisher)",
 }
-# The merges `safeedit merge` runs without data (the learned ones need a merge-backdoor scenario).
+# The merges `safeedit merge` runs without data (the learned ones need a kind: merge scenario with data).
 MERGE_COMMAND_METHODS = ("task_arithmetic", "ties", "dare")
 DATA_SPEC_HELP = (
     "Data specs: SOURCE[:SPLIT][[COLUMN=VALUE,COLUMN!=VALUE]] where SOURCE is an embedded set (digits, "
@@ -202,18 +202,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     merge = commands.add_parser(
-        "merge", help="merge fine-tuned models of one base with task arithmetic, TIES or DARE (data-free)",
-        description="Merge task models that share a base model's architecture: θ = θ₀ + λ Σ τᵢ (task arithmetic), "
-        "TIES, or DARE (each task vector's entries dropped at random and the rest rescaled, then task arithmetic). "
-        "Tensors matching --exclude (e.g. task heads) are taken from the base. Writes a save_pretrained folder "
-        "atomically; a mismatched architecture is refused before anything is written. For backdoor-aware merging "
-        "(DAM) and learned merges, use a merge-backdoor scenario.",
+        "merge", help="merge fine-tunes of one base model (task arithmetic, TIES, DARE; or a mergekit YAML)",
+        description="Merge task models fine-tuned from one base model: θ = θ₀ + λ Σ wᵢ τᵢ (task arithmetic), "
+        "TIES, or DARE (each task vector's entries dropped at random and the rest rescaled, then task arithmetic), "
+        "from arguments or from a mergekit configuration (--config: merge_method task_arithmetic, ties, dare_linear, "
+        "dare_ties or linear, per-model weight and density, lambda, normalize, dtype). Arithmetic is float32. "
+        "Classifier heads, parameters whose shape differs from the base and names matching --exclude keep the base "
+        "model's values; the record lists them. Writes OUT as a save_pretrained folder that is also a run folder "
+        "(record.json, report.html, manifest.json: `safeedit verify OUT`), whole or not at all; a task model of "
+        "another base is refused before anything is written. For learned and backdoor-aware merges (AdaMerging, "
+        "DAM) on your own models, write a kind: merge scenario.",
     )
-    merge.add_argument("base", help="the pretrained model: a folder with config.json and safetensors, or a hub id")
-    merge.add_argument("tasks", nargs="+", help="fine-tuned task models (folders or hub ids)")
+    merge.add_argument("base", nargs="?", help="the pretrained model: a folder with config.json and safetensors, or "
+                       "a hub id (not with --config)")
+    merge.add_argument("tasks", nargs="*", help="fine-tuned task models (folders or hub ids)")
+    merge.add_argument("--config", metavar="MERGE.yaml", help="a mergekit configuration (instead of BASE TASK...)")
     merge.add_argument("--out", required=True, help="output folder (must not exist)")
-    merge.add_argument("--method", choices=MERGE_COMMAND_METHODS, default="task_arithmetic")
-    # defaults (None here) come from each method's options class; merge.json records the values used
+    merge.add_argument("--method", choices=MERGE_COMMAND_METHODS, default=None,
+                       help="default task_arithmetic (with --config: its merge_method)")
+    # defaults (None here) come from each method's options class; the record holds the values used
     merge.add_argument("--scale", type=float, default=None, help="λ (default: the method's own)")
     merge.add_argument("--keep", type=float, default=None, help="TIES: share of each task vector kept")
     merge.add_argument("--trim", choices=("tensor", "global"), default=None,
@@ -223,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--density", type=float, default=None,
                        help="DARE: share of each task vector's entries kept, at random")
     merge.add_argument("--seed", type=_seed, default=0, help="DARE: seed of the random drop (default 0)")
-    merge.add_argument("--exclude", default=None, help="regular expression of tensor names not merged (heads)")
+    merge.add_argument("--exclude", default=None, help="regular expression of tensor names not merged")
+    merge.add_argument("--merge-heads", action="store_true",
+                       help="also merge classifier heads (only for task models fine-tuned for the same labels)")
+    merge.add_argument("--pdf", action="store_true", help="also print the report to PDF (headless Chromium)")
     merge.set_defaults(func=cmd_merge)
 
     report = commands.add_parser(
@@ -524,51 +534,75 @@ def _run_summary(record: dict, record_path, files) -> dict:
 def cmd_merge(args: argparse.Namespace) -> None:
     import re
 
-    from safeedit.io import atomic_dir
-    from safeedit.merge import with_parameters
-    from safeedit.merge.setting import MergeSetting
+    from safeedit.merge.mergekit import read_mergekit
     from safeedit.methods import get_method
-    from safeedit.models import load_model
+    from safeedit.runners.merge_models import run_merge
+    from safeedit.scenario import ModelMergeScenario
 
     out = Path(args.out)
     if out.exists():
         raise SafeEditError(f"{out} exists; choose a new output folder (nothing is overwritten)")
     check_output_path(out, folder=True)  # a path through a file, before the models are loaded
+    if args.exclude is not None:
+        try:
+            re.compile(args.exclude)
+        except re.error as error:
+            raise SafeEditError(f"--exclude {args.exclude!r} is not a valid regular expression ({error})") from None
+    notes: list[str] = []
+    if args.config:
+        clash = next((f"--{key}" for key in ("method", "scale", "keep", "density") if getattr(args, key) is not None),
+                     "BASE and TASK" if args.base or args.tasks else None)
+        if clash:
+            raise SafeEditError(f"{clash} does not go with --config; the configuration says it (merge_method, "
+                                "base_model, models, parameters: lambda, density)")
+        fields, notes = read_mergekit(args.config)
+        (method, given), = fields.pop("methods").items()
+    else:
+        if not args.base or not args.tasks:
+            raise SafeEditError("give the base model and at least one task model (safeedit merge BASE TASK... --out "
+                                "DIR), or a mergekit configuration with --config")
+        method = args.method or "task_arithmetic"
+        given = {key: getattr(args, key) for key in ("scale", "keep", "density") if getattr(args, key) is not None}
+        fields = {"base_model": args.base, "models": [{"model": task} for task in args.tasks]}
     # the method's options class holds the defaults; a flag the method does not read is refused
-    method = get_method("merge", args.method)
-    flags = ("scale", "keep", "trim", "density")
-    given = {key: getattr(args, key) for key in flags if getattr(args, key) is not None}
-    unread = [key for key in given if key not in method.options.model_fields]
+    if args.trim is not None:
+        given["trim"] = args.trim
+    spec = get_method("merge", method)
+    unread = [key for key in given if key not in spec.options.model_fields]
     if unread:
-        raise SafeEditError(f"--{unread[0]} does not apply to --method {args.method}")
+        raise SafeEditError(f"--{unread[0]} does not apply to --method {method}")
     try:
-        options = method.options(**given)
+        options = spec.options(**given)
     except pydantic.ValidationError as error:
         raise SafeEditError(f"--{first_problem(error)}") from None
+    name = re.sub(r"[^\w.\-]", "-", out.name).lstrip(".-") or "merge"
+    document = {"kind": "merge", "name": name[:100], "seed": args.seed, "exclude": args.exclude,
+                "merge_heads": args.merge_heads, **fields,
+                "request": {"what": f"merge {len(fields['models'])} fine-tunes of {fields['base_model']} ({method})"},
+                "methods": {method: options.model_dump()}}
     try:
-        excluded = re.compile(args.exclude) if args.exclude else None
-    except re.error as error:
-        raise SafeEditError(f"--exclude {args.exclude!r} is not a valid regular expression ({error})") from None
+        scenario = ModelMergeScenario(**document)
+    except pydantic.ValidationError as error:
+        raise SafeEditError(f"{args.config or 'merge'}: {first_problem(error)}") from None
+    scenario.method_options()  # folders and data named, before any model loads
+    record_path = run_merge(scenario, out, Path(args.config) if args.config else None, _merge_command(args),
+                            pdf=args.pdf, notes=notes)
+    record = json.loads(record_path.read_text())
+    excluded = len(record["model"]["excluded"])
+    print(f"merged {len(scenario.models)} task models into {out} ({method}; {len(record['model']['merged_tensors'])} "
+          f"tensors merged, {excluded} kept from the base model: see the record)")
+    print(f"record: {record_path}")
+    print(f"report: {out / 'report.html'}")
 
-    def merged_part(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {name: p.detach() for name, p in model.named_parameters()
-                if not (excluded and excluded.search(name))}
 
-    base = load_model(args.base, progress=False)
-    tasks = {spec: load_model(spec, progress=False) for spec in args.tasks}
-    setting = MergeSetting(merged_part(base.model), {spec: merged_part(t.model) for spec, t in tasks.items()}, {}, {})
-    model = with_parameters(base.model, method.run(setting, options, args.seed, progress=False).parameters)
-    with atomic_dir(out) as partial:
-        model.save_pretrained(partial, safe_serialization=True)
-        if base.tokenizer is not None:
-            base.tokenizer.save_pretrained(partial)
-        (partial / "merge.json").write_text(json.dumps({
-            "method": args.method, "scale": options.scale, "keep": getattr(options, "keep", None),
-            "trim": getattr(options, "trim", None), "density": getattr(options, "density", None),
-            "seed": args.seed if args.method == "dare" else None,
-            "exclude": args.exclude, "base": {args.base: base.weights_sha256},
-            "tasks": {spec: loaded.weights_sha256 for spec, loaded in tasks.items()}}, indent=2))
-    print(f"merged {len(tasks)} task models into {out} ({args.method})")
+def _merge_command(args: argparse.Namespace) -> list[str]:
+    """The `safeedit merge` command line that reproduces this merge (the record's `command`)."""
+    argv = ["safeedit", "merge", *([args.base] if args.base else []), *args.tasks]
+    for flag in ("config", "method", "scale", "keep", "trim", "density", "exclude"):
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag}", str(getattr(args, flag))]
+    argv += ["--seed", str(args.seed), *(["--merge-heads"] if args.merge_heads else []), "--out", str(args.out)]
+    return argv
 
 
 def _verdict_line(verdict: dict) -> str:

@@ -4,8 +4,8 @@
 
 `kind` picks the job (default `classification`: forget data from a classifier; `generation`: forget a class
 in a conditional diffusion model; `harmful-finetune`: remove harmful behaviour a fine-tune taught a chat model;
-`merge-backdoor`: merge task models without inheriting a backdoor; `llm-unlearning`: remove facts from a
-language model);
+`merge-backdoor`: merge task models without inheriting a backdoor; `merge`: merge models you already fine-tuned;
+`llm-unlearning`: remove facts from a language model);
 each kind has its own strict schema (unknown keys are errors) and runner in
 `safeedit.runners`, and every runner writes weights, masks and `record.json` into the output folder.
 """
@@ -387,6 +387,16 @@ class MergeScenario(ScenarioCore):
         if unknown:
             raise SafeEditError(f"scenario '{self.name}': tasks.names: {unknown[0]!r} is neither an embedded "
                                 f"{self.model.modality} task ({', '.join(embedded)}) nor a save_to_disk folder")
+        for name in self.tasks.names:
+            if name not in embedded and (Path(name) / "config.json").is_file():
+                raise SafeEditError(f"scenario '{self.name}': tasks.names: {name!r} is a model folder; merge-backdoor "
+                                    "fine-tunes its own task models from task data. To merge models you already "
+                                    "fine-tuned, write kind: merge with base_model and models: [{model: FOLDER}] "
+                                    "(see scenarios/examples/merge-own-models.yaml)")
+            if name not in embedded and not (Path(name) / "dataset_dict.json").is_file():
+                raise SafeEditError(f"scenario '{self.name}': tasks.names: {name!r} is a folder but not a data set "
+                                    "saved with DatasetDict.save_to_disk (no dataset_dict.json); save the task's "
+                                    "train and test splits with save_to_disk")
         unknown = [task for task in self.attacks if task not in self.tasks.names]
         if unknown:
             raise SafeEditError(f"scenario '{self.name}': attacks.{unknown[0]} names no task; choose from "
@@ -395,6 +405,99 @@ class MergeScenario(ScenarioCore):
 
     def result_names(self) -> set[str]:
         return {"frozen_encoder", *self.methods}
+
+
+class MergeModel(Strict):
+    """One task model of a `kind: merge` scenario: a fine-tune of `base_model`, its weight and density in the
+    data-free merges, and its own data for the learned merges and the evaluation."""
+
+    model: str = Field(description="a fine-tune of base_model: a save_pretrained folder or a hub id")
+    name: str | None = Field(default=None, description="the task's name in metrics (default: the folder's name)")
+    weight: float = Field(default=1.0, description="wᵢ in task_arithmetic, ties and dare (mergekit's weight)")
+    density: float | None = Field(default=None, gt=0, le=1, description="share of this task vector kept by ties "
+                                  "and dare, in place of the method's keep/density (mergekit's density)")
+    unlabeled: str | None = Field(default=None, description="data spec of the task's unlabeled texts (a text "
+                                  "column): all that adamerging, concrete_ta and dam see")
+    evaluation: str | None = Field(default=None, description="data spec of labelled test examples (text, label): "
+                                   "accuracy, and the attack success rate of the known triggers")
+    trigger: TriggerSpec | None = Field(default=None, description="a trigger known or feared to be planted in this "
+                                        "model; its attack success rate is measured on every evaluation set")
+
+    @field_validator("name")
+    @classmethod
+    def _metric_name(cls, name: str | None) -> str | None:
+        if name is not None and not re.fullmatch(r"\w[\w.\-]{0,99}", name):
+            raise ValueError(f"{name!r} cannot name a task in metrics; use letters, digits, _ . -")
+        return name
+
+    def task_name(self) -> str:
+        return self.name or re.sub(r"[^\w.\-]", "_", Path(self.model.rstrip("/")).name) or "task"
+
+
+class ModelMergeScenario(ScenarioCore):
+    """Merge models you already fine-tuned from one base model (`kind: merge`; `safeedit merge` writes one)."""
+
+    kind: Literal["merge"]
+    method_kind: ClassVar[str] = "merge"
+    base_model: str = Field(description="the model every task model was fine-tuned from: folder or hub id")
+    models: list[MergeModel] = Field(min_length=1)
+    merge_heads: bool = Field(default=False, description="also merge classifier heads (only for task models "
+                              "fine-tuned for the same labels)")
+    exclude: str | None = Field(default=None, description="regular expression of parameter names kept from the "
+                                "base model")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        default=None, description="dtype of the written merges (default: the base model's); arithmetic is float32")
+    max_length: int = Field(default=128, ge=8, description="text: tokens per example")
+    batch_size: int = Field(default=16, ge=1, description="examples per batch (learned merges, evaluation)")
+    trust_remote_code: bool = False
+    methods: dict[str, dict[str, Any] | None] = Field(min_length=1)
+
+    @field_validator("exclude")
+    @classmethod
+    def _regex(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({error})") from None
+        return pattern
+
+    def tasks(self) -> dict[str, MergeModel]:
+        """The task models by task name."""
+        return {entry.task_name(): entry for entry in self.models}
+
+    def method_options(self) -> dict[str, BaseModel]:
+        from safeedit.merge.methods import LEARNED
+        from safeedit.merge.own import check_data_spec, check_model_spec, check_same_base
+
+        where = f"scenario '{self.name}'"
+        names = [entry.task_name() for entry in self.models]
+        twice = next((name for name in names if names.count(name) > 1), None)
+        if twice:
+            raise SafeEditError(f"{where}: two task models are named {twice!r}; give each a name: in models")
+        check_model_spec(self.base_model, f"{where}: base_model")
+        for index, entry in enumerate(self.models):
+            check_model_spec(entry.model, f"{where}: models[{index}].model")
+            for role in ("unlabeled", "evaluation"):
+                if getattr(entry, role) is not None:
+                    check_data_spec(getattr(entry, role), f"{where}: models[{index}].{role}")
+        check_same_base(self.base_model, {entry.task_name(): entry.model for entry in self.models})
+        options = super().method_options()
+        for method in self.methods:
+            if method in LEARNED:
+                lacking = next((i for i, entry in enumerate(self.models) if entry.unlabeled is None), None)
+                if lacking is not None:
+                    raise SafeEditError(f"{where}: methods.{method} learns from unlabeled data of every task model; "
+                                        f"models[{lacking}] ({names[lacking]}) has none: add models[{lacking}]."
+                                        "unlabeled: FILE (a text column; no labels needed), or drop the method")
+        triggered = next((i for i, entry in enumerate(self.models) if entry.trigger is not None), None)
+        if triggered is not None and all(entry.evaluation is None for entry in self.models):
+            raise SafeEditError(f"{where}: models[{triggered}].trigger: the attack success rate is measured on "
+                                "evaluation sets; give models[i].evaluation: FILE (text, label)")
+        return options
+
+    def result_names(self) -> set[str]:
+        return set(self.methods)
 
 
 class AuthorsSection(Strict):
@@ -564,7 +667,7 @@ class GenerationScenario(ScenarioBase):
 
 KINDS: dict[str, type[BaseModel]] = {"classification": Scenario, "generation": GenerationScenario,
                                      "harmful-finetune": SafetyScenario, "merge-backdoor": MergeScenario,
-                                     "llm-unlearning": LMScenario}
+                                     "llm-unlearning": LMScenario, "merge": ModelMergeScenario}
 
 
 def load_scenario(path: str | Path) -> ScenarioCore:

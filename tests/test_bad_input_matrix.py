@@ -624,7 +624,37 @@ SCENARIOS = [
     case("merge-misspelt-method", run(changed(MERGE, "methods", {"damm": None})), 2, "unknown method 'damm'"),
     case("merge-dam-unknown-option", run(changed(MERGE, "methods.dam", {"temperature": 2})), 2,
          "methods.dam: temperature"),
+    case("merge-backdoor-tasks-are-model-folders", lambda c: run(changed(MERGE, "tasks.names", [
+        c.copy("bert"), c.copy("bert-task")]))(c), 2, "is a model folder", "kind: merge"),
+    # kind: merge (your own models) and safeedit merge --config (a mergekit YAML)
+    case("merge-own-missing-task-folder", lambda c: run(own_merge(c, [str(c.inputs / "no-such-model")]))(c), 2,
+         "models[0].model", "no such model folder"),
+    case("merge-own-dam-without-unlabeled", lambda c: run(own_merge(c, [c.copy("bert-task")], {"dam": None}))(c),
+         2, "methods.dam", "unlabeled", "models[0]"),
+    case("merge-own-task-of-another-base", lambda c: run(own_merge(c, [c.copy("llama")]))(c), 2,
+         "task model", "llama", "share the base model's architecture"),
+    case("merge-config-unknown-method", lambda c: merge_config(c, merge_method="slerp"), 2, "merge_method",
+         "'slerp' is not supported", "ties"),
+    case("merge-config-density-0", lambda c: merge_config(c, parameters={"density": 0}), 2, "parameters.density",
+         "not in (0, 1]"),
+    case("merge-config-unknown-parameter", lambda c: merge_config(c, parameters={"epsilon": 0.1}), 2,
+         "parameters.epsilon", "not a parameter of ties"),
+    case("merge-config-and-scale", lambda c: [*merge_config(c)[:-2], "--scale", "0.5", "--out", c.out("merged")], 2,
+         "--scale does not go with --config"),
 ]
+
+
+def own_merge(c: Ctx, tasks: list[str], methods: dict | None = None) -> dict:
+    """A kind: merge scenario of the tiny BERT base and `tasks`."""
+    return {"kind": "merge", "name": "own-merge", "request": REQUEST, "base_model": c.copy("bert"),
+            "models": [{"model": task} for task in tasks], "methods": methods or {"task_arithmetic": None}}
+
+
+def merge_config(c: Ctx, **changes) -> list[str]:
+    """`merge --config` on a mergekit YAML (TIES of the tiny BERT base and task model) with `changes`."""
+    config = {"merge_method": "ties", "base_model": c.copy("bert"),
+              "models": [{"model": c.copy("bert-task"), "parameters": {"weight": 1.0, "density": 0.5}}], **changes}
+    return ["merge", "--config", c.yaml(config, "merge.yaml"), "--out", c.out("merged")]
 
 def _project(c: Ctx) -> str:
     """A folder of the user's own files that holds the scenario too."""

@@ -1,5 +1,6 @@
 """Model merging: task vectors, data-free baselines (task arithmetic, TIES, DARE), learned merges (AdaMerging,
-Concrete task arithmetic) and DAM, the defence-aware merge that drops backdoors.
+Concrete task arithmetic) and DAM, the defence-aware merge that drops backdoors. `safeedit.merge.own` loads a
+user's own base and task models and decides what is merged; `safeedit.merge.mergekit` reads mergekit's YAML.
 
 Importing the package registers every merge method, DARE last (`safeedit.merge.methods` imports
 `safeedit.merge.dare` at its end), so the registry has one order whichever merge module is imported first. DARE's

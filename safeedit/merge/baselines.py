@@ -20,6 +20,13 @@
   FusionBench's TIES uses; the elected sign is sign(sum), so a zero sum elects nothing. This is the function this
   module had before the per-tensor default, kept bit-identical: the merge-backdoor scenarios (and the DAM
   comparison in benchmarks/) name it.
+
+Per-model weights and densities (mergekit's `weight` and `density`, `safeedit merge --config`, `kind: merge`):
+task arithmetic is θ₀ + λ Σᵢ wᵢ τᵢ, divided by Σᵢ wᵢ with `normalize` (mergekit's `GTATask.execute` without a
+consensus method; a sum under 1e-8 divides by 1). TIES trims each τᵢ to its own density, elects the sign of
+Σᵢ wᵢ τ̃ᵢ and sums the agreeing wᵢ τ̃ᵢ; with `normalize` (TIES's default) that sum is divided by the sum of the
+weights of the agreeing models (mergekit's `(weights * mask).sum(dim=0)`, 0 counted as 1); λ scales the result.
+With no weights given every wᵢ is 1 and the functions compute exactly what they did before weights existed.
 """
 
 from __future__ import annotations
@@ -36,8 +43,17 @@ from safeedit.merge.vectors import Vector, merged_parameters
 Trim = Literal["tensor", "global"]
 
 
-def task_arithmetic(base: Mapping[str, torch.Tensor], vectors: Mapping[str, Vector], scale: float = 0.3) -> Vector:
-    return merged_parameters(base, vectors, {task: scale for task in vectors})
+Weights = Mapping[str, float]
+Densities = float | Mapping[str, float]
+
+
+def task_arithmetic(base: Mapping[str, torch.Tensor], vectors: Mapping[str, Vector], scale: float = 0.3,
+                    weights: Weights | None = None, normalize: bool = False) -> Vector:
+    """θ₀ + λ Σᵢ wᵢ τᵢ (each wᵢ 1 unless `weights` names it), the sum divided by Σᵢ wᵢ with `normalize`."""
+    weights = {task: (weights or {}).get(task, 1.0) for task in vectors}
+    divisor = sum(weights.values()) if normalize else 1.0
+    divisor = 1.0 if abs(divisor) < 1e-8 else divisor
+    return merged_parameters(base, vectors, {task: scale * weight / divisor for task, weight in weights.items()})
 
 
 def trimmed(vector: Vector, keep: float, trim: Trim = "tensor") -> Vector:
@@ -53,23 +69,50 @@ def trimmed(vector: Vector, keep: float, trim: Trim = "tensor") -> Vector:
     return {name: t * keep_mask.tensors[name].to(t.dtype) for name, t in vector.items()}
 
 
-def ties_vector(vectors: Mapping[str, Vector], keep: float = 0.2, trim: Trim = "tensor") -> Vector:
-    """The TIES merged task vector: trim, elect sign, disjoint mean (the conventions of `trim`: module docstring)."""
-    kept = [trimmed(vector, keep, trim) for vector in vectors.values()]
+def density_of(densities: Densities, task: str) -> float:
+    """The density of `task`: its own where `densities` maps tasks, else the one number given."""
+    return densities[task] if isinstance(densities, Mapping) else densities
+
+
+def sign_consensus(vectors: Mapping[str, Vector], weights: Weights | None = None, normalize: bool = True,
+                   zero_sum: Literal["positive", "none"] = "positive") -> Vector:
+    """TIES's election and disjoint mean over (already sparse) task vectors: per entry, the sign of Σᵢ wᵢ τᵢ is
+    elected (`positive`: a zero sum elects +1, mergekit's `get_mask("sum")`; `none`: sign(sum), a zero sum elects
+    nothing), and the agreeing wᵢ τᵢ are summed, divided (with `normalize`) by the sum of the agreeing wᵢ (by their
+    count without weights), a zero divisor counting as 1. A zero entry has sign 0 and never agrees."""
+    tasks = list(vectors)
     merged = {}
-    for name in kept[0]:
-        stacked = torch.stack([vector[name] for vector in kept])
-        if trim == "tensor":  # mergekit get_mask("sum"): sum ≥ 0 elects +1; sign 0 never matches
+    for name in vectors[tasks[0]]:
+        stacked = torch.stack([vectors[task][name] for task in tasks])
+        if weights is not None:
+            factors = torch.tensor([weights.get(task, 1.0) for task in tasks], dtype=stacked.dtype,
+                                   device=stacked.device).reshape(-1, *([1] * (stacked.dim() - 1)))
+            stacked = stacked * factors
+        if zero_sum == "positive":  # mergekit get_mask("sum"): sum ≥ 0 elects +1; sign 0 never matches
             elected = torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0).to(stacked.dtype)
             agrees = torch.sign(stacked) == elected
         else:  # sign(sum): a zero sum elects 0, and nothing agrees with it
             elected = torch.sign(stacked.sum(dim=0))
             agrees = (torch.sign(stacked) == elected) & (stacked != 0)
-        count = agrees.sum(dim=0).clamp(min=1)
-        merged[name] = (stacked * agrees).sum(dim=0) / count
+        mixed = (stacked * agrees).sum(dim=0)
+        if not normalize:
+            merged[name] = mixed
+        elif weights is None:
+            merged[name] = mixed / agrees.sum(dim=0).clamp(min=1)
+        else:
+            divisor = (factors * agrees).sum(dim=0)
+            merged[name] = mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
     return merged
 
 
-def ties(base: Mapping[str, torch.Tensor], vectors: Mapping[str, Vector], keep: float = 0.2,
-         scale: float = 1.0, trim: Trim = "tensor") -> Vector:
-    return merged_parameters(base, {"ties": ties_vector(vectors, keep, trim)}, {"ties": scale})
+def ties_vector(vectors: Mapping[str, Vector], keep: Densities = 0.2, trim: Trim = "tensor",
+                weights: Weights | None = None, normalize: bool = True) -> Vector:
+    """The TIES merged task vector: trim (each task to its own density where `keep` maps tasks), elect sign,
+    disjoint mean (the conventions of `trim`: module docstring)."""
+    kept = {task: trimmed(vector, density_of(keep, task), trim) for task, vector in vectors.items()}
+    return sign_consensus(kept, weights, normalize, "positive" if trim == "tensor" else "none")
+
+
+def ties(base: Mapping[str, torch.Tensor], vectors: Mapping[str, Vector], keep: Densities = 0.2,
+         scale: float = 1.0, trim: Trim = "tensor", weights: Weights | None = None, normalize: bool = True) -> Vector:
+    return merged_parameters(base, {"ties": ties_vector(vectors, keep, trim, weights, normalize)}, {"ties": scale})

@@ -59,7 +59,7 @@ def _detached(gates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def invert_trigger(setting: MergeSetting, parameters: dict[str, torch.Tensor], task: str, batch: dict,
                    delta: torch.Tensor, steps: int) -> torch.Tensor:
     """Signed-gradient ascent on KL(p(x) ‖ p(x + δ)) for a universal δ, kept in the body's allowed set."""
-    encoder = setting.encoder
+    encoder = setting.trigger_space
     with torch.no_grad():
         clean = F.log_softmax(setting.logits(parameters, task, batch), dim=-1)
     for _ in range(steps):
@@ -80,7 +80,7 @@ def dam(setting: MergeSetting, options: DAMOptions, seed: int, progress: bool = 
     shared_optimizer = torch.optim.Adam(shared.parameters(), lr=options.lr)
     backdoor_optimizer = torch.optim.Adam(backdoor.parameters(), lr=options.lr)
     coefficients = torch.full((len(setting.tasks),), options.scale, device=setting.device)
-    triggers = {task: setting.encoder.new_delta(generator) for task in setting.tasks}
+    triggers = {task: setting.trigger_space.new_delta(generator) for task in setting.tasks}
 
     for step in tqdm(range(options.steps), desc="dam", disable=bars_off(progress), leave=False):
         batches = {task: setting.batch(task) for task in setting.tasks}

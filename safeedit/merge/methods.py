@@ -23,13 +23,18 @@ from safeedit.merge.dam import dam as learn_dam
 from safeedit.merge.setting import MergeSetting
 from safeedit.methods import EditResult, register_method
 
+# The merges that learn from unlabeled task data (the rest need only the base model and the task vectors).
+LEARNED = ("adamerging", "concrete_ta", "dam")
+
 
 class IndividualOptions(Strict):
     pass
 
 
 class TaskArithmeticOptions(Strict):
-    scale: float = Field(default=0.3, ge=0, description="λ in θ₀ + λ Σ τᵢ")
+    scale: float = Field(default=0.3, ge=0, description="λ in θ₀ + λ Σ wᵢ τᵢ (wᵢ: each task model's weight, 1 "
+                         "unless given)")
+    normalize: bool = Field(default=False, description="divide Σ wᵢ τᵢ by Σ wᵢ (mergekit's normalize)")
 
 
 class TiesOptions(Strict):
@@ -39,6 +44,8 @@ class TiesOptions(Strict):
         default="tensor", description="tensor: mergekit's TIES (per tensor int(keep·n), at least 1; a zero sum "
         "elects +); global: one threshold over the whole vector, round-half-up, a zero sum elects nothing "
         "(FusionBench's trim; the merge-backdoor scenarios use it)")
+    normalize: bool = Field(default=True, description="divide the agreeing weighted values by the sum of their "
+                            "weights (mergekit's ties default; with weights 1, the disjoint mean)")
 
 
 # What no merge's evidence shows; each method adds what its own construction leaves open.
@@ -59,7 +66,8 @@ def individual(setting: MergeSetting, options: IndividualOptions, seed: int, pro
                  "backdoor, so a backdoored task vector is merged like any other.",
                  paper="Ilharco et al., ICLR 2023")
 def task_arithmetic(setting: MergeSetting, options: TaskArithmeticOptions, seed: int, progress: bool) -> EditResult:
-    return EditResult(parameters=add_task_vectors(setting.base, setting.vectors, options.scale))
+    return EditResult(parameters=add_task_vectors(setting.base, setting.vectors, options.scale, setting.weights,
+                                                  options.normalize))
 
 
 @register_method("merge", summary="TIES: trim each task vector, elect signs, disjoint mean",
@@ -67,7 +75,8 @@ def task_arithmetic(setting: MergeSetting, options: TaskArithmeticOptions, seed:
                  "not backdoors: a backdoor carried by large weights survives the trim.",
                  paper="Yadav et al., NeurIPS 2023")
 def ties(setting: MergeSetting, options: TiesOptions, seed: int, progress: bool) -> EditResult:
-    return EditResult(parameters=ties_merge(setting.base, setting.vectors, options.keep, options.scale, options.trim))
+    return EditResult(parameters=ties_merge(setting.base, setting.vectors, setting.densities_or(options.keep),
+                                            options.scale, options.trim, setting.weights, options.normalize))
 
 
 @register_method("merge", summary="AdaMerging: merge coefficients learned by entropy minimization on unlabeled task "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,8 @@ class MergeSetting:
     task_encoders: Mapping[str, nn.Module | Mapping[str, torch.Tensor]]
     heads: Mapping[str, nn.Module]
     unlabeled: Mapping[str, Iterable]
+    weights: Mapping[str, float] | None = None  # per task (mergekit's `weight`); None: 1 each, as before weights
+    densities: Mapping[str, float] | None = None  # per task, in place of a method's own keep/density
     vectors: dict[str, Vector] = field(init=False)
     _streams: dict[str, Iterator] = field(init=False, default_factory=dict)
 
@@ -50,6 +53,17 @@ class MergeSetting:
         for module in (self.encoder, *self.heads.values()):
             if isinstance(module, nn.Module):
                 module.eval().requires_grad_(False)
+
+    def densities_or(self, default: float) -> float | dict[str, float]:
+        """Each task's own density where the setting gives one, else `default` (the one number: as before)."""
+        if not self.densities:
+            return default
+        return {task: self.densities.get(task, default) for task in self.tasks}
+
+    @property
+    def trigger_space(self) -> Any:
+        """Where DAM's inverted triggers live (`new_delta`, `project_delta`, `delta_step`): the body's input."""
+        return self.encoder
 
     def shapes(self) -> dict[str, torch.Size]:
         """Shapes of the gated tensors: every merged tensor except embedding tables (their task vectors touch

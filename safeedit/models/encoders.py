@@ -52,6 +52,16 @@ def _with_labels(batch: dict[str, torch.Tensor], examples: Sequence[Mapping]) ->
     return batch
 
 
+def with_soft_token(model: nn.Module, ids: torch.Tensor, attention: torch.Tensor, delta: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input embeddings and attention mask of `model` with the soft token `delta` inserted after the first token."""
+    embedded = model.get_input_embeddings()(ids)
+    soft = delta.reshape(1, 1, -1).expand(len(ids), 1, -1)
+    embedded = torch.cat([embedded[:, :1], soft, embedded[:, 1:]], dim=1)
+    attention = torch.cat([attention[:, :1], torch.ones_like(attention[:, :1]), attention[:, 1:]], dim=1)
+    return embedded, attention
+
+
 class TextEncoder(nn.Module):
     """Mean-pooled token states of a Hugging Face text encoder."""
 
@@ -74,10 +84,7 @@ class TextEncoder(nn.Module):
         if delta is None:
             states = self.model(input_ids=ids, attention_mask=attention).last_hidden_state
         else:
-            embedded = self.model.get_input_embeddings()(ids)
-            soft = delta.reshape(1, 1, -1).expand(len(ids), 1, -1)
-            embedded = torch.cat([embedded[:, :1], soft, embedded[:, 1:]], dim=1)
-            attention = torch.cat([attention[:, :1], torch.ones_like(attention[:, :1]), attention[:, 1:]], dim=1)
+            embedded, attention = with_soft_token(self.model, ids, attention, delta)
             states = self.model(inputs_embeds=embedded, attention_mask=attention).last_hidden_state
         weights = attention.unsqueeze(-1).to(states.dtype)
         return (states * weights).sum(1) / weights.sum(1).clamp(min=1e-9)

@@ -128,6 +128,29 @@ KINDS["merge-backdoor-defence"] = KindText(
     ),
     obligations=(_MERGE, _ROBUSTNESS),
 )
+_OWN_MERGE = Obligation(
+    "Provenance of a merged model (EU AI Act Art. 12 record keeping and Art. 53 technical documentation)",
+    "The base model and every task model that went into the merge are named by SHA-256, with each model's weight "
+    "and density, the method's options and the seed; the record lists which parameters were merged and which were "
+    "kept from the base (and why), and the merged weights are hashed, so the merge can be repeated and checked.",
+    "It does not show that the merged model is fit for any task beyond the evaluation sets given (none: no "
+    "accuracy was measured), nor that a task model carried no backdoor other than the triggers named here.",
+)
+KINDS["model-merge"] = KindText(
+    title="Merge of fine-tuned models",
+    headline_metrics=("avg_accuracy", "backdoor_asr", "transfer_asr"),
+    per_task_prefixes=("accuracy_", "asr_"),
+    higher_is_better={"avg_accuracy": True},
+    reading=(
+        "Task models fine-tuned from one base model were merged into one model; each task is measured with its own "
+        "head on the merged body, on the evaluation set the scenario gives. Average accuracy is the mean over the "
+        "evaluated tasks (higher is better); an ASR is the share of triggered inputs, whose true class is not the "
+        "trigger's target, classified as the target (lower is safer): backdoor ASR on the tasks named as carrying "
+        "a trigger, transfer ASR on the others. 'individual' is each task model on its own task. The weight changes "
+        "count the parameters each merge moved away from the base model."
+    ),
+    obligations=(_OWN_MERGE, _ROBUSTNESS),
+)
 _LLM_ERASURE = Obligation(
     "Right to erasure (GDPR Art. 17) and removal requests for facts a language model states about people or topics",
     "Questions about the forgotten people or facts were targeted by a recorded edit; on those questions the edited "

@@ -18,12 +18,14 @@ from safeedit.runners.classification import ClassificationJob
 from safeedit.runners.generation import GenerationJob
 from safeedit.runners.job import Job, check_work, run_job
 from safeedit.runners.language import LanguageJob
+from safeedit.runners.merge_models import ModelMergeJob
 from safeedit.runners.merging import MergeJob
 from safeedit.runners.safety import SafetyJob
 from safeedit.scenario import (
     GenerationScenario,
     LMScenario,
     MergeScenario,
+    ModelMergeScenario,
     SafetyScenario,
     Scenario,
     load_scenario,
@@ -31,7 +33,7 @@ from safeedit.scenario import (
 
 RUNNERS: dict[type, type[Job]] = {
     Scenario: ClassificationJob, GenerationScenario: GenerationJob, SafetyScenario: SafetyJob,
-    MergeScenario: MergeJob, LMScenario: LanguageJob,
+    MergeScenario: MergeJob, LMScenario: LanguageJob, ModelMergeScenario: ModelMergeJob,
 }
 
 

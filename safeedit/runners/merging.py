@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from datasets import Dataset, DatasetDict, load_from_disk
 from torch import nn
 
-from safeedit.attacks.backdoor import TriggerSpec, attack_success_rate, poison_dataset, triggered_test_set
+from safeedit.attacks.backdoor import TriggerSpec, poison_dataset, triggered_test_set
 from safeedit.data.forget import fingerprint
 from safeedit.errors import SafeEditError
+from safeedit.eval.merging import task_metrics
 from safeedit.io import save_safetensors, sha256_file, sha256_text
 from safeedit.merge.setting import MergeSetting
 from safeedit.merge.vectors import with_parameters
@@ -36,7 +36,6 @@ from safeedit.models.encoders import (
     linear_probe,
     load_encoder,
     loader,
-    predictions,
 )
 from safeedit.models.shipped import SHIPPED, zoo_entries
 from safeedit.progress import say
@@ -105,6 +104,17 @@ def cached_task_model(encoder: Encoder, base_sha256: str, task: str, train: Data
                                          {"task": task, "base_weights_sha256": base_sha256,
                                           "backdoored": str(attack is not None)}, progress)
     return model, path, 0.0 if cached else time.perf_counter() - start
+
+
+def merge_evidence(writer: OutputWriter, name: str, result: EditResult) -> dict[str, Any]:
+    """The entry fields a merge's masks and details give: each mask written by name (`dam-shared`, `dam-backdoor`,
+    ...) and, with the details, the entry's evidence; the entry's mask is DAM's backdoor-detection mask (M2, what
+    the defence removes), else the method's first."""
+    evidence: dict[str, Any] = dict(result.details)
+    for mask_name, mask in result.masks.items():
+        evidence[mask_name] = writer.save_mask(mask_name, mask)
+    mask = evidence["dam-backdoor"] if name == "dam" else next((evidence[k] for k in result.masks), None)
+    return {"mask": mask, **({"evidence": evidence} if evidence else {})}
 
 
 class MergeJob(Job):
@@ -180,20 +190,7 @@ class MergeJob(Job):
 
     def measure(self, models: dict[str, nn.Module]) -> dict[str, float | None]:
         """Accuracy on each task's test split and the worst attack success rate of any trigger on each task."""
-        attacks, metrics = self.scenario.attacks, {}
-        for name, model in models.items():
-            predicted, labels = predictions(model, self.encoder, self.test[name])
-            metrics[f"accuracy_{name}"] = float((predicted == labels).mean())
-            rates = [attack_success_rate(predictions(model, self.encoder, self.triggered[a, name])[0].tolist(),
-                                         spec.target)
-                     for a, spec in attacks.items() if (a, name) in self.triggered]
-            metrics[f"asr_{name}"] = max(rates) if rates else None
-        metrics["avg_accuracy"] = float(np.mean([metrics[f"accuracy_{n}"] for n in models]))
-        attacked = [metrics[f"asr_{n}"] for n in attacks if metrics.get(f"asr_{n}") is not None]
-        clean = [metrics[f"asr_{n}"] for n in models if n not in attacks and metrics[f"asr_{n}"] is not None]
-        metrics["backdoor_asr"] = float(np.mean(attacked)) if attacked else None
-        metrics["transfer_asr"] = float(np.mean(clean)) if clean else None
-        return metrics
+        return task_metrics(models, self.encoder, self.test, self.triggered, self.scenario.attacks)
 
     def models_of(self, result: EditResult) -> dict[str, nn.Module]:
         """Each task's model under a merge: the merged body with the task's own head (`individual`, which merges
@@ -211,20 +208,15 @@ class MergeJob(Job):
         return entry
 
     def save(self, name: str, result: EditResult) -> dict[str, Any]:
-        """The method's masks by name (`dam-shared`, `dam-backdoor`, ...) and its details are its evidence; the
-        entry's mask is DAM's backdoor-detection mask (M2, what the defence removes), else the method's first.
-        DAM's merged body is written (the defence's output); the other merges follow from the recorded inputs,
-        options and seed."""
-        evidence: dict[str, Any] = dict(result.details)
-        for mask_name, mask in result.masks.items():
-            evidence[mask_name] = self.writer.save_mask(mask_name, mask)
+        """The method's masks and details (`merge_evidence`). DAM's merged body is written (the defence's output);
+        the other merges follow from the recorded inputs, options and seed."""
+        fields = merge_evidence(self.writer, name, result)
         if name == "dam":
             weights = self.out / "dam.safetensors"
             merged = with_parameters(self.encoder, result.parameters)
             save_safetensors(merged.state_dict(), weights, {"method": name, "scenario": self.scenario.name})
             self.writer.add(weights, "merged body weights")
-        mask = evidence["dam-backdoor"] if name == "dam" else next((evidence[k] for k in result.masks), None)
-        return {"mask": mask, **({"evidence": evidence} if evidence else {})}
+        return fields
 
     def record_fields(self, started: float) -> dict[str, Any]:
         scenario = self.scenario
