@@ -286,7 +286,9 @@ def test_merge_scenario_runs_end_to_end_and_writes_a_verifiable_record(tmp_path,
     assert record["data"][f"{tasks[0]}_train"]["count"] == 60
     outputs = {entry["path"] for entry in record["outputs"]}
     assert {"dam-shared.mask.safetensors", "dam-backdoor.mask.safetensors", "concrete_ta.mask.safetensors",
-            "dam.safetensors", "task-heads.safetensors"} <= outputs
+            "dam", "task-heads.safetensors"} <= outputs
+    dam = next(entry for entry in record["outputs"] if entry["path"] == "dam")
+    assert dam["role"] == "merged body folder" and dam["load"].startswith("transformers.AutoModel.from_pretrained(")
     shared = Mask.load(tmp_path / "run" / "dam-shared.mask.safetensors")
     assert shared.metadata["mask"] == "task-shared (M1)" and 0 < shared.density <= 1
     assert record["results"]["dam"]["mask"]["layers"]

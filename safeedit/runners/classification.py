@@ -15,7 +15,7 @@ from safeedit.eval.weights import weight_changes
 from safeedit.methods import EditResult
 from safeedit.models import EMBEDDED_MODELS, load_model
 from safeedit.progress import say
-from safeedit.runners.common import OutputWriter, data_fingerprints, input_entries
+from safeedit.runners.common import data_fingerprints, input_entries
 from safeedit.runners.job import Job
 from safeedit.scenario import Scenario
 from safeedit.unlearn.methods import UnlearnTask, retrain
@@ -49,7 +49,7 @@ class ClassificationJob(Job):
         )
         self.results["original"] = {**self.measure(original, "original"), "wall_time_s": None}
         self.original_metrics = self.results["original"]["metrics"]["after"]
-        self.writer = OutputWriter(self.out, scenario.name, self.loaded.weights_sha256)
+        self.writer = self.output_writer(self.loaded.weights_sha256)
         self.retrain_s = None
         if scenario.retrain is not None:
             say("retraining from scratch on the retain set (the reference)", progress)
@@ -58,7 +58,7 @@ class ClassificationJob(Job):
             self.retrain_s = time.perf_counter() - start
             self.results["retrain"] = {**self.measure(reference, "retrain"), "wall_time_s": self.retrain_s,
                                        "seed": scenario.seed + scenario.retrain.seed_offset}
-            self.writer.save("retrain", reference.state_dict(), None)
+            self.writer.save_model("retrain", reference, None)
 
     def loader(self, data, batch_size: int, shuffle: bool = False, seed: int = 0):
         return make_loader(data, self.original, self.loaded.tokenizer, batch_size, shuffle=shuffle, seed=seed,

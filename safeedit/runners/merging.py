@@ -40,7 +40,7 @@ from safeedit.models.encoders import (
 )
 from safeedit.models.shipped import SHIPPED, zoo_entries
 from safeedit.progress import say
-from safeedit.runners.common import OutputWriter, input_entries
+from safeedit.runners.common import input_entries
 from safeedit.runners.job import Job
 from safeedit.scenario import MergeScenario
 
@@ -167,7 +167,7 @@ class MergeJob(Job):
         self.merge_setting = MergeSetting(encoder, {n: m.encoder for n, m in self.task_models.items()}, self.heads,
                                           unlabeled_batches)
 
-        self.writer = OutputWriter(self.out, scenario.name, self.base_sha)
+        self.writer = self.output_writer(self.base_sha, processors=[getattr(encoder, "tokenizer", None)])
         heads_path = self.out / "task-heads.safetensors"
         save_safetensors({f"{n}.{k}": v for n, h in self.heads.items() for k, v in h.state_dict().items()},
                          heads_path, {"scenario": scenario.name,
@@ -219,10 +219,8 @@ class MergeJob(Job):
         for mask_name, mask in result.masks.items():
             evidence[mask_name] = self.writer.save_mask(mask_name, mask)
         if name == "dam":
-            weights = self.out / "dam.safetensors"
             merged = with_parameters(self.encoder, result.parameters)
-            save_safetensors(merged.state_dict(), weights, {"method": name, "scenario": self.scenario.name})
-            self.writer.add(weights, "merged body weights")
+            self.writer.save_model(name, merged.model, None, role="merged body folder")
         mask = evidence["dam-backdoor"] if name == "dam" else next((evidence[k] for k in result.masks), None)
         return {"mask": mask, **({"evidence": evidence} if evidence else {})}
 

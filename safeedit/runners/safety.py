@@ -23,7 +23,7 @@ from safeedit.models.cache import cached_finetune
 from safeedit.progress import say
 from safeedit.prune import PruneSetting
 from safeedit.prune.calibration import calibration_batches
-from safeedit.runners.common import OutputWriter, input_entries
+from safeedit.runners.common import input_entries
 from safeedit.runners.job import Job
 from safeedit.scenario import SafetyScenario
 
@@ -78,7 +78,7 @@ class SafetyJob(Job):
             "metrics": {"after": self.measure(self.tuned, "the fine-tuned model (no defence)")},
             "about": self.references["no_defense"], "wall_time_s": None}
         self.before = self.results["no_defense"]["metrics"]["after"]
-        self.writer = OutputWriter(self.out, scenario.name, sha256_file(tuned_path))
+        self.writer = self.output_writer(sha256_file(tuned_path))
         self.calibration: dict[str, Any] = {}
         self.masks: dict[str, Any] = {}
         aligned_weights = {name: p.detach() for name, p in aligned.named_parameters()}
@@ -115,7 +115,7 @@ class SafetyJob(Job):
     def save(self, name: str, result: EditResult) -> dict[str, Any]:
         """Antidote's weights and mask; the mask alone of the controls (their weights follow from it)."""
         if name == "antidote":
-            return {"mask": self.writer.save(name, result.model.state_dict(), result.mask)}
+            return {"mask": self.writer.save_model(name, result.model, result.mask)}
         return {"mask": self.writer.save_mask(name, result.mask)}
 
     def record_fields(self, started: float) -> dict[str, Any]:
