@@ -490,6 +490,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
     from safeedit.merge.setting import MergeSetting
     from safeedit.methods import get_method
     from safeedit.models import load_model
+    from safeedit.models.export import write_model_folder
+    from safeedit.report.model_card import MethodFacts, RunFacts, render_model_card
 
     out = Path(args.out)
     if out.exists():
@@ -520,9 +522,11 @@ def cmd_merge(args: argparse.Namespace) -> None:
     setting = MergeSetting(merged_part(base.model), {spec: merged_part(t.model) for spec, t in tasks.items()}, {}, {})
     model = with_parameters(base.model, method.run(setting, options, args.seed, progress=False).parameters)
     with atomic_dir(out) as partial:
-        model.save_pretrained(partial, safe_serialization=True)
-        if base.tokenizer is not None:
-            base.tokenizer.save_pretrained(partial)
+        written = write_model_folder(partial, model, [base.tokenizer])  # the runs' convention: shards, card
+        facts = RunFacts(scenario="", kind="merge", request={}, source=args.base,
+                         source_sha256=base.weights_sha256,
+                         methods={args.method: MethodFacts(method.summary, method.limitations, options.model_dump())})
+        (partial / "README.md").write_text(render_model_card(facts, args.method, written, "merge.json", inside=True))
         (partial / "merge.json").write_text(json.dumps({
             "method": args.method, "scale": options.scale, "keep": getattr(options, "keep", None),
             "trim": getattr(options, "trim", None), "density": getattr(options, "density", None),

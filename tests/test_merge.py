@@ -343,6 +343,7 @@ def test_merge_command_merges_hf_models_and_refuses_mismatched_ones_without_writ
     expected = base.encoder.layer[0].output.dense.weight + 0.5
     assert torch.allclose(merged.encoder.layer[0].output.dense.weight, expected)
     assert json.loads((tmp_path / "merged" / "merge.json").read_text())["method"] == "task_arithmetic"
+    assert "**task_arithmetic**" in (tmp_path / "merged" / "README.md").read_text()  # the runs' model card
     # defaults come from the options classes and the effective values are recorded
     assert main(["merge", str(tmp_path / "base"), str(tmp_path / "task"), "--out", str(tmp_path / "default")]) == 0
     recorded = json.loads((tmp_path / "default" / "merge.json").read_text())

@@ -85,7 +85,8 @@ def test_a_run_writes_folders_that_from_pretrained_loads(root, full_run, monkeyp
         model = eval(entry["load"], {"transformers": __import__("transformers")}).eval()  # the record's own line
         saved = load_file(folder / "model.safetensors")
         assert all(torch.equal(model.state_dict()[key], tensor) for key, tensor in saved.items())
-        tokenizer = AutoTokenizer.from_pretrained(folder)  # the tokenizer travels with the weights
+        tokenizer = AutoTokenizer.from_pretrained(folder)  # the tokenizer travels with the weights, as it came
+        assert (folder / "tokenizer.json").read_bytes() == (root / BASE / "tokenizer.json").read_bytes()
         # the loaded model is the one the run measured: the same test accuracy as the record's
         assert held_out_accuracy(model, tokenizer) == pytest.approx(record["results"][name]["metrics"]["after"]["ta"])
     salun = AutoModelForSequenceClassification.from_pretrained(out / "salun")
@@ -178,6 +179,10 @@ def test_a_run_on_an_adapter_writes_an_adapter_or_the_merged_model(root, monkeyp
     assert stored.keys() == edited.keys() and any(not torch.equal(stored[k], edited[k]) for k in stored)
     assert "peft" in (out / "ft" / "README.md").read_text() and load_model(str(out / "ft"), progress=False).adapter
     assert main(["verify", "runs/lora"]) == 0
+    # same seed, same folders, byte for byte (the cards name no time and no run folder)
+    assert main(["run", str(EXAMPLE), "--out", "runs/lora-again", "--no-pdf", "-q"]) == 0
+    again = json.loads((root / "runs" / "lora-again" / "record.json").read_text())["outputs"]
+    assert [(e["path"], e["sha256"]) for e in again] == [(e["path"], e["sha256"]) for e in record["outputs"]]
 
 
 def bad_adapter(root: Path, tmp_path: Path, change) -> Path:

@@ -14,6 +14,7 @@ A model without `save_pretrained` (the embedded SmallCNN classifiers) has no fol
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,13 +71,15 @@ def write_model_folder(folder: Path, model: nn.Module, processors: Sequence[Any]
         if adapter_base_sha256 is not None and base_weights_sha256(model) == adapter_base_sha256:
             form = "LoRA adapter"
             model.save_pretrained(folder, safe_serialization=True)
+            sort_sets(folder / "adapter_config.json", model.peft_config[model.active_adapter])
         else:  # the base weights changed (or their source is unknown): the adapter alone would not give this model
             form, model = "merged LoRA", copy.deepcopy(model).merge_and_unload()
             library = library_of(model)
     if form != "LoRA adapter":
         model.save_pretrained(folder, max_shard_size=MAX_SHARD_SIZE)
     for processor in processors:
-        processor.save_pretrained(folder)
+        if processor is not None:
+            without_call_state(processor).save_pretrained(folder)
     weights = {path.name: sha256_file(path) for path in sorted(folder.glob("*.safetensors"))}
     return Written(form=form, library="peft" if form == "LoRA adapter" else library, loader=loader(model, form),
                    weights=weights, base=base)
@@ -97,3 +100,25 @@ def loader(model: Any, form: str) -> str:
                 return f"transformers.{auto}"
     module = type(model).__module__.split(".")[0]
     return f"{module}.{name}"
+
+
+def sort_sets(path: Path, config: Any) -> None:
+    """Sort the lists peft wrote from sets (`target_modules`) in `path`: a set's order changes with each process's
+    string hashing, so the same edit would otherwise write other bytes."""
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    for key, value in vars(config).items():
+        if isinstance(value, set | frozenset) and isinstance(saved.get(key), list):
+            saved[key] = sorted(saved[key])
+    path.write_text(json.dumps(saved, indent=2, sort_keys=True), encoding="utf-8")  # as peft writes it
+
+
+def without_call_state(processor: Any) -> Any:
+    """`processor`, or for a fast tokenizer that a run has called, a copy without the truncation and padding its
+    last call left in its backend (saved into tokenizer.json, they would depend on what the run did before)."""
+    backend = getattr(processor, "backend_tokenizer", None)
+    if backend is None or (backend.truncation is None and backend.padding is None):
+        return processor
+    clean = copy.deepcopy(processor)
+    clean.backend_tokenizer.no_truncation()
+    clean.backend_tokenizer.no_padding()
+    return clean

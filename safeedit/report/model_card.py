@@ -34,7 +34,7 @@ class MethodFacts:
 class RunFacts:
     """What a run knows for its model cards: the scenario, its request and source, and every method it runs."""
 
-    scenario: str
+    scenario: str  # its name ("" outside a scenario: `safeedit merge`)
     kind: str
     request: dict[str, Any]  # what, requested_by, reason, date
     source: str  # the model the run started from, as the scenario names it
@@ -74,8 +74,10 @@ def front_matter(run: RunFacts, method: str, written: Written) -> str:
     return yaml.safe_dump(matter, sort_keys=False, allow_unicode=True)
 
 
-def render_model_card(run: RunFacts, method: str, written: Written, record_name: str = "record.json") -> str:
-    """The card of method `method`'s folder (`README.md`)."""
+def render_model_card(run: RunFacts, method: str, written: Written, record_name: str = "record.json",
+                      inside: bool = False) -> str:
+    """The card of method `method`'s folder (`README.md`); `record_name` is the run record in the run folder above
+    it, or with `inside` a record in the folder itself (`safeedit merge`'s merge.json)."""
     environment = jinja2.Environment(
         loader=jinja2.PackageLoader("safeedit.report", "templates"),
         autoescape=True,  # request, reason, paths: user text, escaped as HTML (Markdown shows entities as text)
@@ -83,8 +85,8 @@ def render_model_card(run: RunFacts, method: str, written: Written, record_name:
     )
     facts = run.methods.get(method, MethodFacts(summary=""))
     body = environment.get_template(TEMPLATE).render(
-        run=run, method=method, facts=facts, written=written, record_name=record_name,
-        load=written.load_line(f"path/to/{method}"),  # a registered method name: no user text, shown raw
+        run=run, method=method, facts=facts, written=written, record_name=record_name, inside=inside,
+        load=written.load_line("path/to/this-folder" if inside else f"path/to/{method}"),  # no user text: raw
         library=written.library)
     return f"---\n{front_matter(run, method, written)}---\n\n{body}"
 
