@@ -150,8 +150,9 @@ def test_an_adapter_folder_loads_on_its_base(root, monkeypatch):
 
 
 def test_a_run_on_an_adapter_writes_an_adapter_or_the_merged_model(root, monkeypatch, capsys):
-    """The example scenario: fine-tuning trains the adapter alone and is written as an adapter; SalUn's mask
-    reaches base weights, so its edit is merged into the base and written whole."""
+    """The example scenario: fine-tuning trains the adapter alone and is written as an adapter (so is the
+    reference, a new adapter on the same base trained on the retain rows); SalUn's mask reaches base weights, so
+    its edit is merged into the base and written whole."""
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -161,6 +162,7 @@ def test_a_run_on_an_adapter_writes_an_adapter_or_the_merged_model(root, monkeyp
     record = json.loads((out / "record.json").read_text())
     entries = {entry["path"]: entry for entry in record["outputs"]}
     assert entries["ft"]["role"] == "edited model folder (LoRA adapter; the base model unchanged)"
+    assert entries["retrain"]["role"] == "reference model folder (LoRA adapter; the base model unchanged)"
     assert entries["salun"]["role"] == "edited model folder (LoRA adapter merged into its base)"
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(entries["ft"]["files"])
     assert "config.json" not in entries["ft"]["files"] and "model.safetensors" in entries["salun"]["files"]
@@ -169,7 +171,8 @@ def test_a_run_on_an_adapter_writes_an_adapter_or_the_merged_model(root, monkeyp
     tokenizer = AutoTokenizer.from_pretrained(BASE)
     adapter = AutoPeftModelForSequenceClassification.from_pretrained(out / "ft").eval()
     merged = AutoModelForSequenceClassification.from_pretrained(out / "salun").eval()
-    for name, model in (("ft", adapter), ("salun", merged)):
+    reference = AutoPeftModelForSequenceClassification.from_pretrained(out / "retrain").eval()
+    for name, model in (("ft", adapter), ("salun", merged), ("retrain", reference)):
         assert held_out_accuracy(model, tokenizer) == pytest.approx(record["results"][name]["metrics"]["after"]["ta"])
     base = AutoModelForSequenceClassification.from_pretrained(BASE)
     body = {n: p for n, p in adapter.base_model.model.named_parameters() if "base_layer" in n}

@@ -14,6 +14,7 @@ tells the two apart against `AdapterSource.base_sha256`, hashed here at load tim
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -26,6 +27,7 @@ from torch import nn
 from safeedit.errors import SafeEditError
 from safeedit.io import sha256_file, tensors_sha256
 from safeedit.models.loading import AdapterSource, LoadedModel, check_safetensors, load_model
+from safeedit.models.state import check_finite
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -100,7 +102,21 @@ def attach(base: nn.Module, path: Path, base_spec: str) -> nn.Module:
         name = sorted(stored - expected or expected - stored)[0]
         side = "in the file, not in the model" if name in stored else "expected by the model, not in the file"
         raise misfit(f"adapter tensor {name!r} {side}")
+    check_finite(model, str(path))
     return model
+
+
+def untrained_like(model: nn.Module) -> nn.Module:
+    """A newly initialised model of `model`'s architecture, where a reference is retrained from scratch: for a
+    transformers model, its class from its config; for a peft model, its base (pretrained, unchanged) with a new
+    adapter of the same configuration, so that the reference is the adapter trained without the forget data."""
+    if not is_adapter_model(model):
+        return type(model)(model.config)
+    from peft import get_peft_model
+
+    config = copy.deepcopy(model.peft_config[model.active_adapter])
+    config.inference_mode = False
+    return get_peft_model(copy.deepcopy(model).unload(), config)
 
 
 def is_adapter_model(model: Any) -> bool:

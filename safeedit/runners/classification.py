@@ -14,6 +14,7 @@ from safeedit.eval.classification import evaluate_classifier, gap_to_retrain, mi
 from safeedit.eval.weights import weight_changes
 from safeedit.methods import EditResult
 from safeedit.models import EMBEDDED_MODELS, load_model
+from safeedit.models.adapters import untrained_like
 from safeedit.progress import say
 from safeedit.runners.common import data_fingerprints, input_entries
 from safeedit.runners.job import Job
@@ -44,7 +45,7 @@ class ClassificationJob(Job):
                   {"epochs": entry.epochs, "lr": entry.lr, "batch_size": entry.batch_size} if entry else {})
         self.task = UnlearnTask(
             model=original, forget=split.forget, retain=split.retain, num_classes=_num_classes(original),
-            loader=self.loader, build_fresh=entry.build if entry else lambda: type(original)(original.config),
+            loader=self.loader, build_fresh=entry.build if entry else lambda: untrained_like(original),
             seed=scenario.seed, progress=progress,
         )
         self.results["original"] = {**self.measure(original, "original"), "wall_time_s": None}

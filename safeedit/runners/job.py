@@ -159,8 +159,10 @@ def run_methods(job: Job, options: dict[str, BaseModel]) -> None:
         left = sum(n for key, n in steps.items() if n and list(options).index(key) >= index - 1)
         if done_steps and done_s > 1 and left:
             say(f"about {left * done_s / done_steps:,.0f} s of methods left at the pace so far", job.progress)
-        torch.manual_seed(scenario.seed)  # dropout draws from the global generator: each method starts the same way,
-        start = time.perf_counter()       # whatever ran before it (a retrain, other methods) or did not
+        # dropout draws from the global generator: every method starts from the scenario's seed, whatever ran
+        # before it (a retrain, other methods) or did not
+        torch.manual_seed(scenario.seed)
+        start = time.perf_counter()
         result = spec.run(job.setting_for(name), method_options, scenario.seed, job.progress)
         wall = time.perf_counter() - start
         done_steps, done_s = done_steps + (steps[name] or 0), done_s + (wall if steps[name] else 0.0)
