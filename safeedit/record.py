@@ -20,7 +20,7 @@ import platform
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 import torch
@@ -102,6 +102,16 @@ class FileEntry(Strict):
     path: str = Field(description="outputs: relative to the record's folder; inputs: as given to the run")
     role: str
     sha256: str = Field(pattern=SHA256)
+
+
+class FolderEntry(FileEntry):
+    """An output folder (a `save_pretrained` model): every file in it, and how to load it."""
+
+    sha256: str = Field(pattern=SHA256, description="SHA-256 of the folder's listing (`listing_sha256`)")
+    files: dict[str, Annotated[str, Field(pattern=SHA256)]] = Field(
+        description="each file, relative to the folder (POSIX), -> its SHA-256")
+    load: str = Field(description="the Python expression that loads the folder once its library is imported, e.g. "
+                                  'transformers.AutoModelForSequenceClassification.from_pretrained("runs/x/salun")')
 
 
 class Fingerprint(Strict):
@@ -201,7 +211,7 @@ class Record(Strict):
     command: str = Field(description="the command that reproduces the run, from `working_directory`")
     working_directory: str
     inputs: list[FileEntry]
-    outputs: list[FileEntry]
+    outputs: list[FolderEntry | FileEntry]
     data: dict[str, Fingerprint]
     model: dict[str, Any]
     reference: dict[str, Any] | None = Field(
@@ -230,6 +240,34 @@ def file_entry(path: str | os.PathLike, role: str, relative_to: Path | None = No
     path = Path(path)
     shown = path.relative_to(relative_to) if relative_to and path.is_relative_to(relative_to) else path
     return {"path": str(shown), "role": role, "sha256": sha256 or sha256_file(path)}
+
+
+def folder_entry(folder: Path, role: str, load: str, relative_to: Path) -> dict[str, Any]:
+    """A record's entry for an output folder: every file below it with its SHA-256, and the listing's hash."""
+    files = {path.relative_to(folder).as_posix(): sha256_file(path)
+             for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {"path": folder.relative_to(relative_to).as_posix(), "role": role, "sha256": listing_sha256(files),
+            "files": files, "load": load}
+
+
+def listing_sha256(files: dict[str, str]) -> str:
+    """One hash for a folder: the SHA-256 of its listing, one `<sha256>  <name>` line per file sorted by name (what
+    `sha256sum` prints), so a folder is named by one value and any file's change changes it."""
+    listing = "".join(f"{digest}  {name}\n" for name, digest in sorted(files.items()))
+    return hashlib.sha256(listing.encode("utf-8")).hexdigest()
+
+
+def output_files(record: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Every output file the record names, folder outputs expanded (run-folder-relative POSIX path -> (SHA-256,
+    role))."""
+    named = {}
+    for entry in record["outputs"]:
+        if "files" in entry:
+            named.update({f"{entry['path']}/{name}": (digest, entry["role"])
+                          for name, digest in entry["files"].items()})
+        else:
+            named[entry["path"]] = (entry["sha256"], entry["role"])
+    return named
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -308,7 +308,8 @@ def test_harmful_finetune_scenario_runs_and_writes_a_verifiable_record(tmp_path,
     roles = {entry["role"] for entry in record["inputs"]}
     assert {"aligned weights (safety alignment, cached)", "fine-tuned weights (user fine-tune, cached)"} <= roles
     outputs = {entry["path"] for entry in record["outputs"]}
-    assert {"antidote.safetensors", "antidote.mask.safetensors", "random_prune.mask.safetensors"} <= outputs
+    assert {"antidote", "antidote.mask.safetensors", "random_prune.mask.safetensors"} <= outputs
+    assert (tmp_path / "run" / "antidote" / "config.json").is_file()  # a save_pretrained folder
     assert verify_run(tmp_path / "run").ok
     html = write_report(record_path, pdf=False).html.read_text()
     assert "&lt;b&gt;x&lt;/b&gt;" in html and "Harmful score" in html

@@ -163,7 +163,7 @@ def generation_run(tiny_unet_folder, tmp_path_factory):
     return record_path
 
 
-def test_generation_scenario_writes_grid_masks_and_record(generation_run):
+def test_generation_scenario_writes_grid_masks_and_record(generation_run, tiny_unet_folder):
     record = json.loads(generation_run.read_text())
     out = generation_run.parent
     assert record["kind"] == "generation-unlearning"
@@ -179,6 +179,14 @@ def test_generation_scenario_writes_grid_masks_and_record(generation_run):
     assert record["results"]["unmasked"]["mask"] is None
     roles = {entry["path"]: entry["role"] for entry in record["outputs"]}
     assert roles["samples.png"] == "sample grid" and roles["salun.mask.safetensors"] == "mask"
+    assert roles["salun"] == "edited model folder" and roles["retrain"] == "reference model folder"
+    from diffusers import UNet2DModel  # the UNet folder loads as is, its noise schedule beside it
+
+    unet = UNet2DModel.from_pretrained(out / "salun", use_safetensors=True)
+    source = UNet2DModel.from_pretrained(tiny_unet_folder).config
+    assert {k: v for k, v in unet.config.items() if not k.startswith("_")} == {
+        k: v for k, v in source.items() if not k.startswith("_")}
+    assert (out / "salun" / "scheduler_config.json").is_file()
     png = (out / "samples.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 2000
     assert verify_run(out).ok

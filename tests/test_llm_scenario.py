@@ -73,10 +73,10 @@ def test_authors_scenario_writes_the_record_masks_and_report(tiny_folder, tmp_pa
     assert results["graddiff"]["mask"] is None
     assert record["data"]["forget"]["count"] == 2 and record["data"]["holdout"]["count"] == 2
     roles = {entry["role"] for entry in record["outputs"]}
-    assert {"mask", "edited weights"} <= roles
+    assert {"mask", "edited model folder"} <= roles
     mask = Mask.load(tmp_path / "out" / "npo+wagle.mask.safetensors")
     assert mask.metadata["score"] == "wagle"
-    assert not (tmp_path / "out" / "graddiff.safetensors").exists()  # only the first method's weights by default
+    assert not (tmp_path / "out" / "graddiff").exists()  # only the first method's weights by default
     assert record["verdict"]["criteria"][0]["measured"] == results["npo+wagle"]["metrics"]["after"]["model_utility"]
     files = write_report(tmp_path / "out", pdf=False)
     assert "Removal of facts from a language model" in files.html.read_text()

@@ -286,7 +286,9 @@ def test_merge_scenario_runs_end_to_end_and_writes_a_verifiable_record(tmp_path,
     assert record["data"][f"{tasks[0]}_train"]["count"] == 60
     outputs = {entry["path"] for entry in record["outputs"]}
     assert {"dam-shared.mask.safetensors", "dam-backdoor.mask.safetensors", "concrete_ta.mask.safetensors",
-            "dam.safetensors", "task-heads.safetensors"} <= outputs
+            "dam", "task-heads.safetensors"} <= outputs
+    dam = next(entry for entry in record["outputs"] if entry["path"] == "dam")
+    assert dam["role"] == "merged body folder" and dam["load"].startswith("transformers.AutoModel.from_pretrained(")
     shared = Mask.load(tmp_path / "run" / "dam-shared.mask.safetensors")
     assert shared.metadata["mask"] == "task-shared (M1)" and 0 < shared.density <= 1
     assert record["results"]["dam"]["mask"]["layers"]
@@ -341,6 +343,7 @@ def test_merge_command_merges_hf_models_and_refuses_mismatched_ones_without_writ
     expected = base.encoder.layer[0].output.dense.weight + 0.5
     assert torch.allclose(merged.encoder.layer[0].output.dense.weight, expected)
     assert json.loads((tmp_path / "merged" / "merge.json").read_text())["method"] == "task_arithmetic"
+    assert "**task_arithmetic**" in (tmp_path / "merged" / "README.md").read_text()  # the runs' model card
     # defaults come from the options classes and the effective values are recorded
     assert main(["merge", str(tmp_path / "base"), str(tmp_path / "task"), "--out", str(tmp_path / "default")]) == 0
     recorded = json.loads((tmp_path / "default" / "merge.json").read_text())

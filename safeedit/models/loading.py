@@ -1,4 +1,5 @@
-"""Load a model from what a user names: an embedded model, or a Hugging Face folder or hub id.
+"""Load a model from what a user names: an embedded model, a Hugging Face folder or hub id, or a peft adapter
+folder (`safeedit.models.adapters`: its base with the adapter attached).
 
 Weights are read from safetensors only; pickled checkpoints are refused, `trust_remote_code` is off unless the
 caller turns it on, and missing or mismatched weights are an error rather than silently random.
@@ -24,6 +25,15 @@ from safeedit.models.state import check_finite
 from safeedit.models.zoo import EMBEDDED_MODELS
 
 
+@dataclass(frozen=True)
+class AdapterSource:
+    """Where a model loaded from a peft adapter folder came from (`safeedit.models.adapters`)."""
+
+    folder: str  # the adapter folder
+    base: str  # its base model, as adapter_config.json names it (base_model_name_or_path)
+    base_sha256: str  # content hash of the base weights as loaded: an edit that leaves it is an adapter edit
+
+
 @dataclass
 class LoadedModel:
     model: nn.Module
@@ -31,7 +41,8 @@ class LoadedModel:
     tokenizer: Any = None
     image_processor: Any = None
     files: dict[str, str] = field(default_factory=dict)  # weight file path -> SHA-256 of its bytes
-    origin: str = "folder"  # embedded models: shipped | trained | file; otherwise folder or hub
+    origin: str = "folder"  # embedded models: shipped | trained | file; otherwise folder, hub or adapter
+    adapter: AdapterSource | None = None  # set when `source` is a peft adapter folder
 
     @functools.cached_property
     def weights_sha256(self) -> str:
@@ -47,9 +58,10 @@ def load_model(
     trust_remote_code: bool = False,
     progress: bool = True,
 ) -> LoadedModel:
-    """`spec` is an embedded model name (`digits-cnn`), a folder with `config.json` and safetensors weights, or a
-    hub id. For an embedded model, `weights` is `shipped` (the default: the bytes the package ships), `trained`
-    (this machine's own training from the recipe) or a safetensors file of the same architecture."""
+    """`spec` is an embedded model name (`digits-cnn`), a folder with `config.json` and safetensors weights, a peft
+    adapter folder (`adapter_config.json`: its base with the adapter attached), or a hub id. For an embedded
+    model, `weights` is `shipped` (the default: the bytes the package ships), `trained` (this machine's own
+    training from the recipe) or a safetensors file of the same architecture."""
     if spec in EMBEDDED_MODELS:
         model, path, origin = EMBEDDED_MODELS[spec].load(progress, weights)
         model.name_or_path = spec  # how messages name it, as transformers models carry their folder or hub id
@@ -67,8 +79,13 @@ def load_model(
             f"or an embedded model name ({', '.join(EMBEDDED_MODELS)}) with --weights {path}"
         )
     if path.is_dir():
+        from safeedit.models.adapters import ADAPTER_CONFIG, load_adapter  # peft: only adapter folders need it
+
+        if (path / ADAPTER_CONFIG).is_file():
+            return load_adapter(path, dtype, trust_remote_code, progress)
         if not (path / "config.json").exists():
-            raise SafeEditError(f"{path}: no config.json; save the model with save_pretrained() first")
+            raise SafeEditError(f"{path}: no config.json; save the model with save_pretrained() first (a LoRA "
+                                f"adapter folder holds {ADAPTER_CONFIG} and adapter_model.safetensors)")
         try:
             json.loads((path / "config.json").read_text(encoding="utf-8"))
         except ValueError as error:  # JSON or UTF-8: transformers would blame the folder, not the file

@@ -20,7 +20,8 @@ FORMAT = "safeedit.manifest/1"
 
 
 def folder_files(folder: Path) -> dict[str, str]:
-    """Every file below `folder` (relative POSIX path -> SHA-256), the manifest and its signature excepted."""
+    """Every file below `folder`, inside model folders too (relative POSIX path -> SHA-256), the manifest and its
+    signature excepted."""
     skip = {MANIFEST, signature_path(MANIFEST).name, OWNER_FILE}  # the owner file exists while a run writes
     return {path.relative_to(folder).as_posix(): sha256_file(path) for path in sorted(folder.rglob("*"))
             if path.is_file() and path.relative_to(folder).as_posix() not in skip}

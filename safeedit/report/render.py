@@ -103,7 +103,8 @@ def _copy_unless_same(source: Path, target: Path) -> Path:
 
 # How a run got its model's weights (record.model.origin).
 ORIGIN_TEXT = {"shipped": "weights shipped with safeedit", "trained": "trained on this machine from the shipped recipe",
-               "file": "weights from a file", "folder": "a model folder", "hub": "a hub model"}
+               "file": "weights from a file", "folder": "a model folder", "hub": "a hub model",
+               "adapter": "a LoRA adapter folder on the base model its adapter_config.json names"}
 
 
 def render_html(record: dict[str, Any], record_path: Path, verification, signature: dict | None,

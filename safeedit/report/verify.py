@@ -2,8 +2,9 @@
 
 Checks, each reported on its own line: the record parses and matches its schema; its integrity hash matches its
 canonical bytes; its verdict follows from its own results and criteria; every input and output file exists
-with the recorded SHA-256; when a signature or trusted public key is present, the Ed25519 signature; and the run
-folder against its manifest (`manifest.py`): the report pages included, no file added or missing.
+with the recorded SHA-256 (an output model folder: every file in it); when a signature or trusted public key is
+present, the Ed25519 signature; and the run folder against its manifest (`manifest.py`): the report pages
+included, no file added or missing (inside model folders too).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from safeedit.criteria import Criterion, verdict
 from safeedit.errors import SafeEditError
 from safeedit.io import sha256_file
-from safeedit.record import read_record, record_digest, record_file
+from safeedit.record import listing_sha256, output_files, read_record, record_digest, record_file
 from safeedit.report.manifest import MANIFEST, check_manifest
 from safeedit.report.signing import check_signature, key_fingerprint, load_public_key, read_signature
 
@@ -72,9 +73,12 @@ def verify_record(record: dict, record_path: Path, trusted: Ed25519PublicKey | N
 
     folder = record_path.parent
     working = Path(record.get("working_directory", "."))
-    entries = [(entry, [folder]) for entry in record["outputs"]]
+    entries = [({"path": path, "sha256": digest, "role": role}, [folder])
+               for path, (digest, role) in output_files(record).items()]  # a model folder: each of its files
     entries += [(entry, [working, folder, Path.cwd()]) for entry in record["inputs"]]
-    file_problems = []
+    file_problems = [f"{entry['path']}: the folder's listing hash does not match its files ({entry['role']})"
+                     for entry in record["outputs"] if "files" in entry and listing_sha256(entry["files"])
+                     != entry["sha256"]]
     for entry, bases in entries:
         path = _resolve(entry["path"], bases)
         if not path.is_file():
@@ -104,8 +108,7 @@ def verify_record(record: dict, record_path: Path, trusted: Ed25519PublicKey | N
                 f"key {signature['key_fingerprint']}, not checked against a trusted key (pass --pubkey)")
             result.checked.append(f"Ed25519 signature by {who}")
     if folder_manifest:
-        record_files = {entry["path"] for entry in record["outputs"]} | {record_path.name,
-                                                                          f"{record_path.name}.sig"}
+        record_files = set(output_files(record)) | {record_path.name, f"{record_path.name}.sig"}
         result.files, problems = check_manifest(folder, record["integrity"]["sha256"], record_files,
                                                 not result.problems, signature["key_fingerprint"] if signature
                                                 else None, trusted)

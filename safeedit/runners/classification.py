@@ -16,9 +16,10 @@ from safeedit.eval.classification import evaluate_classifier, gap_to_retrain, mi
 from safeedit.eval.weights import weight_changes
 from safeedit.methods import EditResult
 from safeedit.models import EMBEDDED_MODELS, load_model
+from safeedit.models.adapters import untrained_like
 from safeedit.models.reference import BaseStart, check_reference_architecture
 from safeedit.progress import say
-from safeedit.runners.common import OutputWriter, data_fingerprints, input_entries
+from safeedit.runners.common import data_fingerprints, input_entries
 from safeedit.runners.job import Job
 from safeedit.runners.references import (
     CLASSIFICATION_REFERENCE_NOTES,
@@ -56,12 +57,12 @@ class ClassificationJob(Job):
         entry = EMBEDDED_MODELS.get(scenario.model.name)
         self.task = UnlearnTask(
             model=original, forget=split.forget, retain=split.retain, num_classes=_num_classes(original),
-            loader=self.loader, build_fresh=entry.build if entry else lambda: type(original)(original.config),
+            loader=self.loader, build_fresh=entry.build if entry else lambda: untrained_like(original),
             seed=scenario.seed, progress=progress,
         )
         self.results["original"] = {**self.measure(original, "original"), "wall_time_s": None}
         self.original_metrics = self.results["original"]["metrics"]["after"]
-        self.writer = OutputWriter(self.out, scenario.name, self.loaded.weights_sha256)
+        self.writer = self.output_writer(self.loaded.weights_sha256)
         self.retrain_s = None
         self.reference_files: dict[str, dict[str, str]] = {}
         if plan.kind != NONE:  # the reference row's words say what was done
@@ -98,7 +99,7 @@ class ClassificationJob(Job):
         self.retrain_s = time.perf_counter() - started
         self.results["retrain"] = {**self.measure(model, "retrain"), "wall_time_s": self.retrain_s, "seed": seed,
                                    "options": plan.recipe()}
-        self.writer.save("retrain", model.state_dict(), None)
+        self.writer.save_model("retrain", model, None)
         return {**record, "seed": seed, "trained_on": {"retain": fingerprint(self.split.retain)}}
 
     def loader(self, data, batch_size: int, shuffle: bool = False, seed: int = 0):

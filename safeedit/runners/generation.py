@@ -26,7 +26,7 @@ from safeedit.models.diffusion import (
     train_from_scratch,
 )
 from safeedit.progress import say
-from safeedit.runners.common import OutputWriter, data_fingerprints, input_entries
+from safeedit.runners.common import data_fingerprints, input_entries
 from safeedit.runners.job import Job
 from safeedit.scenario import GenerationScenario
 from safeedit.unlearn.diffusion import GenerationTask
@@ -66,7 +66,7 @@ class GenerationJob(Job):
             f"{self.judge_test_accuracy:.1%} on real test images", progress)
         self.samples: dict[str, torch.Tensor] = {}  # by model name, for the sample grid
 
-        self.writer = OutputWriter(self.out, scenario.name, self.loaded.weights_sha256)
+        self.writer = self.output_writer(self.loaded.weights_sha256, processors=[original.scheduler])
         self.results["original"] = {**self.measure(original, "original"), "wall_time_s": None}
         self.original_metrics = self.results["original"]["metrics"]["after"]
         self.retrain_s = None
@@ -83,7 +83,7 @@ class GenerationJob(Job):
             self.retrain_s = time.perf_counter() - start
             self.results["retrain"] = {**self.measure(reference, "retrain"), "wall_time_s": self.retrain_s,
                                        "seed": seed}
-            self.writer.save("retrain", reference.unet.state_dict(), None)
+            self.writer.save_model("retrain", reference.unet, None)
 
     @property
     def setting(self) -> GenerationTask:
@@ -108,7 +108,7 @@ class GenerationJob(Job):
         return {**entry, "weight_changes": weight_changes(self.original.unet, result.model.unet, result.mask)}
 
     def save(self, name: str, result: EditResult) -> dict[str, Any]:
-        return {"mask": self.writer.save(name, result.model.unet.state_dict(), result.mask)}
+        return {"mask": self.writer.save_model(name, result.model.unet, result.mask)}
 
     def after_methods(self) -> None:
         """The grid of every model's samples per class."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from safeedit.errors import SafeEditError
 from safeedit.methods import EditResult, MethodSpec
 from safeedit.progress import say
 from safeedit.record import write_record
+from safeedit.report.model_card import MethodFacts, RunFacts
 from safeedit.runners.common import OutputWriter, common_record
 from safeedit.runners.references import REFERENCES
 
@@ -68,9 +69,9 @@ class Job:
         raise NotImplementedError
 
     def save(self, name: str, result: EditResult) -> dict[str, Any]:
-        """Write the method's outputs; return the entry fields that describe them (default: its weights and mask,
-        `{"mask": summary}`)."""
-        return {"mask": self.writer.save(name, result.model.state_dict(), result.mask)}
+        """Write the method's outputs; return the entry fields that describe them (default: its model, a
+        `save_pretrained` folder or weights file, and its mask, `{"mask": summary}`)."""
+        return {"mask": self.writer.save_model(name, result.model, result.mask)}
 
     def about(self, name: str, spec: MethodSpec) -> dict[str, str]:
         return spec.about
@@ -83,6 +84,32 @@ class Job:
         raise NotImplementedError
 
     # --- shared helpers ----------------------------------------------------------------------------------------
+    def output_writer(self, source_sha256: str, processors: Sequence[Any] | None = None) -> OutputWriter:
+        """The run's writer (`prepare` sets `writer` to it): model folders get the run's facts for their model card,
+        `processors` beside their weights (default: the loaded model's tokenizer and image processor), and the
+        loaded adapter's base hash (an edit of the adapter alone is written as an adapter)."""
+        scenario, loaded = self.scenario, getattr(self, "loaded", None)
+        if processors is None:
+            processors = [getattr(loaded, "tokenizer", None), getattr(loaded, "image_processor", None)]
+        return OutputWriter(self.out, scenario.name, source_sha256, self.run_facts(source_sha256), processors,
+                            getattr(loaded, "adapter", None), self.final_out)
+
+    def run_facts(self, source_sha256: str) -> RunFacts:
+        """What model cards say of this run: scenario, request, source model, and each method's (or reference's)
+        summary, limitations and options."""
+        scenario = self.scenario
+        methods = {}
+        for name, options in scenario.method_options().items():
+            about = self.about(name, scenario.method_spec(name))
+            methods[name] = MethodFacts(about["summary"], about["limitations"], options.model_dump(mode="json"))
+        for name, about in self.references.items():
+            options = getattr(scenario, name, None)
+            methods[name] = MethodFacts(about["summary"], about["limitations"],
+                                        options.model_dump(mode="json") if isinstance(options, BaseModel) else {})
+        model = getattr(scenario, "model", None)
+        return RunFacts(scenario=scenario.name, kind=self.kind, request=scenario.request.model_dump(mode="json"),
+                        source=str(getattr(model, "name", "")), source_sha256=source_sha256, methods=methods)
+
     examples_per_epoch: int | None = None  # what one epoch of a method passes over (set by `prepare` where known)
 
     def optimizer_steps(self, options: BaseModel) -> int | None:
@@ -132,6 +159,9 @@ def run_methods(job: Job, options: dict[str, BaseModel]) -> None:
         left = sum(n for key, n in steps.items() if n and list(options).index(key) >= index - 1)
         if done_steps and done_s > 1 and left:
             say(f"about {left * done_s / done_steps:,.0f} s of methods left at the pace so far", job.progress)
+        # dropout draws from the global generator: every method starts from the scenario's seed, whatever ran
+        # before it (a retrain, other methods) or did not
+        torch.manual_seed(scenario.seed)
         start = time.perf_counter()
         result = spec.run(job.setting_for(name), method_options, scenario.seed, job.progress)
         wall = time.perf_counter() - start

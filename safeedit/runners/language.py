@@ -25,7 +25,7 @@ from safeedit.io import sha256_file
 from safeedit.methods import EditResult, MethodSpec, resolve
 from safeedit.models.cache import cached_finetune
 from safeedit.progress import say
-from safeedit.runners.common import OutputWriter, input_entries
+from safeedit.runners.common import input_entries
 from safeedit.runners.job import Job
 from safeedit.runners.references import GIVEN_REFERENCE
 from safeedit.scenario import AuthorsSection, CapitalsSection, LMScenario, QAFilesSection
@@ -57,7 +57,7 @@ class LanguageJob(Job):
         self.original_metrics = self.measure(self.original, "the original model")
         self.results["original"] = {"metrics": {"after": self.original_metrics}, "wall_time_s": None,
                                     "about": self.references["original"]}
-        self.writer = OutputWriter(self.out, scenario.name, source_sha)
+        self.writer = self.output_writer(source_sha)
 
     def prepare_authors(self, base: nn.Module, section: AuthorsSection) -> str:
         """The fine-tune on every author (the model to unlearn) and on the retain authors (the reference, evaluated
@@ -175,7 +175,7 @@ class LanguageJob(Job):
     def save(self, name: str, result: EditResult) -> dict[str, Any]:
         """The weights of the methods `save_weights` names (default: the first); the mask of every masked method."""
         if name in self.scenario.weights_to_save():
-            return {"mask": self.writer.save(name, result.model.state_dict(), result.mask)}
+            return {"mask": self.writer.save_model(name, result.model, result.mask)}
         return {"mask": self.writer.save_mask(name, result.mask) if result.mask is not None else None}
 
     def about(self, name: str, spec: MethodSpec) -> dict[str, str]:

@@ -27,7 +27,7 @@ from safeedit.data.sources import DataSpec, load_data
 from safeedit.errors import SafeEditError
 from safeedit.eval.merging import task_metrics
 from safeedit.eval.weights import weight_changes
-from safeedit.io import atomic_dir, check_output_path
+from safeedit.io import atomic_dir, check_output_path, write_text_atomic
 from safeedit.merge.methods import LEARNED
 from safeedit.merge.own import (
     ClassifierSetting,
@@ -40,9 +40,10 @@ from safeedit.merge.own import (
 from safeedit.merge.setting import MergeSetting
 from safeedit.methods import EditResult
 from safeedit.models.encoders import TextEncoder, loader
+from safeedit.models.export import write_model_folder
 from safeedit.progress import say
 from safeedit.record import file_entry
-from safeedit.runners.common import OutputWriter
+from safeedit.report.model_card import render_model_card
 from safeedit.runners.job import Job, check_work, run_job
 from safeedit.runners.merging import merge_evidence
 from safeedit.scenario import ModelMergeScenario
@@ -104,7 +105,7 @@ class ModelMergeJob(Job):
             self.merge_setting: MergeSetting = self._classifier_setting(parts, weights, densities or None)
         else:
             self.merge_setting = MergeSetting(self.own.base_part(), parts, {}, {}, weights, densities or None)
-        self.writer = OutputWriter(self.out, scenario.name, self.own.base.weights_sha256)
+        self.writer = self.output_writer(self.own.base.weights_sha256, [self.own.base.tokenizer])
 
     def _classifier_setting(self, parts: dict, weights: dict, densities: dict | None) -> ClassifierSetting:
         """The learned merges' and the evaluation's setting: the task models as sequence classifiers."""
@@ -175,12 +176,11 @@ class ModelMergeJob(Job):
             return fields
         model, self.merged = self.merged[1], None
         if not self.model_folder:
-            self.writer.save(name, model.state_dict(), None)
+            self.writer.save_model(name, model, None, role="merged model folder")
             return fields
         before = {path for path in self.out.rglob("*")}
-        model.save_pretrained(self.out, safe_serialization=True)
-        if self.own.base.tokenizer is not None:
-            self.own.base.tokenizer.save_pretrained(self.out)
+        written = write_model_folder(self.out, model, self.writer.processors)  # the run folder is the model folder
+        write_text_atomic(self.out / "README.md", render_model_card(self.writer.run, name, written, inside=True))
         summary = self.out / "merge.json"
         summary.write_text(json.dumps(self.summary(name, result), indent=2) + "\n")
         for path in sorted(p for p in self.out.rglob("*") if p.is_file() and p not in before):

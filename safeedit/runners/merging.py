@@ -177,7 +177,7 @@ class MergeJob(Job):
         self.merge_setting = MergeSetting(encoder, {n: m.encoder for n, m in self.task_models.items()}, self.heads,
                                           unlabeled_batches)
 
-        self.writer = OutputWriter(self.out, scenario.name, self.base_sha)
+        self.writer = self.output_writer(self.base_sha, processors=[getattr(encoder, "tokenizer", None)])
         heads_path = self.out / "task-heads.safetensors"
         save_safetensors({f"{n}.{k}": v for n, h in self.heads.items() for k, v in h.state_dict().items()},
                          heads_path, {"scenario": scenario.name,
@@ -212,10 +212,8 @@ class MergeJob(Job):
         the other merges follow from the recorded inputs, options and seed."""
         fields = merge_evidence(self.writer, name, result)
         if name == "dam":
-            weights = self.out / "dam.safetensors"
             merged = with_parameters(self.encoder, result.parameters)
-            save_safetensors(merged.state_dict(), weights, {"method": name, "scenario": self.scenario.name})
-            self.writer.add(weights, "merged body weights")
+            self.writer.save_model(name, merged.model, None, role="merged body folder")
         return fields
 
     def record_fields(self, started: float) -> dict[str, Any]:

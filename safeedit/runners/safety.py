@@ -34,7 +34,7 @@ from safeedit.models.compare import check_same_shapes, folder_shapes, parameter_
 from safeedit.progress import say
 from safeedit.prune import PruneSetting
 from safeedit.prune.calibration import calibration_batches
-from safeedit.runners.common import OutputWriter, input_entries
+from safeedit.runners.common import input_entries
 from safeedit.runners.job import Job
 from safeedit.runners.references import REPAIR_REFERENCES
 from safeedit.scenario import SafetyScenario
@@ -153,7 +153,7 @@ class SafetyJob(Job):
                                                  f"user-finetune-p{attack.poison_ratio:g}", aligned_sha, progress)
         self.inputs["fine-tuned weights (user fine-tune, cached)"] = {str(tuned_path): sha256_file(tuned_path)}
         self.before = self.reference("no_defense", self.tuned, "the fine-tuned model (no defence)")
-        self.writer = OutputWriter(self.out, scenario.name, sha256_file(tuned_path))
+        self.writer = self.output_writer(sha256_file(tuned_path))
         return {name: p.detach() for name, p in aligned.named_parameters()}
 
     def check_base_shapes(self) -> None:
@@ -173,7 +173,7 @@ class SafetyJob(Job):
         self.tuned = model
         self.model_info["given"] = "the user's fine-tuned model, repaired as given (no alignment, no attack run)"
         self.before = self.reference("original", model, "your fine-tuned model")
-        self.writer = OutputWriter(self.out, scenario.name, self.loaded.weights_sha256)
+        self.writer = self.output_writer(self.loaded.weights_sha256)
         if scenario.base is None:
             return None
         from safeedit.models.language import SMOLLM2, smollm2_folder
@@ -229,7 +229,7 @@ class SafetyJob(Job):
     def save(self, name: str, result: EditResult) -> dict[str, Any]:
         """Antidote's weights and mask; the mask alone of the controls (their weights follow from it)."""
         if name == "antidote":
-            return {"mask": self.writer.save(name, result.model.state_dict(), result.mask)}
+            return {"mask": self.writer.save_model(name, result.model, result.mask)}
         return {"mask": self.writer.save_mask(name, result.mask)}
 
     def judge_note(self) -> str:

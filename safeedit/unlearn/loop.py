@@ -41,12 +41,16 @@ def unlearn(
 ) -> nn.Module:
     """Run `objective` for `options.epochs` on a copy of `model`, changing only weights inside `mask`.
 
+    Without a mask, every parameter that requires a gradient is trained: all of them for a plain model; for a peft
+    model loaded from an adapter folder, the adapter alone (its base is frozen), so the edit stays an adapter.
     The input model is never modified. Gradients outside the mask are zeroed before clipping and masked-out
     weights are written back after every step (see `masked_training`); batch-norm statistics follow the
     forward passes in train mode, as in the reference implementations.
     """
     edited = copy.deepcopy(model)
-    mask = mask if mask is not None else Mask.full(dict(edited.named_parameters()))
+    if mask is None:
+        mask = Mask({name: torch.full(p.shape, p.requires_grad, dtype=torch.bool)
+                     for name, p in edited.named_parameters()})
     device = next(edited.parameters()).device
     trainable = [p for p in edited.parameters() if p.is_floating_point()]
     if options.optimizer == "adam":
