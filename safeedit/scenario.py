@@ -28,7 +28,7 @@ from safeedit.data.forget import ForgetRequest
 from safeedit.data.prompts import SafetySizes
 from safeedit.data.qa_files import QAFiles, read_qa_files
 from safeedit.errors import SafeEditError, first_problem
-from safeedit.eval.qa import qa_metric_names
+from safeedit.eval.language import qa_metric_names
 from safeedit.methods import MethodSpec, get_method, resolve
 from safeedit.models.encoders import FinetuneRecipe
 from safeedit.models.lm_training import FinetuneOptions

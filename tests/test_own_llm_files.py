@@ -20,8 +20,8 @@ from tiny_llmfiles import FOLDER, build
 from safeedit.cli import main
 from safeedit.data.qa_files import read_qa_files, read_rows, spec_chat_examples
 from safeedit.errors import SafeEditError
-from safeedit.eval.language import answer_perplexity
-from safeedit.eval.qa import QASets, metric_note, qa_metric_names, qa_metrics, utility_parts
+from safeedit.eval.language import answer_perplexity, qa_metric_names
+from safeedit.eval.qa import QASets, metric_note, qa_metrics, utility_parts
 from safeedit.masks import Mask
 from safeedit.scenario import load_scenario
 

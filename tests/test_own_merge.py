@@ -308,7 +308,7 @@ def test_scenario_merges_own_classifiers_end_to_end(here, capsys):
     # task arithmetic's written weights: θ₀ + 0.5 Σ wᵢ δᵢ with the scenario's weights 1, 1, 0.8
     from safetensors.torch import load_file
 
-    written = load_file("run/task_arithmetic.safetensors")
+    written = load_file("run/task_arithmetic/model.safetensors")
     theta0 = parameters("examples/merge/base")
     thetas = [parameters(f"examples/merge/{t}") for t in tasks]
     for name, base in theta0.items():

@@ -100,7 +100,7 @@ def test_from_base_fine_tunes_the_base_on_the_retain_rows_only(built, tmp_path, 
     assert reference["trained_on"]["retain"]["count"] + record["data"]["forget"]["count"] == 60
     # its weights come from the base, not from a random initialisation: position embeddings of positions the tickets
     # never reach get no gradient, so they are the base's bit for bit; the rest was trained
-    weights = outputs(record, tmp_path / "run", "reference weights")
+    weights = outputs(record, tmp_path / "run", "reference model folder")
     base = load_file(built / FOLDER / "base" / "model.safetensors")
     name = "embeddings.position_embeddings.weight"
     assert torch.equal(weights[f"bert.{name}"][16:], base[name][16:])

@@ -322,3 +322,15 @@ def perplexity(model: nn.Module, tokenizer: Any, texts: Sequence[str], max_lengt
     logprobs = _token_logprobs(model, rows, pad_id, batch_size)
     total = torch.cat(logprobs).double()
     return float(torch.exp(-total.sum() / total.numel()))
+
+
+def qa_metric_names(forget_perturbed: bool, retain_perturbed: bool, holdout: bool, reference: bool,
+                    retain_perplexity: bool = False) -> set[str]:
+    """The metric names `qa_metrics` records for sets with (or without) perturbed forget and retain answers and
+    held-out questions, with (or without) a reference's forget truth ratios: what criteria can name."""
+    names = {"rouge_l_forget", "rouge_l_retain", "probability_forget", "probability_retain", "model_utility"}
+    names |= {"truth_ratio_forget"} if forget_perturbed else set()
+    names |= {"forget_quality"} if forget_perturbed and reference else set()
+    names |= {"truth_ratio_retain"} if retain_perturbed else set()
+    names |= {"mia_auc"} if holdout else set()
+    return names | ({"perplexity"} if retain_perplexity else set())

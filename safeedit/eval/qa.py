@@ -79,18 +79,6 @@ def metric_note(min_k: float = MIN_K, parts: Sequence[str] = MODEL_UTILITY_PARTS
             "end-of-sequence token not scored.")
 
 
-def qa_metric_names(forget_perturbed: bool, retain_perturbed: bool, holdout: bool, reference: bool,
-                    retain_perplexity: bool = False) -> set[str]:
-    """The metric names `qa_metrics` records for sets with (or without) perturbed forget and retain answers and
-    held-out questions, with (or without) a reference's forget truth ratios: what criteria can name."""
-    names = {"rouge_l_forget", "rouge_l_retain", "probability_forget", "probability_retain", "model_utility"}
-    names |= {"truth_ratio_forget"} if forget_perturbed else set()
-    names |= {"forget_quality"} if forget_perturbed and reference else set()
-    names |= {"truth_ratio_retain"} if retain_perturbed else set()
-    names |= {"mia_auc"} if holdout else set()
-    return names | ({"perplexity"} if retain_perplexity else set())
-
-
 @dataclass(frozen=True)
 class QASets:
     """The questions one evaluation reads: forget, the (evaluated) retain questions, and optionally held-out

@@ -2,7 +2,7 @@
 
 A folder written by `PeftModel.save_pretrained` (`adapter_config.json` + `adapter_model.safetensors`) loads as a
 `PeftModel` over its base (`base_model_name_or_path`: a folder, a hub id or an embedded name, loaded by
-`load_model` with the caller's `trust_remote_code`, off by default). The adapter is attached as trainable (peft's
+the caller's `load_model`, with its `trust_remote_code`, off by default). The adapter is attached as trainable (peft's
 `is_trainable=True`: the adapter's weights require gradients, the base's do not) and strictly: every adapter
 tensor of the file must land in the model and the model must expect no other, since peft itself only warns when
 an adapter meant for another base leaves weights at their fresh values.
@@ -17,16 +17,16 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 from torch import nn
 
 from safeedit.errors import SafeEditError
 from safeedit.io import sha256_file, tensors_sha256
-from safeedit.models.loading import AdapterSource, LoadedModel, check_safetensors, load_model
+from safeedit.models.loaded import AdapterSource, LoadedModel, check_safetensors
 from safeedit.models.state import check_finite
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -35,8 +35,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_ERRORS = (ValueError, RuntimeError, KeyError, TypeError, AttributeError)
 
 
-def load_adapter(path: Path, dtype: torch.dtype | None, trust_remote_code: bool, progress: bool) -> LoadedModel:
-    """The base model named in `path`'s adapter_config.json with the adapter attached (see the module's text)."""
+def load_adapter(path: Path, load_base: Callable[[str], LoadedModel]) -> LoadedModel:
+    """The base model named in `path`'s adapter_config.json, loaded by `load_base` (the caller's `load_model`, with
+    its dtype and trust_remote_code), with the adapter attached (see the module's text)."""
     base_spec = adapter_base(path)
     weights = path / ADAPTER_WEIGHTS
     if not weights.is_file():
@@ -46,7 +47,7 @@ def load_adapter(path: Path, dtype: torch.dtype | None, trust_remote_code: bool,
             "re-save the adapter with model.save_pretrained(..., safe_serialization=True) where you trust the files")
     check_safetensors(weights)
     try:
-        base = load_model(base_spec, dtype=dtype, trust_remote_code=trust_remote_code, progress=progress)
+        base = load_base(base_spec)
     except SafeEditError as error:
         raise SafeEditError(
             f"{path}: its base model {base_spec!r} (base_model_name_or_path in {ADAPTER_CONFIG}) does not load: "
@@ -59,7 +60,7 @@ def load_adapter(path: Path, dtype: torch.dtype | None, trust_remote_code: bool,
     if (path / "tokenizer_config.json").is_file():  # a tokenizer saved with the adapter is the one it was tuned with
         import transformers
 
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     files = {str(p): sha256_file(p) for p in (path / ADAPTER_CONFIG, weights)} | base.files
     source = AdapterSource(folder=str(path), base=base_spec, base_sha256=base_weights_sha256(model))
     return LoadedModel(model.eval(), str(path), tokenizer, base.image_processor, files, origin="adapter",

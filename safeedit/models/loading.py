@@ -8,47 +8,18 @@ caller turns it on, and missing or mismatched weights are an error rather than s
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import transformers
-from safetensors import SafetensorError, safe_open
-from torch import nn
+from safetensors import SafetensorError
 
 from safeedit.errors import SafeEditError
-from safeedit.io import check_not_pickle, sha256_file, tensors_sha256
+from safeedit.io import check_not_pickle, sha256_file
+from safeedit.models.loaded import LoadedModel, check_safetensors
 from safeedit.models.state import check_finite
 from safeedit.models.zoo import EMBEDDED_MODELS
-
-
-@dataclass(frozen=True)
-class AdapterSource:
-    """Where a model loaded from a peft adapter folder came from (`safeedit.models.adapters`)."""
-
-    folder: str  # the adapter folder
-    base: str  # its base model, as adapter_config.json names it (base_model_name_or_path)
-    base_sha256: str  # content hash of the base weights as loaded: an edit that leaves it is an adapter edit
-
-
-@dataclass
-class LoadedModel:
-    model: nn.Module
-    source: str
-    tokenizer: Any = None
-    image_processor: Any = None
-    files: dict[str, str] = field(default_factory=dict)  # weight file path -> SHA-256 of its bytes
-    origin: str = "folder"  # embedded models: shipped | trained | file; otherwise folder, hub or adapter
-    adapter: AdapterSource | None = None  # set when `source` is a peft adapter folder
-
-    @functools.cached_property
-    def weights_sha256(self) -> str:
-        """Content hash of the weights as loaded (independent of file layout). Hashed once: every edit works on a
-        copy, so the loaded model never changes (a 135M-parameter model takes about a second to hash)."""
-        return tensors_sha256(self.model.state_dict())
 
 
 def load_model(
@@ -82,7 +53,8 @@ def load_model(
         from safeedit.models.adapters import ADAPTER_CONFIG, load_adapter  # peft: only adapter folders need it
 
         if (path / ADAPTER_CONFIG).is_file():
-            return load_adapter(path, dtype, trust_remote_code, progress)
+            return load_adapter(path, lambda base: load_model(base, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                              progress=progress))
         if not (path / "config.json").exists():
             raise SafeEditError(f"{path}: no config.json; save the model with save_pretrained() first (a LoRA "
                                 f"adapter folder holds {ADAPTER_CONFIG} and adapter_model.safetensors)")
@@ -100,28 +72,6 @@ def load_model(
         for weights_file in sorted(path.glob("*.safetensors")):
             check_safetensors(weights_file)
     return _load_transformers(spec, dtype, trust_remote_code)
-
-
-def check_safetensors(path: Path) -> None:
-    """Refuse a weights file whose safetensors header does not parse or does not cover the file (empty, truncated,
-    or another format saved under the name, such as torch.save's pickle), before transformers reads it. Only the
-    header is read; nothing is unpickled."""
-    with path.open("rb") as handle:
-        start = handle.read(4)
-    if not start:
-        why = "it is empty"
-    elif start[:1] == b"\x80" or start == b"PK\x03\x04":
-        why = "it is a pickle or torch.save archive; it was not opened"
-    else:
-        try:
-            with safe_open(str(path), framework="pt"):
-                return
-        except (SafetensorError, OSError, ValueError) as error:
-            why = (str(error).splitlines() or [type(error).__name__])[0].replace("Error while deserializing ", "bad ")
-    raise SafeEditError(
-        f"{path} is not a valid safetensors file (truncated, empty or a pickle: {why}); "
-        "re-save the model with save_pretrained(safe_serialization=True)"
-    )
 
 
 def _load_transformers(spec: str, dtype: torch.dtype | None, trust_remote_code: bool) -> LoadedModel:

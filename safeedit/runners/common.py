@@ -16,7 +16,7 @@ from safeedit.data.forget import ForgetSplit, fingerprint
 from safeedit.io import save_safetensors, write_text_atomic
 from safeedit.masks import Mask
 from safeedit.models.export import library_of, write_model_folder
-from safeedit.models.loading import AdapterSource
+from safeedit.models.loaded import AdapterSource
 from safeedit.record import environment, file_entry, folder_entry
 from safeedit.report.model_card import RunFacts, render_model_card
 
