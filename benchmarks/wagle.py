@@ -575,7 +575,7 @@ def plot(paths: list[Path], out: Path) -> None:
             axis.set_title(f"{title}: {objective}", fontsize=9)
             axis.set_xlabel("model utility / original's")
         axes[0].set_ylabel("forget quality (KS p-value, log)")
-        axes[1].legend(fontsize=7)
+        axes[min(1, len(axes) - 1)].legend(fontsize=7)
     figure.suptitle("Fictitious authors, forget 10% (report split): one point per unlearning seed")
     figure.tight_layout()
     figure.savefig(out, dpi=110)

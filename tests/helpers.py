@@ -443,3 +443,23 @@ def word_tokenizer(words: list[str]):
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
                                    cls_token="[CLS]", sep_token="[SEP]", eos_token="[SEP]")
+
+
+# --- edited model folders ---------------------------------------------------------------------------------------
+
+
+def changed_tensors_of_loaded_folder(record: dict, run_dir, method: str, auto_class: str, original) -> int:
+    """Load method `method`'s output folder with `transformers.<auto_class>.from_pretrained` (nothing copied beside
+    it), check it is the folder the record names and that its tensors match `original`'s (a folder) one for one;
+    return how many tensors the edit changed."""
+    from pathlib import Path
+
+    import transformers
+
+    entry = next(e for e in record["outputs"] if e["path"] == method)
+    assert entry["role"].endswith("model folder") and entry["files"]["README.md"], entry
+    assert auto_class in entry["load"], entry["load"]
+    loaded = getattr(transformers, auto_class).from_pretrained(Path(run_dir) / method).state_dict()
+    before = getattr(transformers, auto_class).from_pretrained(original).state_dict()
+    assert loaded.keys() == before.keys()
+    return sum(not torch.equal(loaded[name], before[name]) for name in loaded)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import helpers as H
 import pytest
 import torch
 import yaml
@@ -78,6 +79,9 @@ def test_the_example_repairs_the_fine_tune_by_resetting_its_update(project, monk
     assert record["model"]["base_model"]["source"] == "examples/antidote/base"
     assert not {"alignment", "attack", "data"} & set(record["scenario"])  # nothing of the demonstration ran
     assert not any("cached" in role for role in inputs)
+    # the repaired model is a folder from_pretrained loads as it is, with the pruned tensors changed
+    assert H.changed_tensors_of_loaded_folder(record, "run-update", "antidote", "AutoModelForCausalLM",
+                                              project / "examples" / "antidote" / "fine-tuned") > 0
 
 
 def test_the_update_target_moves_the_selected_weights_back_to_the_base(project):

@@ -76,6 +76,9 @@ def test_the_example_runs_end_to_end_and_verifies(built, tmp_path, monkeypatch, 
         assert roles[role]["sha256"] == sha256(built / FOLDER / name)
     assert any("probability_retain, truth_ratio_retain, rouge_l_retain" in note for note in record["notes"])
     assert main(["verify", str(out)]) == 0
+    # the edited model is a folder from_pretrained loads as it is, with the weights the method changed
+    assert H.changed_tensors_of_loaded_folder(record, out, "npo+wagle", "AutoModelForCausalLM",
+                                              built / FOLDER / "model") > 0
     assert main(["report", str(out), "--no-pdf", "-q"]) == 0
     page = (out / "report.html").read_text()
     assert "Answer probability, forget" in page and "examples/llmfiles/forget.jsonl" in page

@@ -15,6 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
+import helpers as H
 import pytest
 import torch
 import yaml
@@ -317,6 +318,8 @@ def test_scenario_merges_own_classifiers_end_to_end(here, capsys):
     assert {e["role"] for e in record["inputs"]} >= {"scenario", "unlabeled data task-a", "evaluation data task-c"}
     capsys.readouterr()
     assert main(["verify", "run"]) == 0
+    # each merge is a folder from_pretrained loads as it is: the base's body with the merged weights
+    assert H.changed_tensors_of_loaded_folder(record, "run", "task_arithmetic", "AutoModel", "examples/merge/base") > 0
 
 
 # --- bad input: one line, exit 2, nothing written ----------------------------------------------------------------

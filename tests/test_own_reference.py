@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import helpers as H
 import pytest
 import torch
 import yaml
@@ -121,6 +122,10 @@ def test_from_base_fine_tunes_the_base_on_the_retain_rows_only(built, tmp_path, 
     html = (tmp_path / "run" / "report.html").read_text()
     assert "reference (base fine-tuned without the data)" in html and "never the forget examples" in html
     assert main(["verify", str(tmp_path / "run")]) == 0
+    # the reference and each edited model are folders from_pretrained loads as they are
+    for name in ("retrain", "ft"):
+        assert H.changed_tensors_of_loaded_folder(record, tmp_path / "run", name, "AutoModelForSequenceClassification",
+                                                  built / FOLDER / "ticket-classifier") > 0, name
 
 
 def test_model_loads_evaluates_and_hashes_the_given_reference(built, tmp_path, monkeypatch, capsys):
