@@ -6,8 +6,6 @@ Every case returns whole tensors, so the spawned processes' results compare dire
 
 from __future__ import annotations
 
-import datetime
-import json
 from collections.abc import Callable
 
 import helpers as H
@@ -143,22 +141,5 @@ CASES: dict[str, Callable[[int], dict[str, torch.Tensor]]] = {
 
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """Entry point of each spawned process: run every case, save its tensors and any error per case."""
-    import torch.distributed as dist
-    from safetensors.torch import save_file
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    results, errors = {}, {}
-    try:
-        for case, run in CASES.items():
-            try:
-                results.update({f"{case}/{n}": t.contiguous() for n, t in run(rank).items()})
-            except Exception as error:  # reported per case by the test
-                errors[case] = f"{type(error).__name__}: {error}"
-            dist.barrier()
-    finally:
-        save_file(results, f"{out_dir}/rank{rank}.safetensors")
-        with open(f"{out_dir}/rank{rank}.json", "w") as handle:
-            json.dump(errors, handle)
-        dist.destroy_process_group()
+    H.run_cases_in_process_group(rank, world, init_file, out_dir,
+                                 {case: (lambda run=run: run(rank)) for case, run in CASES.items()})

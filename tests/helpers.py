@@ -357,6 +357,15 @@ def run_case(name: str) -> dict[str, torch.Tensor]:
 
 def distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """Entry point of each spawned process: compute every case, save the scores and any error per case."""
+    run_cases_in_process_group(rank, world, init_file, out_dir,
+                               {case: (lambda c=case: run_case(c)) for case in DISTRIBUTED_CASES})
+
+
+def run_cases_in_process_group(rank: int, world: int, init_file: str, out_dir: str,
+                               cases: Mapping[str, Callable[[], dict[str, torch.Tensor]]]) -> None:
+    """Join a gloo group of `world` processes, run each case in turn (a barrier after each), and save the tensors
+    (`rank{r}.safetensors`, keys "case/name") and the error of each failed case (`rank{r}.json`) for
+    `spawn_and_collect`."""
     import datetime
     import json
 
@@ -364,18 +373,13 @@ def distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> N
     from safetensors.torch import save_file
 
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     results, errors = {}, {}
     try:
-        for case in DISTRIBUTED_CASES:
+        for case, run in cases.items():
             try:
-                results.update({f"{case}/{n}": t.contiguous() for n, t in run_case(case).items()})
+                results.update({f"{case}/{n}": t.contiguous() for n, t in run().items()})
             except Exception as error:  # reported per case by the test
                 errors[case] = f"{type(error).__name__}: {error}"
             dist.barrier()
