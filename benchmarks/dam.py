@@ -28,7 +28,12 @@ from safeedit.runners import run_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results" / "dam.json"
-ORDER = ("frozen_encoder", "individual", "task_arithmetic", "ties", "adamerging", "concrete_ta", "dam")
+ORDER = ("frozen_encoder", "individual", "task_arithmetic", "ties", "ties_per_tensor", "adamerging", "concrete_ta",
+         "dam")
+# `ties` here is FusionBench's whole-vector trim (what the DAM comparison follows); `ties_per_tensor` is mergekit's
+# TIES (the library default: int(keep · n) entries kept per tensor, a zero sign sum electing +), same keep and λ,
+# on the same cached task models (`--per-tensor-ties` adds it to finished runs).
+PER_TENSOR = "ties_per_tensor"
 BASELINES = ("task_arithmetic", "ties", "adamerging", "concrete_ta")
 
 
@@ -62,6 +67,25 @@ def run(args: argparse.Namespace) -> None:
                 RESULTS.parent.mkdir(parents=True, exist_ok=True)
                 RESULTS.write_text(json.dumps(results, indent=1))
                 print(summary(results), flush=True)
+
+
+def add_per_tensor_ties(args: argparse.Namespace) -> None:
+    """Run mergekit's TIES (per-tensor trim) on each finished run's cached task models, as row `ties_per_tensor`."""
+    results = json.loads(RESULTS.read_text())
+    for entry in results["runs"]:
+        if PER_TENSOR in entry["results"] or entry["setting"] not in args.settings or entry["seed"] not in args.seeds:
+            continue
+        scenario = scenario_for(entry["setting"], entry["backdoored"], entry["seed"])
+        scenario.update(name=scenario["name"] + "-ties-per-tensor",
+                        methods={"ties": {**scenario["methods"]["ties"], "trim": "tensor"}})
+        folder = ROOT / "runs" / "benchmarks" / scenario["name"]
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "scenario.yaml"
+        path.write_text(yaml.safe_dump(scenario, sort_keys=False))
+        print(f"[dam benchmark] {scenario['name']}", flush=True)
+        ties = json.loads(run_scenario(path, folder, progress=args.progress).read_text())["results"]["ties"]
+        entry["results"][PER_TENSOR] = {"metrics": ties["metrics"]["after"], "wall_time_s": ties["wall_time_s"]}
+        RESULTS.write_text(json.dumps(results, indent=1))
 
 
 def _cell(values: list[float], scale: float = 100) -> str:
@@ -164,8 +188,12 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="keep finished runs of benchmarks/results/dam.json")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--summary", action="store_true")
+    parser.add_argument("--per-tensor-ties", action="store_true",
+                        help="add mergekit's TIES (per-tensor trim) to the finished runs in results/dam.json")
     args = parser.parse_args()
-    if not args.summary:
+    if args.per_tensor_ties:
+        add_per_tensor_ties(args)
+    elif not args.summary:
         run(args)
     results = json.loads(RESULTS.read_text())
     print(summary(results))
