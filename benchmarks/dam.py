@@ -43,6 +43,16 @@ def scenario_for(setting: str, backdoored: int, seed: int) -> dict:
     return dict(scenario, seed=seed, name=f"dam-{setting}-b{backdoored}-s{seed}", criteria=[])
 
 
+def run_benchmark_scenario(scenario: dict, progress: bool) -> dict:
+    """Run `scenario` (a mapping) into runs/benchmarks/<name>/, its YAML beside it (an earlier run's folder is
+    replaced as a whole); return the record."""
+    folder = ROOT / "runs" / "benchmarks" / scenario["name"]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    path = folder.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(scenario, sort_keys=False))
+    return json.loads(run_scenario(path, folder, progress=progress, overwrite=True).read_text())
+
+
 def run(args: argparse.Namespace) -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() and args.resume else {"runs": []}
     done = {(r["setting"], r["backdoored"], r["seed"]) for r in results["runs"]}
@@ -52,13 +62,9 @@ def run(args: argparse.Namespace) -> None:
                 if (setting, backdoored, seed) in done:
                     continue
                 scenario = scenario_for(setting, backdoored, seed)
-                folder = ROOT / "runs" / "benchmarks" / scenario["name"]
-                folder.mkdir(parents=True, exist_ok=True)
-                path = folder / "scenario.yaml"
-                path.write_text(yaml.safe_dump(scenario, sort_keys=False))
                 start = time.perf_counter()
                 print(f"[dam benchmark] {scenario['name']}", flush=True)
-                record = json.loads(run_scenario(path, folder, progress=args.progress).read_text())
+                record = run_benchmark_scenario(scenario, args.progress)
                 results["runs"].append({
                     "setting": setting, "backdoored": backdoored, "seed": seed,
                     "attacked": sorted(scenario["attacks"]), "wall_s": time.perf_counter() - start,
@@ -78,12 +84,8 @@ def add_per_tensor_ties(args: argparse.Namespace) -> None:
         scenario = scenario_for(entry["setting"], entry["backdoored"], entry["seed"])
         scenario.update(name=scenario["name"] + "-ties-per-tensor",
                         methods={"ties": {**scenario["methods"]["ties"], "trim": "tensor"}})
-        folder = ROOT / "runs" / "benchmarks" / scenario["name"]
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "scenario.yaml"
-        path.write_text(yaml.safe_dump(scenario, sort_keys=False))
         print(f"[dam benchmark] {scenario['name']}", flush=True)
-        ties = json.loads(run_scenario(path, folder, progress=args.progress).read_text())["results"]["ties"]
+        ties = run_benchmark_scenario(scenario, args.progress)["results"]["ties"]
         entry["results"][PER_TENSOR] = {"metrics": ties["metrics"]["after"], "wall_time_s": ties["wall_time_s"]}
         RESULTS.write_text(json.dumps(results, indent=1))
 

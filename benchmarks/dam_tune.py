@@ -19,9 +19,9 @@ import json
 from pathlib import Path
 
 import yaml
+from dam import run_benchmark_scenario
 
 from safeedit.protocol import Candidate, Protocol, highest_mean
-from safeedit.runners import run_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 ADAMERGING_LR = (0.003, 0.01, 0.03, 0.1)
@@ -51,10 +51,7 @@ def main() -> None:
         scenario["methods"] = {"adamerging": {"granularity": "layer", "steps": steps, "lr": ada_lr},
                                "concrete_ta": {"steps": steps, "init_logit": init, "lr": lr},
                                "dam": {"steps": steps, "init_logit": init, "lr": lr}}
-        folder = ROOT / "runs" / "benchmarks" / scenario["name"]
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "scenario.yaml").write_text(yaml.safe_dump(scenario, sort_keys=False))
-        record = json.loads(run_scenario(folder / "scenario.yaml", folder, progress=False).read_text())
+        record = run_benchmark_scenario(scenario, progress=False)
         results["configs"].append({"index": index, "methods": scenario["methods"], "metrics": {
             name: record["results"][name]["metrics"]["after"] for name in LEARNED}})
         results_path.write_text(json.dumps(results, indent=1))
