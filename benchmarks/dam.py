@@ -28,12 +28,9 @@ from safeedit.runners import run_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results" / "dam.json"
-ORDER = ("frozen_encoder", "individual", "task_arithmetic", "ties", "ties_per_tensor", "adamerging", "concrete_ta",
-         "dam")
-# `ties` here is FusionBench's whole-vector trim (what the DAM comparison follows); `ties_per_tensor` is mergekit's
-# TIES (the library default: int(keep · n) entries kept per tensor, a zero sign sum electing +), same keep and λ,
-# on the same cached task models (`--per-tensor-ties` adds it to finished runs).
-PER_TENSOR = "ties_per_tensor"
+ORDER = ("frozen_encoder", "individual", "task_arithmetic", "ties", "adamerging", "concrete_ta", "dam")
+# `ties` here is FusionBench's whole-vector trim (what the DAM comparison follows); `--ties-trims` sets it beside
+# mergekit's TIES (the library default: int(keep · n) entries kept per tensor, a zero sign sum electing +).
 BASELINES = ("task_arithmetic", "ties", "adamerging", "concrete_ta")
 
 
@@ -75,19 +72,40 @@ def run(args: argparse.Namespace) -> None:
                 print(summary(results), flush=True)
 
 
-def add_per_tensor_ties(args: argparse.Namespace) -> None:
-    """Run mergekit's TIES (per-tensor trim) on each finished run's cached task models, as row `ties_per_tensor`."""
+def compare_ties_trims(args: argparse.Namespace) -> None:
+    """TIES with FusionBench's whole-vector trim against mergekit's per-tensor trim (same keep and λ) on the same
+    task models, per setting, backdoor count and seed: `results["ties_trims"]`."""
     results = json.loads(RESULTS.read_text())
-    for entry in results["runs"]:
-        if PER_TENSOR in entry["results"] or entry["setting"] not in args.settings or entry["seed"] not in args.seeds:
-            continue
-        scenario = scenario_for(entry["setting"], entry["backdoored"], entry["seed"])
-        scenario.update(name=scenario["name"] + "-ties-per-tensor",
-                        methods={"ties": {**scenario["methods"]["ties"], "trim": "tensor"}})
-        print(f"[dam benchmark] {scenario['name']}", flush=True)
-        ties = run_benchmark_scenario(scenario, args.progress)["results"]["ties"]
-        entry["results"][PER_TENSOR] = {"metrics": ties["metrics"]["after"], "wall_time_s": ties["wall_time_s"]}
-        RESULTS.write_text(json.dumps(results, indent=1))
+    rows = results.setdefault("ties_trims", [])
+    for setting in args.settings:
+        for backdoored in args.backdoored:
+            for seed in args.seeds:
+                if any((r["setting"], r["backdoored"], r["seed"]) == (setting, backdoored, seed) for r in rows):
+                    continue
+                row = {"setting": setting, "backdoored": backdoored, "seed": seed}
+                for trim in ("global", "tensor"):
+                    scenario = scenario_for(setting, backdoored, seed)
+                    scenario.update(name=f"{scenario['name']}-ties-{trim}",
+                                    methods={"ties": {**scenario["methods"]["ties"], "trim": trim}})
+                    print(f"[dam benchmark] {scenario['name']}", flush=True)
+                    row[trim] = run_benchmark_scenario(scenario, args.progress)["results"]["ties"]["metrics"]["after"]
+                rows.append(row)
+                RESULTS.write_text(json.dumps(results, indent=1))
+
+
+def ties_trims_summary(results: dict) -> list[str]:
+    """Mean ± sd over seeds of the two TIES trims on the same task models."""
+    rows = results.get("ties_trims", [])
+    lines = []
+    for setting, backdoored in sorted({(r["setting"], r["backdoored"]) for r in rows}):
+        group = [r for r in rows if (r["setting"], r["backdoored"]) == (setting, backdoored)]
+        lines += ["", f"TIES trim, {setting}, {backdoored} backdoored, seeds {sorted(r['seed'] for r in group)} "
+                      "(the same task models for both rows; keep 20%, λ = 1)",
+                  f"{'trim':34s}{'avg acc':>13s}{'backdoor':>13s}{'transfer':>13s}"]
+        for trim, words in (("global", "whole vector (FusionBench)"), ("tensor", "per tensor (mergekit)")):
+            cells = [_cell([r[trim][m] for r in group]) for m in ("avg_accuracy", "backdoor_asr", "transfer_asr")]
+            lines.append(f"{words:34s}" + "".join(f"{c:>13s}" for c in cells))
+    return lines
 
 
 def _cell(values: list[float], scale: float = 100) -> str:
@@ -126,7 +144,7 @@ def summary(results: dict) -> str:
                          + f"{_cell(values('backdoor_asr')):>13s}{_cell(values('transfer_asr')):>13s}"
                          + f"{(statistics.median(times) if times else float('nan')):8.1f}")
         lines += targets(runs)
-    return "\n".join(lines)
+    return "\n".join(lines + ties_trims_summary(results))
 
 
 def targets(runs: list[dict]) -> list[str]:
@@ -190,11 +208,11 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="keep finished runs of benchmarks/results/dam.json")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--summary", action="store_true")
-    parser.add_argument("--per-tensor-ties", action="store_true",
-                        help="add mergekit's TIES (per-tensor trim) to the finished runs in results/dam.json")
+    parser.add_argument("--ties-trims", action="store_true",
+                        help="TIES whole-vector vs per-tensor trim on the same task models, per seed")
     args = parser.parse_args()
-    if args.per_tensor_ties:
-        add_per_tensor_ties(args)
+    if args.ties_trims:
+        compare_ties_trims(args)
     elif not args.summary:
         run(args)
     results = json.loads(RESULTS.read_text())
