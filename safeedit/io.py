@@ -16,6 +16,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -180,6 +181,22 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def read_yaml_mapping(path: Path, shape: str) -> dict[str, Any]:
+    """The YAML mapping in file `path` (parsed safely: no Python objects); a file that is not UTF-8, not YAML or not
+    a mapping is one line (`shape` says what the mapping should hold)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SafeEditError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+    except yaml.YAMLError as error:
+        raise SafeEditError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise SafeEditError(f"{path}: {shape}")
+    return raw
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import pydantic
-import yaml
 from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_serializer, model_validator
 
 from safeedit.attacks.backdoor import TriggerSpec
@@ -29,6 +28,7 @@ from safeedit.data.prompts import SafetySizes
 from safeedit.data.qa_files import QAFiles, read_qa_files
 from safeedit.errors import SafeEditError, first_problem
 from safeedit.eval.language import qa_metric_names
+from safeedit.io import read_yaml_mapping
 from safeedit.methods import MethodSpec, get_method, resolve
 from safeedit.models.encoders import FinetuneRecipe
 from safeedit.models.lm_training import FinetuneOptions
@@ -676,12 +676,7 @@ def load_scenario(path: str | Path) -> ScenarioCore:
         raise SafeEditError(f"{path} is a folder; give a scenario YAML file, e.g. one in scenarios/")
     if not path.is_file():
         raise SafeEditError(f"{path}: no such scenario file; see scenarios/ for ready-made ones")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise SafeEditError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise SafeEditError(f"{path}: a scenario is a YAML mapping with keys name, request, model, data, ...")
+    raw = read_yaml_mapping(path, "a scenario is a YAML mapping with keys name, request, model, data, ...")
     kind = raw.get("kind", "classification")
     if kind not in KINDS:
         raise SafeEditError(f"{path}: kind: unknown kind {kind!r}; choose from {', '.join(KINDS)}")

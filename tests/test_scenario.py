@@ -75,6 +75,10 @@ def test_not_yaml_and_missing_file(tmp_path):
         load_scenario(broken)
     with pytest.raises(SafeEditError, match="no such scenario file"):
         load_scenario(tmp_path / "absent.yaml")
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: café\n".encode("latin-1"))  # was an internal error (UnicodeDecodeError)
+    with pytest.raises(SafeEditError, match="not UTF-8 text; save it as UTF-8"):
+        load_scenario(latin)
 
 
 def test_ready_made_scenarios_validate():

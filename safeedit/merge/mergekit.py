@@ -35,9 +35,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from safeedit.errors import SafeEditError
+from safeedit.io import read_yaml_mapping
 
 SUPPORTED = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "linear")
 OURS = {"task_arithmetic": "task_arithmetic", "ties": "ties", "dare_linear": "dare", "dare_ties": "dare",
@@ -62,13 +61,8 @@ def read_mergekit(path: str | Path) -> tuple[dict[str, Any], list[str]]:
     path = Path(path)
     if not path.is_file():
         raise SafeEditError(f"--config {path}: no such file; give a mergekit YAML configuration")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise SafeEditError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise SafeEditError(f"{path}: a mergekit configuration is a YAML mapping with merge_method, base_model and "
-                            "models")
+    raw = read_yaml_mapping(path, "a mergekit configuration is a YAML mapping with merge_method, base_model and "
+                                  "models")
     return _Reader(path, raw).read()
 
 
