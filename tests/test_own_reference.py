@@ -117,6 +117,7 @@ def test_from_base_fine_tunes_the_base_on_the_retain_rows_only(built, tmp_path, 
     assert all(0 <= methods[m]["metrics"]["after"]["gap_to_retrain"] <= 1 for m in ("ft", "ga"))
     assert all(methods[m]["metrics"]["after"]["time_vs_retrain"] > 0 for m in ("ft", "ga"))
     assert "base checkpoint fine-tuned" in methods["retrain"]["about"]["summary"]
+    assert "base checkpoint fine-tuned" in (tmp_path / "run" / "retrain" / "README.md").read_text()  # its card too
     note = next(n for n in record["notes"] if n.startswith("Reference:"))
     assert "examples/reference/base fine-tuned on the 55 retain examples only" in note
     html = (tmp_path / "run" / "report.html").read_text()

@@ -62,11 +62,11 @@ class ClassificationJob(Job):
         )
         self.results["original"] = {**self.measure(original, "original"), "wall_time_s": None}
         self.original_metrics = self.results["original"]["metrics"]["after"]
+        if plan.kind != NONE:  # the reference row's words (and its model card's) say what was done
+            self.references = {**self.references, "retrain": CLASSIFICATION_REFERENCES[plan.kind]}
         self.writer = self.output_writer(self.loaded.weights_sha256)
         self.retrain_s = None
         self.reference_files: dict[str, dict[str, str]] = {}
-        if plan.kind != NONE:  # the reference row's words say what was done
-            self.references = {**self.references, "retrain": CLASSIFICATION_REFERENCES[plan.kind]}
         self.reference = self.add_reference(plan)
 
     def add_reference(self, plan: ReferencePlan) -> dict[str, Any]:
