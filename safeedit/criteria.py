@@ -7,6 +7,7 @@ A criterion is one comparison, written the way a reviewer would say it:
     salun.ta >= retrain.ta - 2%           # test accuracy no more than 2 points below the reference
     antidote.harmful_score <= 10%
     npo+wagle.perplexity <= original.perplexity * 1.1   # at most 10% above the original
+    salun.relearn_ua@50 >= retrain.relearn_ua@50 - 5%   # after 50 relearning steps (safeedit.robustness)
 
 The left side is `<result>.<metric>` (result names and metric keys of DESIGN.md section 7; the value after the
 edit); the right side is a number (``%`` divides by 100) or another `<result>.<metric>`, optionally plus or minus
@@ -30,7 +31,7 @@ OPERATORS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq,
 }
 _NAME = r"[A-Za-z_][\w+\-]*"
-_REFERENCE = rf"(?P<{{prefix}}result>{_NAME})\.(?P<{{prefix}}metric>[A-Za-z_]\w*)"
+_REFERENCE = rf"(?P<{{prefix}}result>{_NAME})\.(?P<{{prefix}}metric>[A-Za-z_]\w*(?:@\d+)?)"
 _UNSIGNED = r"(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?%?"
 _PATTERN = re.compile(
     rf"^\s*{_REFERENCE.format(prefix='')}\s*(?P<op>>=|<=|==|>|<)\s*"

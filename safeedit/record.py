@@ -174,6 +174,10 @@ class Result(Strict):
     weight_changes: WeightChanges | None = None
     evidence: dict[str, Any] | None = Field(default=None, description="plot data: histograms, ROC curves")
     about: About | None = None
+    robustness: dict[str, Any] | None = Field(
+        default=None, description="the robustness battery's curves and tables (relearning, quantization, the kind's "
+        "own attacks) and its budget; its figures are also among the metrics (relearn_<metric>@<k>, "
+        "<metric>_int4, ...)")
 
 
 class CriterionRow(Strict):

@@ -33,6 +33,7 @@ from safeedit.methods import MethodSpec, get_method, resolve
 from safeedit.models.encoders import FinetuneRecipe
 from safeedit.models.lm_training import FinetuneOptions
 from safeedit.prune import PruningOptions
+from safeedit.robustness import RobustnessOptions
 from safeedit.unlearn.diffusion import DiffusionRetrainOptions
 from safeedit.unlearn.methods import RetrainOptions
 from safeedit.unlearn.reference import (
@@ -108,6 +109,9 @@ class ScenarioCore(Strict):
     criteria: list[Criterion] = Field(default_factory=list, description="pass/fail checks the report's verdict uses")
     seed: Seed = 0
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads (tiny models: 1 is fastest)")
+    robustness: RobustnessOptions | None = Field(
+        default=None, description="attack every result after the edit (relearning, quantization, the kind's own "
+        "attacks; safeedit.robustness); absent: not attacked")
 
     # The kind of method the scenario's `methods:` names (safeedit.methods), and whether `<method>+<mask score>`
     # names are allowed (language-model objectives confined to a mask).
@@ -670,6 +674,21 @@ KINDS: dict[str, type[BaseModel]] = {"classification": Scenario, "generation": G
                                      "llm-unlearning": LMScenario, "merge": ModelMergeScenario}
 
 
+def check_attacked(scenario: ScenarioCore) -> None:
+    """`robustness.results` names results the scenario produces; a criterion on a robustness metric needs the
+    section."""
+    options, names = scenario.robustness, scenario.result_names()
+    unknown = sorted(set(options.results or []) - names) if options else []
+    if unknown:
+        raise SafeEditError(f"robustness.results names {unknown[0]!r}, which this scenario does not produce; choose "
+                            f"from {', '.join(sorted(names))}")
+    for criterion in scenario.criteria:
+        robust = [m for m in criterion.metrics_named() if "@" in m or m.endswith(("_int8", "_int4"))]
+        if robust and options is None:
+            raise SafeEditError(f"criterion {criterion.check!r} needs {robust[0]}, which only the robustness battery "
+                                "measures; add a robustness: section (robustness: {} for the defaults)")
+
+
 def load_scenario(path: str | Path) -> ScenarioCore:
     path = Path(path)
     if path.is_dir():
@@ -687,6 +706,7 @@ def load_scenario(path: str | Path) -> ScenarioCore:
     scenario.method_options()
     try:
         check_names(scenario.criteria, scenario.result_names())
+        check_attacked(scenario)
         scenario.check_inputs()
     except SafeEditError as error:
         raise SafeEditError(f"{path}: {error}") from None

@@ -19,6 +19,8 @@ from safeedit.models import EMBEDDED_MODELS, load_model
 from safeedit.models.adapters import untrained_like
 from safeedit.models.reference import BaseStart, check_reference_architecture
 from safeedit.progress import say
+from safeedit.robustness import AttackSurface
+from safeedit.robustness.classification import classification_surface
 from safeedit.runners.common import data_fingerprints, input_entries
 from safeedit.runners.job import Job
 from safeedit.runners.references import (
@@ -80,7 +82,8 @@ class ClassificationJob(Job):
             given = (load_model(name, plan.source, progress=self.progress) if name in EMBEDDED_MODELS else
                      load_model(plan.source, progress=self.progress))
             self.reference_files["reference weights"] = given.files
-            self.results["retrain"] = {**self.measure(given.model.to(self.device), "retrain"), "wall_time_s": None}
+            self.reference_model = given.model.to(self.device)
+            self.results["retrain"] = {**self.measure(self.reference_model, "retrain"), "wall_time_s": None}
             return {"kind": GIVEN, "source": plan.source, "weights_sha256": given.weights_sha256}
         task, record = self.task, {"kind": plan.kind, "source": plan.source or SCRATCH, "recipe": plan.recipe()}
         if plan.kind == FROM_BASE:
@@ -95,7 +98,7 @@ class ClassificationJob(Job):
             say("retraining from scratch on the retain set (the reference)", self.progress)
         seed = self.scenario.seed + plan.options.seed_offset
         started = time.perf_counter()
-        model = retrain(task, plan.options, {}).model
+        self.reference_model = model = retrain(task, plan.options, {}).model
         self.retrain_s = time.perf_counter() - started
         self.results["retrain"] = {**self.measure(model, "retrain"), "wall_time_s": self.retrain_s, "seed": seed,
                                    "options": plan.recipe()}
@@ -127,6 +130,14 @@ class ClassificationJob(Job):
                 after["time_vs_retrain"] = wall_s / self.retrain_s
         entry["metrics"]["before"] = self.original_metrics
         return {**entry, "weight_changes": weight_changes(self.original, result.model, result.mask)}
+
+    def reference_models(self) -> dict[str, Any]:
+        reference = getattr(self, "reference_model", None)
+        return {"original": self.original, **({"retrain": reference} if reference is not None else {})}
+
+    def attack_surface(self) -> AttackSurface:
+        return classification_surface(self.split.forget, self.test, self.loader, self.scenario.robustness,
+                                      self.scenario.seed, self.scenario.forget.kind == "class")
 
     def record_fields(self, started: float) -> dict[str, Any]:
         return {

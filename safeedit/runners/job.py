@@ -26,6 +26,7 @@ from safeedit.methods import EditResult, MethodSpec
 from safeedit.progress import say
 from safeedit.record import write_record
 from safeedit.report.model_card import MethodFacts, RunFacts
+from safeedit.robustness import AttackSurface, attack
 from safeedit.runners.common import OutputWriter, common_record
 from safeedit.runners.references import REFERENCES
 
@@ -42,7 +43,7 @@ class Job:
         self.final_out = final_out or out
         self.results: dict[str, dict[str, Any]] = {}
         self.references = REFERENCES[scenario.method_kind]  # the `about` of the kind's reference rows
-        self.evaluation_s = 0.0
+        self.evaluation_s = self.robustness_s = 0.0
         self.writer: OutputWriter  # set by `prepare`, once the source weights' SHA-256 is known
 
     # --- what each kind supplies -------------------------------------------------------------------------------
@@ -75,6 +76,23 @@ class Job:
 
     def about(self, name: str, spec: MethodSpec) -> dict[str, str]:
         return spec.about
+
+    def attack_surface(self) -> AttackSurface | None:
+        """What the robustness battery attacks and measures (`safeedit.robustness`); None: this kind has none."""
+        return None
+
+    def reference_models(self) -> dict[str, Any]:
+        """The reference results' models (e.g. original, retrain), attacked like the methods' edits."""
+        return {}
+
+    def attacked_model(self, name: str, result: EditResult) -> Any:
+        """The model of method `name` the battery attacks (default: the result's model)."""
+        return result.model
+
+    @property
+    def unedited(self) -> Any:
+        """The model the edits started from (weights compared by the quantization diagnostic), if any."""
+        return getattr(self, "original", None)
 
     def after_methods(self) -> None:
         """Outputs that need every method's result (e.g. a grid of samples); runs before the record is written."""
@@ -142,7 +160,8 @@ class Job:
 
     def timings(self, started: float, **extra: float | None) -> dict[str, float]:
         """Total run time since `started`, evaluation time, and the kind's extra timings that were measured."""
-        return {"total_s": time.perf_counter() - started, "evaluation_s": self.evaluation_s,
+        robustness = {"robustness_s": self.robustness_s} if self.robustness_s else {}
+        return {"total_s": time.perf_counter() - started, "evaluation_s": self.evaluation_s, **robustness,
                 **{key: value for key, value in extra.items() if value is not None}}
 
 
@@ -169,7 +188,26 @@ def run_methods(job: Job, options: dict[str, BaseModel]) -> None:
         entry = job.evaluate(name, result, wall)  # may override the defaults below (e.g. no wall time)
         job.results[name] = {"about": job.about(name, spec), "wall_time_s": wall, "seed": scenario.seed,
                              "options": method_options.model_dump(), "mask": None, **job.save(name, result), **entry}
+        attack_result(job, name, job.attacked_model(name, result))
         del result  # an edited copy is freed before the next method makes its own (LLMs: ~0.5 GB each)
+
+
+def attack_result(job: Job, name: str, model: Any) -> None:
+    """Run the scenario's robustness battery on result `name` (when it asks for one and the kind has a surface):
+    its flat metrics join the result's `after` metrics, the curves and tables its `robustness` entry."""
+    options = getattr(job.scenario, "robustness", None)
+    if options is None or model is None or not options.attacks(name):
+        return
+    if not hasattr(job, "surface"):
+        job.surface = job.attack_surface()
+    if job.surface is None:
+        return
+    started = time.perf_counter()
+    flat, entry = attack(job.surface, name, model, job.unedited, options, job.scenario.seed, job.progress)
+    job.robustness_s += time.perf_counter() - started
+    result = job.results[name]
+    result["metrics"]["after"].update(flat)
+    result["robustness"] = entry
 
 
 # The work one scenario may ask for without `allow_long` (CLI: --allow-long): beyond it, a typo such as a billion
@@ -201,6 +239,8 @@ def run_job(job: Job) -> Path:
     started = time.perf_counter()
     options = job.scenario.method_options()
     job.prepare()
+    for name, model in job.reference_models().items():
+        attack_result(job, name, model)
     run_methods(job, options)
     job.after_methods()
     record_path = job.out / "record.json"
