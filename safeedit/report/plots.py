@@ -132,6 +132,32 @@ def mia_roc(results: dict[str, Any]) -> str | None:
     return _data_uri(figure)
 
 
+def relearning_curves(results: dict[str, Any]) -> str | None:
+    """The robustness battery's relearning curves: the primary forgetting metric against fine-tuning steps, one
+    panel per attacker data set, one line per result (the reference relearns too: its line is the baseline)."""
+    attacked = {name: r["robustness"] for name, r in results.items() if r.get("robustness")}
+    if not attacked:
+        return None
+    first = next(iter(attacked.values()))
+    primary, sets = first["budget"]["primary"], list(first["relearning"])
+    if not sets:
+        return None
+    figure, grid = plt.subplots(1, len(sets), figsize=(7.2, 2.6), sharey=True, squeeze=False)
+    for axes, relearn_set in zip(grid.flat, sets, strict=True):
+        for index, (name, entry) in enumerate(attacked.items()):
+            curve = entry["relearning"].get(relearn_set)
+            if curve and curve["metrics"].get(primary):
+                axes.plot(curve["steps"], curve["metrics"][primary], marker="o", markersize=3, label=name,
+                          color=_color(name, index), linewidth=2.0 if name == "retrain" else 1.3)
+        axes.set_title(first["relearning"][relearn_set]["about"], loc="left", fontsize=7.5, wrap=True)
+        axes.set_xlabel("fine-tuning steps of the attacker")
+    grid.flat[0].set_ylabel(plain_label(primary))
+    grid.flat[-1].legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    figure.suptitle("Does the forgetting hold? Relearning attacks", x=0.01, ha="left", fontsize=9)
+    figure.tight_layout()
+    return _data_uri(figure)
+
+
 def _after(result: dict[str, Any], metric: str) -> float | None:
     value = result.get("metrics", {}).get("after", {}).get(metric)
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
@@ -144,5 +170,6 @@ def all_figures(record: dict[str, Any], metrics: Sequence[str]) -> dict[str, str
         "mask_density": mask_density(results),
         "confidence": confidence_histograms(results),
         "mia_roc": mia_roc(results),
+        "relearning": relearning_curves(results),
     }
     return {name: uri for name, uri in figures.items() if uri}

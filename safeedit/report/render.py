@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,11 @@ import yaml
 
 from safeedit.errors import SafeEditError
 from safeedit.io import atomic_dir, atomic_path, make_folders, sha256_file, write_text_atomic
-from safeedit.record import COUNT_METRICS, METRIC_LABELS, read_record, record_file, short_label
+from safeedit.record import COUNT_METRICS, METRIC_LABELS, plain_label, read_record, record_file, short_label
 from safeedit.report.chromium import html_to_pdf, screenshot
 from safeedit.report.manifest import write_manifest
 from safeedit.report.plots import all_figures
+from safeedit.report.robustness import robustness_view
 from safeedit.report.signing import read_signature, sign_record, signature_path
 from safeedit.report.texts import headline_metrics, kind_text
 from safeedit.report.verify import verify_record
@@ -48,10 +50,12 @@ class ReportFiles:
 
 
 def format_metric(name: str, value: Any) -> str:
-    """How a metric reads in the report: fractions as percentages, gaps in points, time as a ratio."""
+    """How a metric reads in the report: fractions as percentages, gaps in points, time as a ratio; a robustness
+    figure (`relearn_<metric>@<k>`, `<metric>_int4`) as its metric."""
+    name = _measured_metric(name)
     if value is None or isinstance(value, bool) or not isinstance(value, int | float):
         return "—" if value is None else str(value)
-    if name in COUNT_METRICS:
+    if name in COUNT_METRICS or name == "n_steps":
         return f"{int(value):,}"
     if name == "gap_to_retrain":
         return f"{100 * value:.1f} pts"
@@ -62,6 +66,17 @@ def format_metric(name: str, value: Any) -> str:
     if name in ("mia_auc", "mia_auc_retain_vs_test", "forget_quality"):
         return f"{value:.3g}"
     return f"{100 * value:.1f}%"
+
+
+# Metrics that are not fractions, and how robustness figures name them (relearn_<set>_<metric>@<k>, <metric>_int4).
+NOT_FRACTIONS = ("perplexity", "frechet_distance", "mia_auc", "forget_quality", "gap_to_retrain", "time_vs_retrain")
+
+
+def _measured_metric(name: str) -> str:
+    stripped = re.sub(r"@\d+$|_int[48]$", "", name)
+    if stripped.startswith("steps_"):
+        return "n_steps"
+    return next((m for m in NOT_FRACTIONS if stripped == m or stripped.endswith("_" + m)), name)
 
 
 def _environment():
@@ -131,6 +146,7 @@ def render_html(record: dict[str, Any], record_path: Path, verification, signatu
         ORIGIN_TEXT=ORIGIN_TEXT,
         figures={**all_figures(record, metrics), **_output_images(record, record_path.parent)},
         layer_changes=layer_changes,
+        robustness=robustness_view(record["results"], plain_label, format_metric),
         verification=verification,
         signature=signature,
         scenario_yaml=yaml.safe_dump(record["scenario"], sort_keys=False, allow_unicode=True, width=100),

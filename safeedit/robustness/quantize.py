@@ -96,7 +96,7 @@ def quantize_rows(rows: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, tor
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The modules whose weights a scheme rounds, by the weight's parameter name."""
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    return {f"{name}.weight": module for name, module in model.named_modules()
+    return {f"{name}.weight" if name else "weight": module for name, module in model.named_modules()
             if isinstance(module, QUANTIZED_TYPES) and name.split(".")[-1] != "lm_head"
             and id(module.weight) not in tied}
 
