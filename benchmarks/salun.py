@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/salun.py --dataset digits     # the same protocol on digits (~5 min)
     .venv/bin/python benchmarks/salun.py --dataset digits --quick
     .venv/bin/python benchmarks/salun.py --dataset fashion --explore   # the learning-rate exploration (tune seed)
+    .venv/bin/python benchmarks/salun.py --dataset digits --robustness # + the robustness battery on every reported row
 
 Protocol (see benchmarks/README.md): the original model is the embedded cached one; two forget requests
 (class 3, random 10% with the seed); per seed a retrain reference A (seed offset 1000) and a second retrain B
@@ -46,6 +47,8 @@ from safeedit.eval.classification import classification_metrics, gap_to_retrain,
 from safeedit.methods import methods
 from safeedit.models import EMBEDDED_MODELS, load_model
 from safeedit.protocol import Candidate, Protocol, Spread, lowest_mean, tune_then_report
+from safeedit.robustness import RobustnessOptions, attack
+from safeedit.robustness.classification import classification_surface
 from safeedit.unlearn.methods import RetrainOptions, UnlearnTask, retrain
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -144,8 +147,8 @@ class Context:
     as make_loader's (same sampler, same seeded order), which `check_loaders` verifies before any run.
     """
 
-    def __init__(self, bench: Bench) -> None:
-        self.bench = bench
+    def __init__(self, bench: Bench, robustness: RobustnessOptions | None = None) -> None:
+        self.bench, self.robustness = bench, robustness
         self.entry = EMBEDDED_MODELS[bench.model]
         loaded = load_model(bench.model, progress=False)
         self.original = loaded.model.to("cpu").eval()
@@ -202,8 +205,15 @@ class Setting:
         )
         self.forget_loader = self.loader(split.forget, 256)
         self.retain_loader = self.loader(split.retain, 256)
+        self.surface = (classification_surface(split.forget, ctx.test, self.loader, ctx.robustness, seed,
+                                               request == "class") if ctx.robustness else None)
         self.reference: dict[str, Any] | None = None
+        self.reference_model = None
         self.retrain(RETRAIN_A)
+
+    def attack(self, name: str, model) -> dict[str, float]:
+        """The robustness battery's figures for a reported row (`--robustness`), as the scenario runner's."""
+        return attack(self.surface, name, model, self.ctx.original, self.ctx.robustness, self.seed, False)[0]
 
     def loader(self, data, batch_size: int, shuffle: bool = False, seed: int = 0):
         tensors = self.tensors.get(id(data))  # the task holds both sets, so their ids stay theirs
@@ -223,7 +233,8 @@ class Setting:
         metrics["gap"] = gap_to_retrain(metrics, self.reference["metrics"])
         progress(f"{self.where()} original     gap={100 * metrics['gap']:6.2f} UA={100 * metrics['ua']:6.2f} "
                  f"TA={100 * metrics['ta']:6.2f}")
-        return {"metrics": metrics}
+        robust = {"robustness": self.attack("original", self.ctx.original)} if self.surface else {}
+        return {"metrics": metrics, **robust}
 
     def retrain(self, offset: int) -> dict[str, Any]:
         start, cpu = time.perf_counter(), time.process_time()
@@ -232,7 +243,7 @@ class Setting:
         metrics = self.evaluate(model)
         run = {"metrics": metrics, "wall_time_s": wall, "cpu_time_s": cpu, "init_seed": self.seed + offset}
         if self.reference is None:
-            self.reference = run
+            self.reference, self.reference_model = run, model
         else:
             metrics["gap"] = gap_to_retrain(metrics, self.reference["metrics"])
             run["time_vs_retrain"] = wall / self.reference["wall_time_s"]
@@ -261,8 +272,9 @@ class Setting:
         progress(f"{self.where()} {tag}{method:9s} {_short(config)} {wall:6.1f}s (x{ratio:.3f} retrain) "
                  f"gap={100 * metrics['gap']:6.2f} UA={100 * metrics['ua']:6.2f} TA={100 * metrics['ta']:6.2f} "
                  f"MIA={100 * metrics['mia_efficacy']:6.2f}")
+        robust = {"robustness": self.attack(method, output.model)} if self.surface and not tag else {}
         return {"config": config, "metrics": metrics, "wall_time_s": wall, "time_vs_retrain": ratio, "cpu_time_s": cpu,
-                "cpu_time_vs_retrain": cpu / self.reference["cpu_time_s"]}
+                "cpu_time_vs_retrain": cpu / self.reference["cpu_time_s"], **robust}
 
 
 def _short(config: dict[str, Any]) -> str:
@@ -336,7 +348,10 @@ def run_request(ctx: Context, request: str, tune_seeds: list[int], seeds: list[i
     chosen = {m: o.chosen for m, o in outcomes.items()}
     rows: dict[str, list[dict[str, Any]]] = {k: [] for k in ("original", "retrain", "retrain_b")}
     for seed in seeds:
-        rows["retrain"].append({"seed": seed, **setting(seed).reference})
+        reference = setting(seed)
+        if reference.surface and "robustness" not in reference.reference:
+            reference.reference["robustness"] = reference.attack("retrain", reference.reference_model)
+        rows["retrain"].append({"seed": seed, **reference.reference})
         rows["retrain_b"].append({"seed": seed, **setting(seed).retrain(RETRAIN_B)})
         rows["original"].append({"seed": seed, **setting(seed).original()})
     rows.update({m: [{"seed": seed, **run} for seed, run in zip(seeds, o.reported, strict=True)]
@@ -427,6 +442,48 @@ def print_main_table(raw: dict[str, Any], seeds: list[int]) -> None:
         informative = [mia_is_informative(r["metrics"]) for r in data["rows"]["retrain"]]
         say(f"SVC attack accuracy ≥ 55% (informative) on the retrain reference in {sum(informative)}/"
             f"{len(informative)} seeds")
+
+
+def robustness_columns(metric: str) -> tuple[tuple[str, str], ...]:
+    """The robustness table's columns for a request's forgetting metric (UA for a class, membership AUC else)."""
+    return ((f"relearn_{metric}@10", "relearn@10"), (f"relearn_{metric}@50", "relearn@50"),
+            (f"relearn_related_{metric}@10", "related@10"), (f"relearn_related_{metric}@50", "related@50"),
+            (f"{metric}_int8", "int8"), (f"{metric}_int4", "int4"), ("edit_below_half_step_int4", "edit<½step int4"))
+
+
+def print_robustness_table(raw: dict[str, Any], seeds: list[int], options: RobustnessOptions) -> dict[str, Any]:
+    """Does the forgetting hold? The forgetting metric after the attacks, per row (mean ± std over the reported
+    seeds), and each method's shortfall against the retrained reference (which relearns too), paired per seed."""
+    out: dict[str, Any] = {}
+    for request, data in raw.items():
+        metric, sign = ("ua", 1.0) if request == "class" else ("mia_auc", -1.0)
+        columns = robustness_columns(metric)
+        say(f"\n== Robustness, {request} request, seeds {','.join(map(str, seeds))}: {metric} (%) after k AdamW steps "
+            f"(lr {options.lr or 1e-3:g}, batch {options.batch_size or 8}) on {options.forget_share:.0%} of the forget "
+            "set (relearn) or as many never-forgotten images (related; same classes for a class request), measured "
+            "on the forget images the attacker does not hold; after int8/int4 rounding; share of edited weights "
+            "moved < ½ step ==")
+        header = f"{'':26s} {'as edited':>15s}" + "".join(f" {h:>15s}" for _, h in columns)
+        say(header)
+        say("-" * len(header))
+        out[request] = {}
+        for row in ("retrain", *METHOD_ORDER, "original"):
+            runs = data["rows"][row]
+            values = {k: [r.get("robustness", {}).get(k, math.nan) for r in runs] for k, _ in columns}
+            values["as edited"] = [r.get("robustness", {}).get(f"relearn_{metric}@0", math.nan) for r in runs]
+            out[request][row] = {k: mean_and_std(v) for k, v in values.items()}
+            say(f"{LABELS[row]:26s} {cell(values['as edited']):>15s}"
+                + "".join(f" {cell(values[k]):>15s}" for k, _ in columns))
+        reference = data["rows"]["retrain"]
+        better = "≥ −5" if sign > 0 else "≤ +5"
+        for key, heading in columns[:4]:
+            base = [r["robustness"][key] for r in reference]
+            shortfalls = {m: [r.get("robustness", {}).get(key, math.nan) - b
+                              for r, b in zip(data["rows"][m], base, strict=True)] for m in METHOD_ORDER}
+            say(f"  {heading}: method − reference (points, mean ± std; {better} in how many seeds): " + "; ".join(
+                f"{LABELS[m]} {cell(d)} ({sum(sign * x >= -0.05 for x in d)}/{len(d)})"
+                for m, d in shortfalls.items()))
+    return out
 
 
 def _request_words(request: str) -> str:
@@ -580,6 +637,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explore", action="store_true",
                         help="only the wide learning-rate exploration, on the first tune seed")
     parser.add_argument("--explore-methods", default=",".join(METHOD_ORDER), help="methods --explore tries")
+    parser.add_argument("--robustness", action="store_true",
+                        help="attack every reported row with the robustness battery (safeedit.robustness defaults)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -598,13 +657,13 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {info['torch']}; torch threads {info['torch_threads']} (OMP_WAIT_POLICY={info['omp_wait_policy']}); "
         f"load average {tuple(round(x, 2) for x in info['load_average_start'])}")
 
-    ctx = Context(bench)
+    ctx = Context(bench, RobustnessOptions() if args.robustness else None)
     say(check_loaders(ctx))
     say(f"original model: {bench.model} (embedded, seed {ctx.entry.seed}, recipe {ctx.recipe}), "
         f"{sum(p.numel() for p in ctx.original.parameters())} parameters, weights sha256 {ctx.weights_sha256[:16]}…; "
         f"train {len(ctx.train)} / test {len(ctx.test)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"salun-{args.dataset}{'-quick' if args.quick else ''}"
+    stem = f"salun-{args.dataset}{'-quick' if args.quick else ''}{'-robustness' if args.robustness else ''}"
 
     if args.explore:
         methods = [m for m in METHOD_ORDER if m in args.explore_methods.split(",")]
@@ -629,6 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     diffs = paired(raw)
     sweep = print_sweep(raw, sweep_seeds)
     checks = targets(summary)
+    robustness = print_robustness_table(raw, seeds, ctx.robustness) if ctx.robustness else None
     total = time.perf_counter() - START
     info["load_average_end"] = os.getloadavg()
     say(f"\ntotal wall time {total:.0f} s ({total / 60:.1f} min); load average at the end "
@@ -641,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": seeds, "tune_seeds": tune_seeds, "sweep_seeds": sweep_seeds, "sweep_ratios": list(ratios),
         "grids": {m: grid(bench, m) for m in METHOD_ORDER}, "tuning": tuning, "chosen": chosen,
         "reported": raw, "summary": summary, "paired_differences": diffs, "sweep_summary": sweep,
-        "targets": checks, "total_wall_time_s": total,
+        "targets": checks, "robustness": robustness, "total_wall_time_s": total,
     })
     plot(args.out / f"{stem}.png", summary, sweep, args.dataset, seeds)
     (args.out / f"{stem}.txt").write_text("\n".join(REPORT) + "\n", encoding="utf-8")

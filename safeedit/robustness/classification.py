@@ -1,6 +1,9 @@
 """The classifier's attack surface: the attacker holds a share of the forget images and, as related data that
 was never forgotten, as many test images of the forgotten classes (any test images when the request is not a
-class); UA is measured on the forget images the attacker does not hold, TA on the test images left."""
+class); UA and the log-odds membership AUC are measured on the forget images the attacker does not hold, TA on the
+test images left. The curves follow UA for a forgotten class, and the membership AUC for other requests (a random
+share of the images: the retrained model misclassifies few of them, so UA barely moves, while membership is what
+forgetting them changes)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import numpy as np
 from datasets import Dataset
 
 from safeedit.batches import default_loss
-from safeedit.eval.classification import accuracy, predictions
+from safeedit.eval.classification import accuracy, forget_vs_test_auc, predictions
 from safeedit.robustness.battery import AttackSurface, RobustnessOptions
 from safeedit.robustness.relearn import RelearnSet
 
@@ -36,7 +39,9 @@ def classification_surface(forget: Dataset, test: Dataset, loader: Callable[...,
     eval_forget, eval_test = loader(measured_forget, 256, False, seed), loader(measured_test, 256, False, seed)
 
     def measure(model: Any) -> dict[str, float]:
-        return {"ua": 1.0 - accuracy(predictions(model, eval_forget)), "ta": accuracy(predictions(model, eval_test))}
+        forget_predictions, test_predictions = predictions(model, eval_forget), predictions(model, eval_test)
+        return {"ua": 1.0 - accuracy(forget_predictions), "ta": accuracy(test_predictions),
+                "mia_auc": forget_vs_test_auc(forget_predictions, test_predictions)}
 
     what = "other test images of the forgotten class" if class_request else "test images (same distribution)"
     relearn = {
@@ -45,7 +50,8 @@ def classification_surface(forget: Dataset, test: Dataset, loader: Callable[...,
         "related": RelearnSet(f"{len(related)} {what}, never forgotten", len(related),
                               lambda: iter(loader(related, batch, True, seed + 1))),
     }
-    about = (f"UA on the {len(measured_forget)} forget images the attacker does not hold, TA on {len(measured_test)} "
-             f"test images; batch {batch}")
-    return AttackSurface(measure=measure, primary="ua", forgotten="high", relearn=relearn, loss=default_loss,
+    about = (f"UA and membership AUC on the {len(measured_forget)} forget images the attacker does not hold, TA on "
+             f"{len(measured_test)} test images; batch {batch}.")
+    primary, forgotten = ("ua", "high") if class_request else ("mia_auc", "low")
+    return AttackSurface(measure=measure, primary=primary, forgotten=forgotten, relearn=relearn, loss=default_loss,
                          lr=DEFAULT_LR, about=about)
