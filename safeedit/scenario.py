@@ -126,6 +126,18 @@ class ScenarioCore(Strict):
                              "start with a letter, digit or _")
         return name
 
+    @model_serializer(mode="wrap")
+    def _as_stated(self, handler: Any) -> dict[str, Any]:
+        """The scenario as stated: `robustness` only when given (records written before it keep their shape), then
+        the kind's own choices (`_stated_fields`)."""
+        data = handler(self)
+        if data.get("robustness") is None:
+            data.pop("robustness", None)
+        return self._stated_fields(data)
+
+    def _stated_fields(self, data: dict[str, Any]) -> dict[str, Any]:
+        return data
+
     def method_defaults(self, spec: MethodSpec) -> dict[str, Any]:
         """Options method `spec` starts from before its own overrides (e.g. the scenario's `pruning:` section)."""
         return {}
@@ -190,11 +202,9 @@ class Scenario(ScenarioBase):
             self.reference = parse_reference({"from": SCRATCH})
         return self
 
-    @model_serializer(mode="wrap")
-    def _as_stated(self, handler: Any) -> dict[str, Any]:
+    def _stated_fields(self, data: dict[str, Any]) -> dict[str, Any]:
         """`retrain:` where the scenario used the older name (records written before `reference:` read back
         unchanged), `reference:` otherwise."""
-        data = handler(self)
         data.pop("reference" if "retrain" in self.model_fields_set else "retrain", None)
         return data
 
@@ -316,11 +326,10 @@ class SafetyScenario(ScenarioCore):
                                  "harmful prompts (without it, the scenario is the embedded demonstration)")
         return self
 
-    @model_serializer(mode="wrap")
-    def _stated(self, handler: Any) -> dict[str, Any]:
+    def _stated_fields(self, data: dict[str, Any]) -> dict[str, Any]:
         """The sections of the setting the scenario is in (records of the demonstration keep their shape)."""
         unused = DEMONSTRATION_ONLY if self.own_model else ("base", "calibration")
-        return {key: value for key, value in handler(self).items() if key not in unused}
+        return {key: value for key, value in data.items() if key not in unused}
 
     def method_defaults(self, spec: MethodSpec) -> dict[str, Any]:
         return self.pruning.model_dump()
@@ -602,10 +611,8 @@ class LMScenario(ScenarioCore):
                              f"names your model fine-tuned without the forget data: remove {own[0]}")
         return self
 
-    @model_serializer(mode="wrap")
-    def _stated(self, handler: Any) -> dict[str, Any]:
+    def _stated_fields(self, data: dict[str, Any]) -> dict[str, Any]:
         """The scenario as stated: `reference` only when given (records of the other protocols keep their shape)."""
-        data = handler(self)
         if data.get("reference") is None:
             data.pop("reference", None)
         return data
