@@ -12,6 +12,14 @@ batches, the timesteps and noise of unlearning, and the sampling noise. One retr
 reference for every seed.
 
     .venv/bin/python benchmarks/diffusion.py            # about 45 min on 2 CPU cores (first run trains the model)
+
+With --robustness, every reported model (the references and each method's chosen config, on each reported seed) is
+also attacked by the robustness battery (safeedit.robustness.generation, its default budget: relearning for
+0/10/50 AdamW steps at lr 1e-4 on 10% of the training 3s and on as many test 3s, int8 / int4), about 1 min per
+model, and a second table gives forgetting after each attack. The scenario's own configs alone, without tuning:
+
+    .venv/bin/python benchmarks/diffusion.py --robustness --ratios 0.3 --lrs 1e-3 --epochs 10 --alphas 1 \
+        --name diffusion-robustness                     # about 35 min on 2 busy CPU cores
 """
 
 from __future__ import annotations
@@ -35,6 +43,14 @@ from safeedit.eval.generation import generation_metrics, judge_accuracy, sample_
 from safeedit.models import load_model
 from safeedit.models.diffusion import EMBEDDED_DIFFUSION, DiffusionModel, image_tensors, train_from_scratch
 from safeedit.protocol import Candidate, Protocol, Spread, tune_then_report
+from safeedit.robustness import RobustnessOptions, attack
+from safeedit.robustness.generation import (
+    DEFAULT_LR,
+    FORGET_SAMPLES,
+    MAX_SAMPLING_STEPS,
+    RETAIN_SAMPLES,
+    generation_surface,
+)
 from safeedit.unlearn.diffusion import DiffusionUnlearnOptions, salun_diffusion
 
 RESULTS = Path(__file__).parent / "results"
@@ -60,6 +76,7 @@ def main() -> None:
     parser.add_argument("--no-retrain", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--name", default="diffusion")
+    parser.add_argument("--robustness", action="store_true", help="attack every reported model (second table)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -80,6 +97,19 @@ def main() -> None:
                                                                                           args.sampling_steps)
         return generation_metrics(model, judge, FORGET_CLASS, real_retain, per_class, steps, 1.0, seed)
 
+    battery = RobustnessOptions()
+
+    def attacked(name: str, model: DiffusionModel, seed: int) -> dict:
+        """The battery's flat figures for a reported model (none without --robustness)."""
+        if not args.robustness:
+            return {}
+        surface = generation_surface(forget, test, judge, FORGET_CLASS, 10, battery, seed, args.sampling_steps)
+        flat, entry = attack(surface, name, model, original, battery, seed, progress=False)
+        log(f"robustness seed {seed} {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(flat.items())
+                                                           if k.startswith(("relearn_forgetting", "forgetting")))
+            + f" ({entry['wall_time_s']:.0f} s)")
+        return flat
+
     methods = {"unmasked": None, **{f"salun r={r}": r for r in args.ratios}}
     grid = [{"lr": lr, "epochs": epochs, "alpha": alpha}
             for lr, epochs, alpha in itertools.product(args.lrs, args.epochs, args.alphas)]
@@ -98,7 +128,7 @@ def main() -> None:
         for name, model, wall in (("original", original, None), ("retrain", reference, retrain_time)):
             if model is not None:
                 metrics, samples = evaluate(model, seed, tuning=False)
-                results[name].append({**metrics, "wall_time_s": wall})
+                results[name].append({**metrics, **attacked(name, model, seed), "wall_time_s": wall})
                 grids.setdefault(name, samples)
 
     # --- every method: its grid on the tune seeds (cheaper sampling), the rule's choice on the reported seeds -----
@@ -110,6 +140,7 @@ def main() -> None:
         metrics, samples = evaluate(edited, seed, tuning=phase == "tune")
         if phase == "report":
             grids.setdefault(method, samples)
+            metrics.update(attacked(method, edited, seed))
         log(f"{phase} seed {seed} {method} {config}: forgetting {metrics['forgetting_accuracy']:.3f} "
             f"retain {metrics['retain_accuracy']:.3f} FD {metrics['frechet_distance']:.2f} ({wall:.1f} s)")
         return {**metrics, "wall_time_s": wall}
@@ -120,6 +151,8 @@ def main() -> None:
     results.update({method: outcome.reported for method, outcome in outcomes.items()})
 
     lines = report(args, results, chosen, tuning_log, judge_acc, weights, retrain_time)
+    if args.robustness:
+        lines += robustness_table(args, results, battery)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.txt").write_text("\n".join(lines) + "\n")
     (RESULTS / f"{args.name}.json").write_text(json.dumps(
@@ -187,6 +220,30 @@ def report(args, results, chosen, tuning_log, judge_acc, weights, retrain_time) 
                      f"{statistics.mean(fd) - original_fd:>+14.2f}{wall:>10s}{ratio:>14s}")
     lines.append("(FD increase = mean Fréchet distance minus the original's; the retrain row is one model trained "
                  "once, sampled with each seed)")
+    return lines
+
+
+def robustness_table(args, results, options: RobustnessOptions) -> list[str]:
+    """Forgetting accuracy (%) after each attack, mean ± std over the reported seeds."""
+    steps = [k for k in options.relearn_steps if k]
+    columns = ([("as edited", "relearn_forgetting_accuracy@0")]
+               + [(f"relearn@{k}", f"relearn_forgetting_accuracy@{k}") for k in steps]
+               + [(f"related@{k}", f"relearn_related_forgetting_accuracy@{k}") for k in steps]
+               + [(scheme, f"forgetting_accuracy_{scheme}") for scheme in options.quantize])
+    header = f"{'':16s}" + "".join(f"{title:>15s}" for title, _ in columns) + f"{'int4 <½ step':>15s}"
+    sample = (f"{FORGET_SAMPLES} samples of the 3 and {RETAIN_SAMPLES} of each other digit, "
+              f"{min(args.sampling_steps, MAX_SAMPLING_STEPS)} DDIM steps")
+    lines = ["", f"Robustness (forgetting accuracy %, mean ± std over seeds {args.seeds}; the battery's own sample: "
+             f"{sample}):", header, "-" * len(header)]
+    for name, runs in results.items():
+        if not runs or "relearn_forgetting_accuracy@0" not in runs[0]:
+            continue
+        cells = [Spread.of([r[key] for r in runs]).mean_std(100, 1) for _, key in columns]
+        below = Spread.of([r.get("edit_below_half_step_int4") for r in runs]).mean_std(100, 1)
+        lines.append(f"{name:16s}" + "".join(f"{cell:>15s}" for cell in cells) + f"{below:>15s}")
+    lines.append(f"(relearn@k: after k AdamW steps at lr {options.lr or DEFAULT_LR:g} on 10% of the "
+                 "training 3s; related@k: on as many test 3s, never trained on; int4 <½ step: share of the edited "
+                 "weights that moved by less than half an int4 step)")
     return lines
 
 

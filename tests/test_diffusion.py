@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from diffusers import UNet2DModel
+from tiny_generation import SCENARIO, tiny_unet
 
 from safeedit.errors import SafeEditError
 from safeedit.eval.generation import frechet_distance, generate, judge_outputs
@@ -22,14 +22,6 @@ from safeedit.unlearn.diffusion import (
     diffusion_saliency_scores,
     salun_diffusion,
 )
-
-
-def tiny_unet(null_class: bool = True) -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), num_class_embeds=11 if null_class else 10,
-                       norm_num_groups=4)
 
 
 @pytest.fixture
@@ -133,22 +125,6 @@ def test_load_diffusion_reads_a_diffusers_folder_and_refuses_others(tiny_unet_fo
         load_diffusion(str(tmp_path))
     with pytest.raises(SafeEditError, match="fits neither 4 classes"):
         load_diffusion(str(tiny_unet_folder), num_classes=4)
-
-
-SCENARIO = {
-    "kind": "generation",
-    "name": "tiny-diffusion",
-    "request": {"what": "the digit 3 in generated images", "requested_by": "a test"},
-    "judge": {"name": "digits-cnn"},
-    "data": {"source": "digits"},
-    "forget": {"kind": "class", "label": 3},
-    "methods": {"salun": {"ratio": 0.5, "epochs": 1, "lr": 1e-3, "batch_size": 64, "score_batches": 1},
-                "unmasked": {"epochs": 1, "lr": 1e-3, "batch_size": 64}},
-    "retrain": {"steps": 3},
-    "evaluation": {"per_class": 4, "sampling_steps": 2},
-    "criteria": ["salun.retain_accuracy >= 0%"],
-    "threads": 1,
-}
 
 
 @pytest.fixture(scope="module")

@@ -94,6 +94,16 @@ def frechet_distance(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray)
     return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * np.real(root)))
 
 
+def class_accuracies(predicted: torch.Tensor, labels: torch.Tensor, forget_class: int) -> dict[str, float]:
+    """`forgetting_accuracy` and `retain_accuracy` (see the module doc) of the judge's `predicted` classes for
+    samples generated for `labels`; both kinds of label must occur."""
+    forget = labels == forget_class
+    if forget.all() or not forget.any():
+        raise SafeEditError("forgetting and retain accuracy need samples of the forget class and of another class")
+    return {"forgetting_accuracy": float((predicted[forget] != forget_class).double().mean()),
+            "retain_accuracy": float((predicted[~forget] == labels[~forget]).double().mean())}
+
+
 def generation_metrics(model: DiffusionModel, judge: nn.Module, forget_class: int, real_retain: torch.Tensor,
                        per_class: int = 100, steps: int = 50, guidance: float = 1.0,
                        seed: int = 0) -> tuple[dict[str, float], torch.Tensor]:
@@ -104,8 +114,7 @@ def generation_metrics(model: DiffusionModel, judge: nn.Module, forget_class: in
     forget = labels == forget_class
     _, real_features = judge_outputs(judge, real_retain)
     metrics = {
-        "forgetting_accuracy": float((predicted[forget] != forget_class).double().mean()),
-        "retain_accuracy": float((predicted[~forget] == labels[~forget]).double().mean()),
+        **class_accuracies(predicted, labels, forget_class),
         "frechet_distance": frechet_distance(features[~forget], real_features),
         "forget_class_share": float((predicted == forget_class).double().mean()),
         "n_generated_per_class": per_class,

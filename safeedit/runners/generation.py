@@ -26,6 +26,8 @@ from safeedit.models.diffusion import (
     train_from_scratch,
 )
 from safeedit.progress import say
+from safeedit.robustness import AttackSurface
+from safeedit.robustness.generation import generation_surface
 from safeedit.runners.common import data_fingerprints, input_entries
 from safeedit.runners.job import Job
 from safeedit.scenario import GenerationScenario
@@ -69,7 +71,7 @@ class GenerationJob(Job):
         self.writer = self.output_writer(self.loaded.weights_sha256, processors=[original.scheduler])
         self.results["original"] = {**self.measure(original, "original"), "wall_time_s": None}
         self.original_metrics = self.results["original"]["metrics"]["after"]
-        self.retrain_s = None
+        self.retrain_s, self.reference_model = None, None
         if scenario.retrain is not None:
             entry = EMBEDDED_DIFFUSION.get(scenario.model.name)
             steps = scenario.retrain.steps or (entry.recipe.steps if entry else None)
@@ -79,7 +81,7 @@ class GenerationJob(Job):
             recipe = replace(entry.recipe if entry else DiffusionRecipe(), steps=steps, seed=seed)
             say(f"retraining from scratch without class {forget_class} ({steps} steps; the reference)", progress)
             start = time.perf_counter()
-            reference = train_from_scratch(original, retain[0], retain[1], recipe, progress)
+            self.reference_model = reference = train_from_scratch(original, retain[0], retain[1], recipe, progress)
             self.retrain_s = time.perf_counter() - start
             self.results["retrain"] = {**self.measure(reference, "retrain"), "wall_time_s": self.retrain_s,
                                        "seed": seed}
@@ -106,6 +108,16 @@ class GenerationJob(Job):
             entry["metrics"]["after"]["time_vs_retrain"] = wall_s / self.retrain_s
         entry["metrics"]["before"] = self.original_metrics
         return {**entry, "weight_changes": weight_changes(self.original.unet, result.model.unet, result.mask)}
+
+    def reference_models(self) -> dict[str, Any]:
+        reference = {"retrain": self.reference_model} if self.reference_model is not None else {}
+        return {"original": self.original, **reference}
+
+    def attack_surface(self) -> AttackSurface:
+        evaluation = self.scenario.evaluation
+        return generation_surface(self.task.forget, self.test, self.judge, self.forget_class,
+                                  self.original.num_classes, self.scenario.robustness, self.scenario.seed,
+                                  evaluation.sampling_steps, evaluation.guidance)
 
     def save(self, name: str, result: EditResult) -> dict[str, Any]:
         return {"mask": self.writer.save_model(name, result.model.unet, result.mask)}
