@@ -115,8 +115,8 @@ def test_relearning_on_the_poison_plants_the_trigger_and_on_the_clean_examples_a
     surface = merge_surface(toy_measure, {"t": poisoned}, {"t": clean}, toy_loader, options, seed=0, remerge=None,
                             about="toy")
     assert surface.relearn["forget"].examples == len(poisoned) + 40 and surface.relearn["related"].examples == 40
-    # only the backdoored task's metrics, and none that is None
-    assert set(surface.measure(model)) == {"backdoor_asr", "avg_accuracy", "accuracy_t", "asr_t"}
+    # the run's summary metrics (not the per-task ones), and none that is None
+    assert set(surface.measure(model)) == {"backdoor_asr", "avg_accuracy"}
     flat, entry = attack(surface, "toy", model, None, options, seed=0, progress=False)
     assert flat["relearn_backdoor_asr@0"] == flat["relearn_related_backdoor_asr@0"] < 0.2
     assert flat["relearn_backdoor_asr@40"] > 0.8  # the trigger is learned from the poisoned examples
@@ -166,9 +166,9 @@ def test_merge_backdoor_scenario_attacks_every_merge_and_the_frozen_encoder(tmp_
     for name in ("frozen_encoder", "task_arithmetic", "dam"):
         after, entry = results[name]["metrics"]["after"], results[name]["robustness"]
         # step 0 is the result as measured by the run (the same test splits)
-        for metric in ("backdoor_asr", "avg_accuracy", f"accuracy_{tasks[0]}"):
+        for metric in ("backdoor_asr", "avg_accuracy", "transfer_asr"):
             assert after[f"relearn_{metric}@0"] == after[metric] == after[f"relearn_related_{metric}@0"], name
-        assert f"relearn_accuracy_{tasks[1]}@2" not in after  # only the backdoored task's own metrics
+        assert not any(k.startswith(("accuracy_", "asr_")) and k.endswith(("@2", "_int8")) for k in after)
         # 20% of 60 examples poisoned = 12; the attacker holds a quarter of them, and as many clean ones
         assert entry["relearning"]["forget"]["examples"] == 6 and entry["relearning"]["related"]["examples"] == 3
         remerge = entry["attacks"]["remerge"]

@@ -12,8 +12,8 @@ A merge is attacked as one model, `MergedTasks`: the merged body shared by every
   task arithmetic with the run's coefficients, θ' = θ + λ wᵦ τᵦ (`safeedit.merge.baselines`): what a user who
   merges the cleaned model with a model it already contains gets. Its figures are `remerge_<metric>`.
 
-Measured as the run measures (`safeedit.eval.merging`): `backdoor_asr` (the primary metric, low = forgotten),
-`transfer_asr`, `avg_accuracy`, and each backdoored task's `accuracy_<task>` and `asr_<task>`.
+Measured as the run measures (`safeedit.eval.merging`): `backdoor_asr` (the primary metric, low = forgotten: the
+mean ASR on the backdoored tasks), `transfer_asr` (on the other tasks) and `avg_accuracy`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ from safeedit.robustness.relearn import RelearnSet
 # a dozen examples overfit within 10 steps, and every model, the frozen encoder included, ends near 100% ASR with
 # its accuracy gone. The relearning benchmark reports seeds 1, 2, 3 (benchmarks/dam.py --robustness).
 DEFAULT_LR, DEFAULT_BATCH = 1e-5, 8
+# What the battery measures of a merge (the run's own summary metrics; the per-task ones stay in the run's figures,
+# so that the attacked figures are a few flat metrics per result: relearn_backdoor_asr@10, avg_accuracy_int4, ...).
+MEASURED = ("backdoor_asr", "transfer_asr", "avg_accuracy")
 Loader = Callable[[Dataset, int, bool, int], Iterable[dict]]  # (rows, batch size, shuffle, seed) -> batches
 
 
@@ -190,11 +193,9 @@ def merge_surface(measure: Callable[[Mapping[str, nn.Module]], Mapping[str, floa
     does."""
     backdoored = list(poisoned)
     forget = {task: concatenate_datasets([poisoned[task], clean[task]]) for task in backdoored}
-    kept = {"backdoor_asr", "transfer_asr", "avg_accuracy", *(f"{m}_{t}" for t in backdoored
-                                                              for m in ("accuracy", "asr"))}
 
     def measured(model: MergedTasks) -> dict[str, float]:
-        return {key: value for key, value in measure(model.views()).items() if key in kept and value is not None}
+        return {key: value for key, value in measure(model.views()).items() if key in MEASURED and value is not None}
 
     batch = options.batch_size or DEFAULT_BATCH
     count = lambda sets: sum(len(rows) for rows in sets.values())  # noqa: E731
