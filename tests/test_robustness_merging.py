@@ -166,7 +166,8 @@ def test_merge_backdoor_scenario_attacks_every_merge_and_the_frozen_encoder(tmp_
     for name in ("frozen_encoder", "task_arithmetic", "dam"):
         after, entry = results[name]["metrics"]["after"], results[name]["robustness"]
         # step 0 is the result as measured by the run (the same test splits)
-        for metric in ("backdoor_asr", "avg_accuracy", "transfer_asr"):
+        assert "relearn_transfer_asr@2" not in after  # the trigger on the other tasks is not run
+        for metric in ("backdoor_asr", "avg_accuracy"):
             assert after[f"relearn_{metric}@0"] == after[metric] == after[f"relearn_related_{metric}@0"], name
         assert not any(k.startswith(("accuracy_", "asr_")) and k.endswith(("@2", "_int8")) for k in after)
         # 20% of 60 examples poisoned = 12; the attacker holds a quarter of them, and as many clean ones

@@ -13,7 +13,7 @@ A merge is attacked as one model, `MergedTasks`: the merged body shared by every
   merges the cleaned model with a model it already contains gets. Its figures are `remerge_<metric>`.
 
 Measured as the run measures (`safeedit.eval.merging`): `backdoor_asr` (the primary metric, low = forgotten: the
-mean ASR on the backdoored tasks), `transfer_asr` (on the other tasks) and `avg_accuracy`.
+mean ASR on the backdoored tasks) and `avg_accuracy`.
 """
 
 from __future__ import annotations
@@ -47,9 +47,17 @@ from safeedit.robustness.relearn import RelearnSet
 # a dozen examples overfit within 10 steps, and every model, the frozen encoder included, ends near 100% ASR with
 # its accuracy gone. The relearning benchmark reports seeds 1, 2, 3 (benchmarks/dam.py --robustness).
 DEFAULT_LR, DEFAULT_BATCH = 1e-5, 8
-# What the battery measures of a merge (the run's own summary metrics; the per-task ones stay in the run's figures,
-# so that the attacked figures are a few flat metrics per result: relearn_backdoor_asr@10, avg_accuracy_int4, ...).
-MEASURED = ("backdoor_asr", "transfer_asr", "avg_accuracy")
+# What the battery measures of a merge: the run's backdoor ASR and average accuracy, so that the attacked figures
+# are a few flat metrics per result (relearn_backdoor_asr@10, avg_accuracy_int4, ...). The transfer ASR (the
+# trigger on the other tasks) is left out: it would triple the triggered examples run at every measurement.
+MEASURED = ("backdoor_asr", "avg_accuracy")
+
+
+def backdoored_only(triggered: Mapping[tuple[str, str], Dataset], backdoored: Iterable[str]
+                    ) -> dict[tuple[str, str], Dataset]:
+    """The triggered test sets (trigger's task, task) the backdoor ASR reads: those of the backdoored tasks."""
+    tasks = set(backdoored)
+    return {key: rows for key, rows in triggered.items() if key[1] in tasks}
 Loader = Callable[[Dataset, int, bool, int], Iterable[dict]]  # (rows, batch size, shuffle, seed) -> batches
 
 

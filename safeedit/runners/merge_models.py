@@ -50,6 +50,7 @@ from safeedit.robustness.merging import (
     MergedTasks,
     Remerge,
     attacked,
+    backdoored_only,
     held_count,
     merge_surface,
     poisoned_copies,
@@ -251,7 +252,7 @@ class ModelMergeJob(Job):
             outside = np.flatnonzero(np.asarray(rows["label"]) != spec.target)
             held, measured[name] = sample_rows(rows, held_count(len(outside), options.forget_share), seed, outside)
             poisoned[name], clean[name] = poisoned_copies(held, spec, seed), held
-        triggered = self.triggered_sets(measured)
+        triggered = backdoored_only(self.triggered_sets(measured), self.triggers)
         remerge = Remerge.of_run(self.merge_setting, list(self.triggers), task_arithmetic_options(self.scenario))
         shown = ", ".join(f"{len(clean[n])} of the {len(self.evaluation[n])} evaluation rows of {n}" for n in clean)
         about = (f"the attacker holds {shown} (poisoned copies and the rows themselves); backdoor ASR and accuracy "

@@ -45,6 +45,7 @@ from safeedit.robustness.merging import (
     MergedTasks,
     Remerge,
     attacked,
+    backdoored_only,
     held_count,
     merge_surface,
     sample_rows,
@@ -271,7 +272,12 @@ class MergeJob(Job):
                           f"examples of {n}" for n in poisoned)
         about = (f"the attacker holds {shown} and as many clean ones; backdoor ASR and accuracy measured on the "
                  "test splits, as the run")
-        return merge_surface(self.measure, poisoned, clean,
+        triggered = backdoored_only(self.triggered, self.scenario.attacks)
+
+        def measure(models: dict[str, nn.Module]) -> dict[str, float | None]:
+            return task_metrics(models, self.encoder, self.test, triggered, self.scenario.attacks)
+
+        return merge_surface(measure, poisoned, clean,
                              lambda rows, size, shuffle, s: loader(self.encoder, rows, size, shuffle, s),
                              options, seed, remerge, about)
 
