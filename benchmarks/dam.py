@@ -34,6 +34,7 @@ from pathlib import Path
 
 import yaml
 
+from safeedit.criteria import Criterion
 from safeedit.runners import run_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,7 +162,29 @@ def robustness_summary(results: dict) -> str:
             if any(method in r["results"] for r in runs):
                 values = cells(method)
                 lines.append(f"{rank:5s}{method:16s}" + "".join(f"{_cell(values[n]):>12s}" for n in ROBUST_COLUMNS))
+        lines += robustness_criteria(setting, backdoored, runs)
     return "\n".join(lines)
+
+
+def robustness_criteria(setting: str, backdoored: int, runs: list[dict]) -> list[str]:
+    """The scenario's own robustness criteria (those naming a battery metric), per report seed."""
+    variant = "backdoor" if backdoored == 1 else "two-backdoors"
+    declared = yaml.safe_load((ROOT / "scenarios" / f"merge-{setting}-{variant}.yaml").read_text())["criteria"]
+    criteria = [c for c in map(Criterion.model_validate, declared)
+                if any("@" in m or m.startswith("remerge_") or m.endswith(("_int8", "_int4"))
+                       for m in c.metrics_named())]
+    lines = []
+    for run in sorted(runs, key=lambda r: r["seed"]):
+        results = {name: {"metrics": {"after": entry["metrics"]}} for name, entry in run["results"].items()}
+        rows = [criterion.evaluate(results) for criterion in criteria]
+        lines.append(f"  seed {run['seed']}: " + "; ".join(
+            f"{row['check']} ({_percent(row['measured'])} vs {_percent(row['threshold'])}: "
+            f"{'holds' if row['passed'] else 'fails'})" for row in rows))
+    return lines
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
 
 
 def compare_ties_trims(args: argparse.Namespace) -> None:
