@@ -224,3 +224,43 @@ def merge_surface(measure: Callable[[Mapping[str, nn.Module]], Mapping[str, floa
         attacks["remerge"] = remerged
     return AttackSurface(measure=measured, primary="backdoor_asr", forgotten="low", relearn=relearn,
                          loss=merged_loss, lr=DEFAULT_LR, attacks=attacks, about=f"{about}; batch {batch}")
+
+
+class MergeBattery:
+    """What both merge jobs share for the battery (mixed into `MergeJob` and `ModelMergeJob` before `Job`). The job
+    supplies `merged_tasks(parameters)` (its tasks' models under a merge), `merge_setting`, `encoder` (collates)
+    and `scenario`."""
+
+    scenario: Any
+    merge_setting: MergeSetting
+    encoder: Any
+    _task_arithmetic: MergedTasks | None = None
+
+    def merged_tasks(self, parameters: Mapping[str, torch.Tensor]) -> MergedTasks:
+        raise NotImplementedError
+
+    def attacked_model(self, name: str, result: Any) -> MergedTasks | None:
+        """The merge as one model; `individual` merges nothing (separate task models) and is not attacked."""
+        if result.parameters is None or not attacked(self.scenario, name):
+            return None
+        return self.unedited if name == "task_arithmetic" else self.merged_tasks(result.parameters)
+
+    @property
+    def unedited(self) -> MergedTasks:
+        """The run's task-arithmetic merge: what the other merges change, so the quantization diagnostic
+        (`edit_below_half_step_*`) says how much of a defence's change to the plain merge survives rounding."""
+        if self._task_arithmetic is None:
+            options = task_arithmetic_options(self.scenario)
+            self._task_arithmetic = self.merged_tasks(task_arithmetic_merge(self.merge_setting, options,
+                                                                            self.scenario.seed))
+        return self._task_arithmetic
+
+    def battery_surface(self, measure: Callable[[Mapping[str, nn.Module]], Mapping[str, float | None]],
+                        poisoned: Mapping[str, Dataset], clean: Mapping[str, Dataset], about: str) -> AttackSurface:
+        """`merge_surface` with the job's collation, budget, seed and the remerge of its backdoored tasks."""
+        from safeedit.models.encoders import loader
+
+        remerge = Remerge.of_run(self.merge_setting, list(poisoned), task_arithmetic_options(self.scenario))
+        return merge_surface(measure, poisoned, clean,
+                             lambda rows, size, shuffle, seed: loader(self.encoder, rows, size, shuffle, seed),
+                             self.scenario.robustness, self.scenario.seed, remerge, about)

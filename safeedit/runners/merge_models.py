@@ -47,16 +47,12 @@ from safeedit.record import file_entry
 from safeedit.report.model_card import render_model_card
 from safeedit.robustness import AttackSurface
 from safeedit.robustness.merging import (
+    MergeBattery,
     MergedTasks,
-    Remerge,
-    attacked,
     backdoored_only,
     held_count,
-    merge_surface,
     poisoned_copies,
     sample_rows,
-    task_arithmetic_merge,
-    task_arithmetic_options,
 )
 from safeedit.runners.job import Job, check_work, run_job
 from safeedit.runners.merging import merge_evidence
@@ -84,7 +80,7 @@ def task_rows(spec: str, where: str, labelled: bool) -> Dataset:
     return rows
 
 
-class ModelMergeJob(Job):
+class ModelMergeJob(MergeBattery, Job):
     kind = "model-merge"
     scenario: ModelMergeScenario
 
@@ -226,21 +222,6 @@ class ModelMergeJob(Job):
         return MergedTasks(self.own.merged_model(parameters), {n: self.classifiers[n] for n in self.evaluation},
                            self.merge_setting.renames)
 
-    def attacked_model(self, name: str, result: EditResult) -> MergedTasks | None:
-        """The merge as one model; `individual` merges nothing and is not attacked."""
-        if result.parameters is None or not attacked(self.scenario, name):
-            return None
-        return self.unedited if name == "task_arithmetic" else self.merged_tasks(result.parameters)
-
-    @property
-    def unedited(self) -> MergedTasks:
-        """The run's task-arithmetic merge (per-model weights included), what the other merges change."""
-        if getattr(self, "_task_arithmetic", None) is None:
-            options = task_arithmetic_options(self.scenario)
-            self._task_arithmetic = self.merged_tasks(task_arithmetic_merge(self.merge_setting, options,
-                                                                            self.scenario.seed))
-        return self._task_arithmetic
-
     def attack_surface(self) -> AttackSurface:
         """The attacker holds `forget_share` of the evaluation rows of each model with a trigger (rows outside the
         target class), as poisoned copies and as they are (`safeedit.robustness.merging`); the battery measures on
@@ -253,7 +234,6 @@ class ModelMergeJob(Job):
             held, measured[name] = sample_rows(rows, held_count(len(outside), options.forget_share), seed, outside)
             poisoned[name], clean[name] = poisoned_copies(held, spec, seed), held
         triggered = backdoored_only(self.triggered_sets(measured), self.triggers)
-        remerge = Remerge.of_run(self.merge_setting, list(self.triggers), task_arithmetic_options(self.scenario))
         shown = ", ".join(f"{len(clean[n])} of the {len(self.evaluation[n])} evaluation rows of {n}" for n in clean)
         about = (f"the attacker holds {shown} (poisoned copies and the rows themselves); backdoor ASR and accuracy "
                  "measured on the other evaluation rows")
@@ -261,9 +241,7 @@ class ModelMergeJob(Job):
         def measure(models: dict[str, nn.Module]) -> dict[str, float | None]:
             return task_metrics(models, self.encoder, measured, triggered, self.triggers)
 
-        return merge_surface(measure, poisoned, clean,
-                             lambda rows, size, shuffle, s: loader(self.encoder, rows, size, shuffle, s),
-                             options, seed, remerge, about)
+        return self.battery_surface(measure, poisoned, clean, about)
 
     # --- the record ------------------------------------------------------------------------------------------
     def record_fields(self, started: float) -> dict[str, Any]:

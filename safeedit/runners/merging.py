@@ -41,17 +41,7 @@ from safeedit.models.encoders import (
 from safeedit.models.shipped import SHIPPED, zoo_entries
 from safeedit.progress import say
 from safeedit.robustness import AttackSurface
-from safeedit.robustness.merging import (
-    MergedTasks,
-    Remerge,
-    attacked,
-    backdoored_only,
-    held_count,
-    merge_surface,
-    sample_rows,
-    task_arithmetic_merge,
-    task_arithmetic_options,
-)
+from safeedit.robustness.merging import MergeBattery, MergedTasks, backdoored_only, held_count, sample_rows
 from safeedit.runners.common import OutputWriter, input_entries
 from safeedit.runners.job import Job
 from safeedit.scenario import MergeScenario
@@ -130,7 +120,7 @@ def merge_evidence(writer: OutputWriter, name: str, result: EditResult) -> dict[
     return {"mask": mask, **({"evidence": evidence} if evidence else {})}
 
 
-class MergeJob(Job):
+class MergeJob(MergeBattery, Job):
     kind = "merge-backdoor-defence"
     scenario: MergeScenario
 
@@ -240,21 +230,6 @@ class MergeJob(Job):
         """The frozen encoder: how fast a model that never had the backdoor learns it from the attacker's data."""
         return {"frozen_encoder": self.merged_tasks(None)}
 
-    def attacked_model(self, name: str, result: EditResult) -> MergedTasks | None:
-        """The merge as one model; `individual` merges nothing (four separate models) and is not attacked."""
-        if result.parameters is None or not attacked(self.scenario, name):
-            return None
-        return self.unedited if name == "task_arithmetic" else self.merged_tasks(result.parameters)
-
-    @property
-    def unedited(self) -> MergedTasks:
-        """The run's task-arithmetic merge, what the defences change (the quantization diagnostic's reference)."""
-        if getattr(self, "_task_arithmetic", None) is None:
-            options = task_arithmetic_options(self.scenario)
-            self._task_arithmetic = self.merged_tasks(task_arithmetic_merge(self.merge_setting, options,
-                                                                            self.scenario.seed))
-        return self._task_arithmetic
-
     def attack_surface(self) -> AttackSurface:
         """The attacker holds `forget_share` of each backdoored task's poisoned fine-tuning examples and as many of
         its clean ones (`safeedit.robustness.merging`); everything is measured on the test splits, as the run."""
@@ -266,8 +241,6 @@ class MergeJob(Job):
             dirty, fine = np.flatnonzero(flags), np.flatnonzero(~flags)
             poisoned[name], _ = sample_rows(rows, held_count(len(dirty), options.forget_share), seed, dirty)
             clean[name], _ = sample_rows(rows, min(len(poisoned[name]), len(fine)), seed + 1, fine)
-        remerge = Remerge.of_run(self.merge_setting, list(self.scenario.attacks),
-                                 task_arithmetic_options(self.scenario))
         shown = ", ".join(f"{len(poisoned[n])} of the {int(sum(self.train[n]['poisoned']))} poisoned fine-tuning "
                           f"examples of {n}" for n in poisoned)
         about = (f"the attacker holds {shown} and as many clean ones; backdoor ASR and accuracy measured on the "
@@ -277,9 +250,7 @@ class MergeJob(Job):
         def measure(models: dict[str, nn.Module]) -> dict[str, float | None]:
             return task_metrics(models, self.encoder, self.test, triggered, self.scenario.attacks)
 
-        return merge_surface(measure, poisoned, clean,
-                             lambda rows, size, shuffle, s: loader(self.encoder, rows, size, shuffle, s),
-                             options, seed, remerge, about)
+        return self.battery_surface(measure, poisoned, clean, about)
 
     def record_fields(self, started: float) -> dict[str, Any]:
         scenario = self.scenario
