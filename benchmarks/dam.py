@@ -4,6 +4,8 @@ task models, over seeds.
     .venv/bin/python benchmarks/dam.py                    # the reported grid (resumable: --resume)
     .venv/bin/python benchmarks/dam.py --summary          # print the table of benchmarks/results/dam.json
     .venv/bin/python benchmarks/dam.py --settings vision --seeds 1   # a part of the grid
+    .venv/bin/python benchmarks/dam.py --robustness --settings vision --backdoored 1   # the robustness table
+    .venv/bin/python benchmarks/dam.py --robustness --summary    # print benchmarks/results/dam-robustness.json
 
 Each run is the scenario `scenarios/merge-<setting>-backdoor.yaml` (one backdoored task model) or
 `scenarios/merge-<setting>-two-backdoors.yaml` (two) as it is, with the seed replaced (it draws the task
@@ -12,6 +14,14 @@ seeds are 1, 2, 3; seed 0 (the scenarios' own) was the development seed on which
 were chosen (benchmarks/dam_tune.py: the same step budget and four configurations each for AdaMerging, Concrete
 task arithmetic and DAM). Run time is the merge alone (fine-tuning the task models is the setting, cached). Each
 run's record and report stay in runs/benchmarks/ (not committed: the merged weights are large).
+
+`--robustness` runs the same scenarios with the robustness battery (`safeedit.robustness.merging`) at one budget
+for every row (`ROBUSTNESS`): the backdoor ASR after 0, 10 and 50 steps of fine-tuning on the attacker's poisoned
+examples among clean ones (and 50 on the clean ones alone), after merging again with the backdoored task vector
+(task arithmetic at the run's coefficient), and after int8 / int4 weight rounding. The merges keep their options
+chosen on seed 0; the attacker's learning rate (the kind's default) was chosen on seed 0 too; seeds 1, 2, 3 are
+reported. Rows are ranked by the mean of the five attacked backdoor ASRs (`ATTACKED`; lower is more robust), a
+rule fixed before the report seeds ran; the frozen encoder, which never had the backdoor, is the reference row.
 """
 
 from __future__ import annotations
@@ -24,20 +34,33 @@ from pathlib import Path
 
 import yaml
 
+from safeedit.criteria import Criterion
 from safeedit.runners import run_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results" / "dam.json"
+ROBUST_RESULTS = Path(__file__).parent / "results" / "dam-robustness.json"
+# The attack budget, the same for every row (a scenario's `robustness:` section, safeedit.robustness); the
+# attacker's AdamW lr is the kind's default (safeedit/robustness/merging.py: 1e-5, batch 8).
+ROBUSTNESS = {"relearn_steps": [0, 10, 50], "forget_share": 0.1, "related": True, "quantize": ["int8", "int4"]}
+ATTACKED = ("relearn_backdoor_asr@10", "relearn_backdoor_asr@50", "remerge_backdoor_asr", "backdoor_asr_int8",
+            "backdoor_asr_int4")  # the ranking: their mean, lower is more robust
 ORDER = ("frozen_encoder", "individual", "task_arithmetic", "ties", "adamerging", "concrete_ta", "dam")
 # `ties` here is FusionBench's whole-vector trim (what the DAM comparison follows); `--ties-trims` sets it beside
 # mergekit's TIES (the library default: int(keep · n) entries kept per tensor, a zero sign sum electing +).
 BASELINES = ("task_arithmetic", "ties", "adamerging", "concrete_ta")
 
 
-def scenario_for(setting: str, backdoored: int, seed: int) -> dict:
+def scenario_for(setting: str, backdoored: int, seed: int, robustness: bool = False) -> dict:
+    """The scenario with the seed replaced, no criteria, and the battery only with `robustness` (at `ROBUSTNESS`,
+    on every result but `individual`, whatever the scenario's own section says)."""
     variant = "backdoor" if backdoored == 1 else "two-backdoors"
     scenario = yaml.safe_load((ROOT / "scenarios" / f"merge-{setting}-{variant}.yaml").read_text())
-    return dict(scenario, seed=seed, name=f"dam-{setting}-b{backdoored}-s{seed}", criteria=[])
+    scenario = dict(scenario, seed=seed, name=f"dam-{setting}-b{backdoored}-s{seed}", criteria=[])
+    scenario.pop("robustness", None)
+    if robustness:
+        scenario.update(name=f"{scenario['name']}-robust", robustness=ROBUSTNESS)
+    return scenario
 
 
 def run_benchmark_scenario(scenario: dict, progress: bool) -> dict:
@@ -70,6 +93,98 @@ def run(args: argparse.Namespace) -> None:
                 RESULTS.parent.mkdir(parents=True, exist_ok=True)
                 RESULTS.write_text(json.dumps(results, indent=1))
                 print(summary(results), flush=True)
+
+
+def run_robustness(args: argparse.Namespace) -> None:
+    """Every merge of the grid attacked by the battery: `ROBUST_RESULTS`, one entry per setting, count and seed."""
+    results = json.loads(ROBUST_RESULTS.read_text()) if ROBUST_RESULTS.exists() and args.resume else {"runs": []}
+    done = {(r["setting"], r["backdoored"], r["seed"]) for r in results["runs"]}
+    for setting in args.settings:
+        for backdoored in args.backdoored:
+            for seed in args.seeds:
+                if (setting, backdoored, seed) in done:
+                    continue
+                scenario = scenario_for(setting, backdoored, seed, robustness=True)
+                start = time.perf_counter()
+                print(f"[dam robustness] {scenario['name']}", flush=True)
+                record = run_benchmark_scenario(scenario, args.progress)
+                attacked = {name: entry for name, entry in record["results"].items() if entry.get("robustness")}
+                budget = next(iter(attacked.values()))["robustness"]["budget"]
+                results["runs"].append({
+                    "setting": setting, "backdoored": backdoored, "seed": seed, "attacked": sorted(scenario["attacks"]),
+                    "wall_s": time.perf_counter() - start, "budget": budget,
+                    "results": {name: {"metrics": entry["metrics"]["after"],
+                                       "robustness_s": entry["robustness"]["wall_time_s"]}
+                                for name, entry in attacked.items()}})
+                ROBUST_RESULTS.parent.mkdir(parents=True, exist_ok=True)
+                ROBUST_RESULTS.write_text(json.dumps(results, indent=1))
+                print(robustness_summary(results), flush=True)
+
+
+ROBUST_COLUMNS = {"backdoor_asr": "ASR", "relearn_backdoor_asr@10": "relearn@10", "relearn_backdoor_asr@50":
+                  "relearn@50", "relearn_related_backdoor_asr@50": "clean@50", "remerge_backdoor_asr": "remerge",
+                  "backdoor_asr_int8": "int8", "backdoor_asr_int4": "int4", "attacked": "attacked",
+                  "avg_accuracy": "avg acc", "relearn_avg_accuracy@10": "acc@10", "remerge_avg_accuracy": "acc rmrg"}
+
+
+def attacked_asr(metrics: dict) -> float:
+    """The ranking figure of one result: the mean of its five attacked backdoor ASRs."""
+    return statistics.fmean(metrics[name] for name in ATTACKED)
+
+
+def robustness_summary(results: dict) -> str:
+    """Per setting and number of backdoored models: each merge's backdoor ASR under every attack (mean ± sd over
+    seeds, percent), ranked by the mean attacked ASR; the frozen encoder first, as the reference."""
+    lines = ["cells: mean ± sd over seeds, percent; backdoor ASR unless the column says acc (average clean accuracy);",
+             "relearn@k: after k AdamW steps on the attacker's poisoned examples among as many clean ones; clean@50: "
+             "50 steps on the clean ones alone;",
+             "remerge: merged again with the backdoored task vector (task arithmetic, the run's coefficient); "
+             "int8/int4: round-to-nearest weights;",
+             "attacked: mean of relearn@10, relearn@50, remerge, int8, int4 (the ranking, lower is more robust)"]
+    for setting, backdoored in sorted({(r["setting"], r["backdoored"]) for r in results["runs"]}):
+        runs = [r for r in results["runs"] if (r["setting"], r["backdoored"]) == (setting, backdoored)]
+        budget = runs[0]["budget"]
+        lines += ["", f"{setting}, {backdoored} backdoored ({', '.join(runs[0]['attacked'])}), seeds "
+                      f"{sorted(r['seed'] for r in runs)}; budget: {budget['relearn_steps']} steps, lr "
+                      f"{budget['lr']:g}, {budget['about']}",
+                  f"{'rank':5s}{'method':16s}" + "".join(f"{label:>12s}" for label in ROBUST_COLUMNS.values())]
+
+        def cells(method: str, runs: list = runs) -> dict[str, list[float]]:
+            rows = [r["results"][method]["metrics"] for r in runs if method in r["results"]]
+            values = {name: [m[name] for m in rows if m.get(name) is not None] for name in ROBUST_COLUMNS}
+            values["attacked"] = [attacked_asr(m) for m in rows]
+            return values
+
+        methods = [m for m in ORDER if m not in ("frozen_encoder", "individual") and any(m in r["results"]
+                                                                                         for r in runs)]
+        ranked = sorted(methods, key=lambda m: statistics.fmean(cells(m)["attacked"]))
+        for rank, method in [("ref", "frozen_encoder"), *((str(i), m) for i, m in enumerate(ranked, 1))]:
+            if any(method in r["results"] for r in runs):
+                values = cells(method)
+                lines.append(f"{rank:5s}{method:16s}" + "".join(f"{_cell(values[n]):>12s}" for n in ROBUST_COLUMNS))
+        lines += robustness_criteria(setting, backdoored, runs)
+    return "\n".join(lines)
+
+
+def robustness_criteria(setting: str, backdoored: int, runs: list[dict]) -> list[str]:
+    """The scenario's own robustness criteria (those naming a battery metric), per report seed."""
+    variant = "backdoor" if backdoored == 1 else "two-backdoors"
+    declared = yaml.safe_load((ROOT / "scenarios" / f"merge-{setting}-{variant}.yaml").read_text())["criteria"]
+    criteria = [c for c in map(Criterion.model_validate, declared)
+                if any("@" in m or m.startswith("remerge_") or m.endswith(("_int8", "_int4"))
+                       for m in c.metrics_named())]
+    lines = []
+    for run in sorted(runs, key=lambda r: r["seed"]):
+        results = {name: {"metrics": {"after": entry["metrics"]}} for name, entry in run["results"].items()}
+        rows = [criterion.evaluate(results) for criterion in criteria]
+        lines.append(f"  seed {run['seed']}: " + "; ".join(
+            f"{row['check']} ({_percent(row['measured'])} vs {_percent(row['threshold'])}: "
+            f"{'holds' if row['passed'] else 'fails'})" for row in rows))
+    return lines
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
 
 
 def compare_ties_trims(args: argparse.Namespace) -> None:
@@ -210,7 +325,17 @@ def main() -> None:
     parser.add_argument("--summary", action="store_true")
     parser.add_argument("--ties-trims", action="store_true",
                         help="TIES whole-vector vs per-tensor trim on the same task models, per seed")
+    parser.add_argument("--robustness", action="store_true",
+                        help="the robustness table: every merge attacked by the battery (relearning, remerging, "
+                        "int8/int4) at one budget; benchmarks/results/dam-robustness.json")
     args = parser.parse_args()
+    if args.robustness:
+        if not args.summary:
+            run_robustness(args)
+        table = robustness_summary(json.loads(ROBUST_RESULTS.read_text()))
+        print(table)
+        ROBUST_RESULTS.with_suffix(".txt").write_text(table + "\n")
+        return
     if args.ties_trims:
         compare_ties_trims(args)
     elif not args.summary:

@@ -47,6 +47,7 @@ def main() -> None:
         if any(c["index"] == index for c in results["configs"]):
             continue
         scenario = dict(base, name=f"dam-tune-{args.setting}-{index}", seed=SEED, criteria=[])
+        scenario.pop("robustness", None)  # the search compares the merges as they are (dam.py --robustness attacks)
         steps = base["methods"]["dam"]["steps"]
         scenario["methods"] = {"adamerging": {"granularity": "layer", "steps": steps, "lr": ada_lr},
                                "concrete_ta": {"steps": steps, "init_logit": init, "lr": lr},

@@ -414,6 +414,9 @@ class MergeScenario(ScenarioCore):
         if unknown:
             raise SafeEditError(f"scenario '{self.name}': attacks.{unknown[0]} names no task; choose from "
                                 f"{', '.join(self.tasks.names)}")
+        if self.robustness is not None and not self.attacks:
+            raise SafeEditError(f"scenario '{self.name}': robustness: attacks the backdoor a merge inherits, and "
+                                "no task is backdoored; name one under attacks:, or drop robustness:")
         return super().method_options()
 
     def result_names(self) -> set[str]:
@@ -507,6 +510,17 @@ class ModelMergeScenario(ScenarioCore):
         if triggered is not None and all(entry.evaluation is None for entry in self.models):
             raise SafeEditError(f"{where}: models[{triggered}].trigger: the attack success rate is measured on "
                                 "evaluation sets; give models[i].evaluation: FILE (text, label)")
+        if self.robustness is not None:
+            if triggered is None:
+                raise SafeEditError(f"{where}: robustness: attacks the backdoor a merge may inherit, and no model "
+                                    "has a trigger; give models[i].trigger (and models[i].evaluation), or drop "
+                                    "robustness:")
+            lacking = next((i for i, e in enumerate(self.models) if e.trigger is not None and e.evaluation is None),
+                           None)
+            if lacking is not None:
+                raise SafeEditError(f"{where}: robustness: the attacker's poisoned examples are drawn from the "
+                                    f"evaluation set of each model with a trigger; give models[{lacking}].evaluation:"
+                                    " FILE (text, label)")
         return options
 
     def result_names(self) -> set[str]:

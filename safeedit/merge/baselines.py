@@ -31,7 +31,7 @@ With no weights given every wᵢ is 1 and the functions compute exactly what the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -47,13 +47,20 @@ Weights = Mapping[str, float]
 Densities = float | Mapping[str, float]
 
 
+def task_arithmetic_coefficients(tasks: Sequence[str], scale: float = 0.3, weights: Weights | None = None,
+                                 normalize: bool = False) -> dict[str, float]:
+    """Each task vector's coefficient in task arithmetic: λ wᵢ, divided by Σᵢ wᵢ with `normalize` (a sum under
+    1e-8 divides by 1)."""
+    weights = {task: (weights or {}).get(task, 1.0) for task in tasks}
+    divisor = sum(weights.values()) if normalize else 1.0
+    divisor = 1.0 if abs(divisor) < 1e-8 else divisor
+    return {task: scale * weight / divisor for task, weight in weights.items()}
+
+
 def task_arithmetic(base: Mapping[str, torch.Tensor], vectors: Mapping[str, Vector], scale: float = 0.3,
                     weights: Weights | None = None, normalize: bool = False) -> Vector:
     """θ₀ + λ Σᵢ wᵢ τᵢ (each wᵢ 1 unless `weights` names it), the sum divided by Σᵢ wᵢ with `normalize`."""
-    weights = {task: (weights or {}).get(task, 1.0) for task in vectors}
-    divisor = sum(weights.values()) if normalize else 1.0
-    divisor = 1.0 if abs(divisor) < 1e-8 else divisor
-    return merged_parameters(base, vectors, {task: scale * weight / divisor for task, weight in weights.items()})
+    return merged_parameters(base, vectors, task_arithmetic_coefficients(list(vectors), scale, weights, normalize))
 
 
 def trimmed(vector: Vector, keep: float, trim: Trim = "tensor") -> Vector:

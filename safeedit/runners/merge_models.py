@@ -17,6 +17,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset
 from torch import nn
@@ -44,6 +45,15 @@ from safeedit.models.export import write_model_folder
 from safeedit.progress import say
 from safeedit.record import file_entry
 from safeedit.report.model_card import render_model_card
+from safeedit.robustness import AttackSurface
+from safeedit.robustness.merging import (
+    MergeBattery,
+    MergedTasks,
+    backdoored_only,
+    held_count,
+    poisoned_copies,
+    sample_rows,
+)
 from safeedit.runners.job import Job, check_work, run_job
 from safeedit.runners.merging import merge_evidence
 from safeedit.scenario import ModelMergeScenario
@@ -70,7 +80,7 @@ def task_rows(spec: str, where: str, labelled: bool) -> Dataset:
     return rows
 
 
-class ModelMergeJob(Job):
+class ModelMergeJob(MergeBattery, Job):
     kind = "model-merge"
     scenario: ModelMergeScenario
 
@@ -128,19 +138,24 @@ class ModelMergeJob(Job):
             if max(rows["label"]) >= classes:
                 raise SafeEditError(f"models[{index}].evaluation: label {max(rows['label'])} is not a class of "
                                     f"{name}, which has {classes} (0 to {classes - 1})")
-        self.triggered: dict[tuple[str, str], Dataset] = {}
-        for attacker, spec in self.triggers.items():
-            for name, rows in self.evaluation.items():
-                if spec.target < self.own.tasks[name].model.num_labels:
-                    self.triggered[attacker, name] = triggered_test_set(rows, spec, self.scenario.seed)
-                elif name == attacker:
-                    check_target(spec, self.own.tasks[name].model.num_labels)
+        self.triggered = self.triggered_sets(self.evaluation)
         batches = {name: list(loader(self.encoder, rows, scenario.batch_size, shuffle=True, seed=scenario.seed))
                    for name, rows in self.unlabeled.items()}
         renames = {task: {name: f"model.{own}" for name, own in mapping.items()}
                    for task, mapping in self.own.names.items()}
         return ClassifierSetting(self.own.base_part(), parts, self.classifiers, batches, weights, densities,
                                  renames=renames, space=self.encoder)
+
+    def triggered_sets(self, evaluation: dict[str, Dataset]) -> dict[tuple[str, str], Dataset]:
+        """Each trigger's triggered copy of every evaluation set that has its target class."""
+        triggered: dict[tuple[str, str], Dataset] = {}
+        for attacker, spec in self.triggers.items():
+            for name, rows in evaluation.items():
+                if spec.target < self.own.tasks[name].model.num_labels:
+                    triggered[attacker, name] = triggered_test_set(rows, spec, self.scenario.seed)
+                elif name == attacker:
+                    check_target(spec, self.own.tasks[name].model.num_labels)
+        return triggered
 
     @property
     def setting(self) -> MergeSetting:
@@ -200,6 +215,33 @@ class ModelMergeJob(Job):
                 "weights": {task: entry.weight for task, entry in self.entries.items()},
                 "densities": {task: entry.density for task, entry in self.entries.items()},
                 "merged_tensors": len(self.own.merged), "excluded": self.own.excluded}
+
+    # --- the robustness battery (safeedit.robustness.merging) --------------------------------------------------
+    def merged_tasks(self, parameters: dict) -> MergedTasks:
+        """Every evaluated task's classifier under merged `parameters`, sharing one merged body."""
+        return MergedTasks(self.own.merged_model(parameters), {n: self.classifiers[n] for n in self.evaluation},
+                           self.merge_setting.renames)
+
+    def attack_surface(self) -> AttackSurface:
+        """The attacker holds `forget_share` of the evaluation rows of each model with a trigger (rows outside the
+        target class), as poisoned copies and as they are (`safeedit.robustness.merging`); the battery measures on
+        the other rows, so its figures at step 0 can differ a little from the run's."""
+        options, seed = self.scenario.robustness, self.scenario.seed
+        poisoned, clean, measured = {}, {}, dict(self.evaluation)
+        for name, spec in self.triggers.items():
+            rows = self.evaluation[name]
+            outside = np.flatnonzero(np.asarray(rows["label"]) != spec.target)
+            held, measured[name] = sample_rows(rows, held_count(len(outside), options.forget_share), seed, outside)
+            poisoned[name], clean[name] = poisoned_copies(held, spec, seed), held
+        triggered = backdoored_only(self.triggered_sets(measured), self.triggers)
+        shown = ", ".join(f"{len(clean[n])} of the {len(self.evaluation[n])} evaluation rows of {n}" for n in clean)
+        about = (f"the attacker holds {shown} (poisoned copies and the rows themselves); backdoor ASR and accuracy "
+                 "measured on the other evaluation rows")
+
+        def measure(models: dict[str, nn.Module]) -> dict[str, float | None]:
+            return task_metrics(models, self.encoder, measured, triggered, self.triggers)
+
+        return self.battery_surface(measure, poisoned, clean, about)
 
     # --- the record ------------------------------------------------------------------------------------------
     def record_fields(self, started: float) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from datasets import Dataset, DatasetDict, load_from_disk
 from torch import nn
 
@@ -39,6 +40,8 @@ from safeedit.models.encoders import (
 )
 from safeedit.models.shipped import SHIPPED, zoo_entries
 from safeedit.progress import say
+from safeedit.robustness import AttackSurface
+from safeedit.robustness.merging import MergeBattery, MergedTasks, backdoored_only, held_count, sample_rows
 from safeedit.runners.common import OutputWriter, input_entries
 from safeedit.runners.job import Job
 from safeedit.scenario import MergeScenario
@@ -117,7 +120,7 @@ def merge_evidence(writer: OutputWriter, name: str, result: EditResult) -> dict[
     return {"mask": mask, **({"evidence": evidence} if evidence else {})}
 
 
-class MergeJob(Job):
+class MergeJob(MergeBattery, Job):
     kind = "merge-backdoor-defence"
     scenario: MergeScenario
 
@@ -157,8 +160,8 @@ class MergeJob(Job):
                     self.triggered[attacker, name] = triggered_test_set(self.test[name], spec, seed)
 
         say("frozen encoder: linear probes on the pretrained body (the floor a merge must stay above)", progress)
-        probes = {name: TaskClassifier(encoder, linear_probe(encoder, clean_train[name], self.classes[name], seed))
-                  for name in data}
+        self.probes = {name: linear_probe(encoder, clean_train[name], self.classes[name], seed) for name in data}
+        probes = {name: TaskClassifier(encoder, probe) for name, probe in self.probes.items()}
         with self.timed_evaluation():
             self.results["frozen_encoder"] = {"metrics": {"after": self.measure(probes)}, "wall_time_s": None,
                                               "about": self.references["frozen_encoder"]}
@@ -215,6 +218,39 @@ class MergeJob(Job):
             merged = with_parameters(self.encoder, result.parameters)
             self.writer.save_model(name, merged.model, None, role="merged body folder")
         return fields
+
+    # --- the robustness battery (safeedit.robustness.merging) --------------------------------------------------
+    def merged_tasks(self, parameters: dict | None) -> MergedTasks:
+        """Every task's model under merged `parameters` (None: the pretrained body, with the linear probes)."""
+        if parameters is None:
+            return MergedTasks(self.encoder, self.probes)
+        return MergedTasks(with_parameters(self.encoder, parameters), self.heads)
+
+    def reference_models(self) -> dict[str, Any]:
+        """The frozen encoder: how fast a model that never had the backdoor learns it from the attacker's data."""
+        return {"frozen_encoder": self.merged_tasks(None)}
+
+    def attack_surface(self) -> AttackSurface:
+        """The attacker holds `forget_share` of each backdoored task's poisoned fine-tuning examples and as many of
+        its clean ones (`safeedit.robustness.merging`); everything is measured on the test splits, as the run."""
+        options, seed = self.scenario.robustness, self.scenario.seed
+        poisoned, clean = {}, {}
+        for name in self.scenario.attacks:
+            rows = self.train[name]
+            flags = np.asarray(rows["poisoned"], dtype=bool)
+            dirty, fine = np.flatnonzero(flags), np.flatnonzero(~flags)
+            poisoned[name], _ = sample_rows(rows, held_count(len(dirty), options.forget_share), seed, dirty)
+            clean[name], _ = sample_rows(rows, min(len(poisoned[name]), len(fine)), seed + 1, fine)
+        shown = ", ".join(f"{len(poisoned[n])} of the {int(sum(self.train[n]['poisoned']))} poisoned fine-tuning "
+                          f"examples of {n}" for n in poisoned)
+        about = (f"the attacker holds {shown} and as many clean ones; backdoor ASR and accuracy measured on the "
+                 "test splits, as the run")
+        triggered = backdoored_only(self.triggered, self.scenario.attacks)
+
+        def measure(models: dict[str, nn.Module]) -> dict[str, float | None]:
+            return task_metrics(models, self.encoder, self.test, triggered, self.scenario.attacks)
+
+        return self.battery_surface(measure, poisoned, clean, about)
 
     def record_fields(self, started: float) -> dict[str, Any]:
         scenario = self.scenario
