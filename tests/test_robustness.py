@@ -4,6 +4,7 @@ diagnostic, relearning curves, the battery's metric names, criteria and scenario
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,11 +160,12 @@ def test_robustness_figures_read_as_their_metric():
 def test_a_scenario_without_robustness_cannot_check_its_figures(tmp_path):
     from safeedit.scenario import load_scenario
 
-    text = open("scenarios/digits-forget-class.yaml").read().replace("robustness: {}", "")
+    scenario = Path(__file__).resolve().parent.parent / "scenarios" / "digits-forget-class.yaml"
+    text = scenario.read_text(encoding="utf-8").replace("robustness: {}", "")
     path = tmp_path / "s.yaml"
     path.write_text(text + '  - check: "salun.relearn_ua@10 >= 50%"\n')
     with pytest.raises(SafeEditError, match="add a robustness: section"):
         load_scenario(path)
     path.write_text(text + "robustness: {results: [salun, nobody]}\n")
-    with pytest.raises(SafeEditError, match="robustness.results names 'nobody'"):
+    with pytest.raises(SafeEditError, match=r"robustness\.results names 'nobody'"):
         load_scenario(path)
