@@ -51,7 +51,7 @@ def run_cli(path: Path | str, out: str, capsys) -> dict:
 
 def test_the_example_repairs_the_fine_tune_by_resetting_its_update(project, monkeypatch, capsys):
     monkeypatch.chdir(project)
-    record = run_cli(EXAMPLE, "run-update", capsys)  # exit 0: the example's four criteria pass
+    record = run_cli(EXAMPLE, "run-update", capsys)  # exit 0: the example's five criteria pass
     assert record["kind"] == "harmful-finetune-repair" and record["verdict"]["passed"] is True
     results = record["results"]
     assert set(results) == {"original", "base", "antidote", "random_prune", "magnitude_prune"}
@@ -61,7 +61,8 @@ def test_the_example_repairs_the_fine_tune_by_resetting_its_update(project, monk
     assert original["harmful_score"] >= base["harmful_score"] + 0.3
     assert antidote["before"] == original and antidote["after"]["harmful_score"] < original["harmful_score"]
     assert {"harmful_score", "finetune_accuracy"} <= set(antidote["after"]) and "benign_refusal_rate" not in original
-    assert all(0 <= v <= 1 for r in results.values() for v in r["metrics"]["after"].values())
+    assert all(0 <= v <= 1 for r in results.values() for k, v in r["metrics"]["after"].items()
+               if k != "steps_to_harmful")  # a step count (the robustness battery: tests/test_robustness_safety.py)
     assert results["antidote"]["options"]["target"] == "update"
     assert antidote["after"]["weights_zeroed"] == pytest.approx(0.3, abs=0.02)
     assert results["antidote"]["weight_changes"]["changed_outside_mask"] == 0
@@ -115,7 +116,8 @@ def test_weights_target_without_a_base_and_answers_scored_by_rouge(project, monk
                    evaluation={"harmful": "examples/antidote/harmful.txt",
                                "task": "examples/antidote/task-answers.jsonl",
                                "benign": "examples/antidote/benign.txt", "max_new_tokens": 12},
-                   criteria=[{"check": "antidote.harmful_score < original.harmful_score", "why": "less harm"}])
+                   criteria=[{"check": "antidote.harmful_score < original.harmful_score", "why": "less harm"}],
+                   robustness=None)
     Path("weights.yaml").write_text(yaml.safe_dump(doc))
     record = run_cli("weights.yaml", "run-weights", capsys)
     results = record["results"]

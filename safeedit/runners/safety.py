@@ -34,6 +34,8 @@ from safeedit.models.compare import check_same_shapes, folder_shapes, parameter_
 from safeedit.progress import say
 from safeedit.prune import PruneSetting
 from safeedit.prune.calibration import calibration_batches
+from safeedit.robustness import AttackSurface
+from safeedit.robustness.safety import SafetyMeasure, demonstration_data, own_model_data, safety_surface
 from safeedit.runners.common import input_entries
 from safeedit.runners.job import Job
 from safeedit.runners.references import REPAIR_REFERENCES
@@ -138,6 +140,7 @@ class SafetyJob(Job):
                                                     "safety-alignment", loaded.weights_sha256, progress)
             aligned_sha = sha256_file(aligned_path)
             self.inputs["aligned weights (safety alignment, cached)"] = {str(aligned_path): aligned_sha}
+        self.aligned = aligned
         original = self.reference("original", aligned, "the aligned model")
         refusal = 1 - original["harmful_score"]
         if (refusal < ALIGNMENT_TARGET["refusal"]
@@ -155,6 +158,32 @@ class SafetyJob(Job):
         self.before = self.reference("no_defense", self.tuned, "the fine-tuned model (no defence)")
         self.writer = self.output_writer(sha256_file(tuned_path))
         return {name: p.detach() for name, p in aligned.named_parameters()}
+
+    def reference_models(self) -> dict[str, Any]:
+        """The aligned model and its fine-tune (demonstration), or your model and its base (own model)."""
+        if self.scenario.own_model:
+            base = getattr(self, "base_model", None)
+            return {"original": self.tuned, **({"base": base} if base is not None else {})}
+        return {"original": self.aligned, "no_defense": self.tuned}
+
+    @property
+    def unedited(self) -> nn.Module:
+        """The harmful fine-tune every method prunes (the quantization diagnostic compares the edits with it)."""
+        return self.tuned
+
+    def attack_surface(self) -> AttackSurface:
+        scenario, prompts = self.scenario, self.prompts
+        options, tokens = scenario.robustness, scenario.evaluation.max_new_tokens
+        measure = SafetyMeasure.first(self.tokenizer, self.judge, prompts.harmful, prompts.task, tokens,
+                                      prompts.task_tokens, prompts.rouge)
+        if scenario.own_model:
+            data = own_model_data(self.tuned, measure, prompts.calibration["harmful"], options.forget_share,
+                                  scenario.seed)
+            return safety_surface(measure, data, self.tuned, options, scenario.seed)
+        attack = scenario.attack
+        data = demonstration_data(self.data.task_train, self.data.attack, attack.poison_ratio, scenario.seed,
+                                  options.forget_share, scenario.seed)
+        return safety_surface(measure, data, self.tuned, options, scenario.seed, attack.finetune.max_length)
 
     def check_base_shapes(self) -> None:
         """A base of another architecture is refused from the safetensors headers, before anything loads."""
@@ -187,6 +216,7 @@ class SafetyJob(Job):
         check_same_shapes(parameter_shapes(model), parameter_shapes(base), scenario.model.name, name)
         self.inputs["base weights (before the fine-tune)"] = loaded.files
         self.model_info["base_model"] = {"source": name, "weights_sha256": loaded.weights_sha256}
+        self.base_model = base
         self.reference("base", base, "the base model")
         return {name: p.detach() for name, p in base.named_parameters()}
 
