@@ -627,6 +627,11 @@ class LMScenario(ScenarioCore):
             check_reference_folder(self.reference.model, self.model.name)
         measured = qa_metric_names(files.forget.has_perturbed(), files.retain.has_perturbed(),
                                    files.holdout is not None, self.reference is not None, retain_perplexity=True)
+        if self.robustness is not None:
+            from safeedit.robustness.language import language_metric_names
+
+            measured |= language_metric_names("files", files.forget.has_perturbed(), self.reference is not None,
+                                              self.robustness)
         perturbed = "give wrong answers for every forget question (data.perturbed, or 'perturbed' in each row)"
         fixes = {"mia_auc": "give data.holdout: questions and answers the model never saw",
                  "truth_ratio_forget": perturbed,
