@@ -37,7 +37,8 @@ from safeedit.models.cache import cached_finetune
 from safeedit.models.language import SMOLLM2, load_language_model
 from safeedit.models.lm_training import FinetuneOptions
 from safeedit.robustness import RobustnessOptions, attack
-from safeedit.robustness.language import PROBES, LanguageData, language_surface
+from safeedit.robustness.language import LanguageData, language_surface
+from safeedit.robustness.language_names import PROBES
 from safeedit.scenario import CapitalsSection
 from safeedit.unlearn.wagle import LMUnlearnOptions, lm_unlearn
 

@@ -34,6 +34,7 @@ from safeedit.models.encoders import FinetuneRecipe
 from safeedit.models.lm_training import FinetuneOptions
 from safeedit.prune import PruningOptions
 from safeedit.robustness import RobustnessOptions
+from safeedit.robustness.language_names import language_metric_names
 from safeedit.unlearn.diffusion import DiffusionRetrainOptions
 from safeedit.unlearn.methods import RetrainOptions
 from safeedit.unlearn.reference import (
@@ -628,8 +629,6 @@ class LMScenario(ScenarioCore):
         measured = qa_metric_names(files.forget.has_perturbed(), files.retain.has_perturbed(),
                                    files.holdout is not None, self.reference is not None, retain_perplexity=True)
         if self.robustness is not None:
-            from safeedit.robustness.language import language_metric_names
-
             measured |= language_metric_names("files", files.forget.has_perturbed(), self.reference is not None,
                                               self.robustness)
         perturbed = "give wrong answers for every forget question (data.perturbed, or 'perturbed' in each row)"

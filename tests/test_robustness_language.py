@@ -9,6 +9,7 @@ from pathlib import Path
 import helpers as H
 import pytest
 import yaml
+from test_llm_scenario import AUTHORS, scenario_text, tiny_folder  # noqa: F401 (tiny_folder: a fixture)
 from tiny_llmfiles import FOLDER, build
 
 from safeedit.cli import main
@@ -18,15 +19,15 @@ from safeedit.data.qa_files import read_qa_files
 from safeedit.errors import SafeEditError
 from safeedit.robustness import RobustnessOptions, attack, relearn_curve
 from safeedit.robustness.language import (
-    PROBES,
+    NO_TEMPLATES,
     LanguageData,
     LanguageSurface,
     attacker_split,
     distinguishing_value,
-    language_metric_names,
     language_surface,
-    measured_metric_names,
 )
+from safeedit.robustness.language_names import PROBES, language_metric_names, measured_metric_names
+from safeedit.runners import run_scenario
 from safeedit.scenario import load_scenario
 
 EXAMPLE = Path(__file__).parents[1] / "scenarios" / "examples" / "llm-forget-files.yaml"
@@ -132,7 +133,7 @@ def test_the_battery_adds_exactly_the_names_the_scenario_check_accepts(files):
     assert set(flat) == language_metric_names("files", True, True, options)
     probes = entry["attacks"]["probes"]
     assert set(probes["probes"]) == {"plain", "mc", "fewshot"}
-    assert set(probes["skipped"]) == {"reworded", "french", "fill_in"} and "no question templates" in probes["about"]
+    assert set(probes["skipped"]) == {"reworded", "french", "fill_in"} and NO_TEMPLATES in probes["about"]
     # the original model knows the forget answers, in any of the formats
     assert flat["probability_forget_plain"] > 0.9 and flat["forget_accuracy_mc"] == 1.0
     assert json.loads(json.dumps(entry)) == entry  # plain JSON for the record
@@ -212,3 +213,28 @@ def test_probe_criteria_need_the_section_and_a_probe_the_protocol_has(built, tmp
     with pytest.raises(SafeEditError, match="needs forget_accuracy_fill_in"):
         load_scenario(fill_in)
     assert load_scenario(scenario(built, tmp_path)).robustness.relearn_steps == [0, 2]
+
+
+def test_fictitious_authors_attack_the_kept_reference_and_run_every_probe(tiny_folder, tmp_path,  # noqa: F811
+                                                                          monkeypatch):
+    monkeypatch.setenv("SAFEEDIT_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "scenario.yaml"
+    path.write_text(scenario_text(tiny_folder, json.dumps({"protocol": "fictitious-authors", **AUTHORS}),
+                                  "{npo+wagle: null}",
+                                  "robustness: {relearn_steps: [0, 1], quantize: [int8]}\n"
+                                  'criteria: ["npo+wagle.forget_accuracy_fewshot <= retrain.forget_accuracy_fewshot'
+                                  ' + 100%"]'))
+    record = json.loads(run_scenario(path, tmp_path / "out", progress=False).read_text())
+    results = record["results"]
+    assert {name for name, r in results.items() if "robustness" in r} == {"original", "retrain", "npo+wagle"}
+    after = {name: r["metrics"]["after"] for name, r in results.items()}
+    # forget quality against the reference's own truth ratios on the same rows: the untouched reference is 1.0
+    assert after["retrain"]["relearn_forget_quality@0"] == 1.0
+    for name in after:
+        assert {f"forget_accuracy_{probe}" for probe in PROBES} <= set(after[name]), name
+        # int8 barely moves a model: the measure after rounding is close to the unrounded one
+        assert abs(after[name]["relearn_probability_forget@0"] - after[name]["probability_forget_int8"]) < 0.05
+    budget = results["npo+wagle"]["robustness"]["budget"]
+    assert budget["primary"] == "probability_forget" and "holds 1 of 2 forget pairs" in budget["about"]
+    assert not results["npo+wagle"]["robustness"]["attacks"]["probes"]["skipped"]
+    assert record["verdict"]["criteria"][0]["measured"] is not None

@@ -9,12 +9,13 @@ Who holds what (drawn with the scenario's seed):
   not read; any taken from the evaluated ones leave the measured retain pairs.
 The attacker's loss is the fine-tune's: the NLL of the answer tokens through the chat template (`chat_loader`).
 
-`measure(model)` (teacher-forced where it can, so that 8 measurements per result stay cheap), on the pairs above:
+`measure(model)`, on the pairs above, teacher-forced but for the capitals' greedy answers (it runs up to 8 times per
+result: every relearning step count of both sets, and after int8 and int4; greedy answers are the probes' part):
 - fictitious authors and files: `probability_forget` (length-normalised answer probability; the primary metric, low
   = forgotten), `truth_ratio_forget` and, against the reference's truth ratios on the same pairs, `forget_quality`
-  (where the pairs have perturbed answers and a reference exists), `rouge_l_forget` (greedy answers),
-  `probability_retain` (utility);
-- capitals: `forget_accuracy` (greedy answers naming the capital; primary), `probability_forget`, `retain_accuracy`.
+  (where the pairs have perturbed answers and a reference exists), `probability_retain` (utility);
+- capitals: `forget_accuracy` (greedy answers naming the capital; primary), `probability_forget`,
+  `probability_retain` (utility; the protocol's `retain_accuracy` needs greedy answers to every retain question).
 
 Probes (`attacks["probes"]`, no training), on the measured forget pairs; flat metrics `forget_accuracy_<probe>`
 (share of greedy answers naming the fact; MC: share where the true option is the most likely) or, where the fact is
@@ -29,6 +30,8 @@ not known (your files), `probability_forget_<probe>` (length-normalised probabil
   relearning: the same data the relearning attack trains on, shown instead).
 Your files carry no templates to reword or translate and do not say which words of an answer are the fact: there
 only `plain` and `fewshot` (probabilities) and `mc` (with perturbed answers) run; the outcome's `about` says so.
+A probe is evidence only where the original model passes it: read each against the original's row (SmolLM2-135M,
+for one, names no capital when asked in French, before any unlearning).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,14 +55,12 @@ from safeedit.eval.language import (
     forget_quality,
     forget_truth_ratio,
     normalized_probability,
-    rouge_l_recall,
     truth_ratios,
 )
 from safeedit.eval.safety import generate_answers
-from safeedit.robustness.battery import AttackSurface, RobustnessOptions, robustness_metric_names
+from safeedit.robustness.battery import AttackSurface, RobustnessOptions
+from safeedit.robustness.language_names import PROBES, Protocol, measured_metric_names, probe_names
 from safeedit.robustness.relearn import RelearnSet
-
-Protocol = Literal["fictitious-authors", "capitals", "files"]
 
 # AdamW at 2e-5, batch 4: the middle of the full fine-tuning rates used for SmolLM2-135M-sized chat models
 # (1e-5..5e-5), below the 1e-4 that taught the authors in 5 epochs and near the unlearning's own 3e-5: an attacker
@@ -67,7 +68,6 @@ Protocol = Literal["fictitious-authors", "capitals", "files"]
 DEFAULT_LR, DEFAULT_BATCH = 2e-5, 4
 FILL_IN_TOKENS = 16  # a blanked fact is a few words
 MAX_SHOTS = 3
-PROBES = ("plain", "reworded", "french", "mc", "fill_in", "fewshot")
 NO_TEMPLATES = ("your files hold no question templates to reword or translate and do not say which words of an "
                 "answer are the fact")
 
@@ -75,15 +75,13 @@ NO_TEMPLATES = ("your files hold no question templates to reword or translate an
 @dataclass(frozen=True)
 class LanguageData:
     """What the surface reads of an LLM job: the protocol, the forget pairs and, where known, the fact a right answer
-    names (`values`, one per forget pair), every retain pair, the ones the protocol's metrics evaluate, and the
-    retain facts (capitals: for `retain_accuracy`)."""
+    names (`values`, one per forget pair), every retain pair, and the ones the protocol's metrics evaluate."""
 
     protocol: Protocol
     forget: Sequence[QAItem]
     retain: Sequence[QAItem]
     evaluated_retain: Sequence[QAItem]
     values: Sequence[str] | None = None
-    retain_values: Sequence[str] | None = None
 
     @classmethod
     def authors(cls, forget: Sequence[QAItem], retain: Sequence[QAItem],
@@ -95,8 +93,7 @@ class LanguageData:
         """From `CapitalFact`s; the evaluated retain facts are objects of `retain` (as `capitals_setting` picks)."""
         qa = {id(f): f.qa() for f in [*forget, *retain]}
         return cls("capitals", [qa[id(f)] for f in forget], [qa[id(f)] for f in retain],
-                   [qa[id(f)] for f in evaluated_retain], [f.capital for f in forget],
-                   [f.capital for f in retain])
+                   [qa[id(f)] for f in evaluated_retain], [f.capital for f in forget])
 
     @classmethod
     def files(cls, forget: Sequence[QAItem], retain: Sequence[QAItem],
@@ -173,31 +170,6 @@ def attacker_split(data: LanguageData, share: float, seed: int) -> AttackerSplit
     return AttackerSplit(held, measured, related, measured_retain)
 
 
-def measured_metric_names(protocol: Protocol, perturbed: bool, reference: bool) -> list[str]:
-    """What `measure` returns, primary metric first."""
-    if protocol == "capitals":
-        return ["forget_accuracy", "probability_forget", "retain_accuracy"]
-    return ["probability_forget", *(["truth_ratio_forget"] if perturbed else []),
-            *(["forget_quality"] if perturbed and reference else []), "rouge_l_forget", "probability_retain"]
-
-
-def probe_names(protocol: Protocol, perturbed: bool) -> dict[str, str | None]:
-    """Probe -> its flat metric (None: not available for this protocol)."""
-    if protocol == "files":
-        return {"plain": "probability_forget_plain", "reworded": None, "french": None,
-                "mc": "forget_accuracy_mc" if perturbed else None, "fill_in": None,
-                "fewshot": "probability_forget_fewshot"}
-    return {probe: f"forget_accuracy_{probe}" for probe in PROBES}
-
-
-def language_metric_names(protocol: Protocol, perturbed: bool, reference: bool,
-                          options: RobustnessOptions) -> set[str]:
-    """Every flat metric the battery adds to an LLM result: for checking a scenario's criteria before the run."""
-    sets = ["forget", "related"] if options.related else ["forget"]
-    probes = [name for name in probe_names(protocol, perturbed).values() if name]
-    return robustness_metric_names(measured_metric_names(protocol, perturbed, reference), options, sets, probes)
-
-
 def answer_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The fine-tune's loss: mean NLL of the answer tokens (labels of `chat_loader`), on the model's device."""
     return default_loss(model, to_device(batch, next(model.parameters()).device))
@@ -225,8 +197,6 @@ class LanguageSurface:
         self.forget = [data.forget[i] for i in split.measured]
         self.values = [data.values[i] for i in split.measured] if data.values is not None else None
         self.reference_ratios = reference_ratios
-        retain_values = dict(zip(map(id, data.retain), data.retain_values or [], strict=False))
-        self.retain_values = [retain_values[id(q)] for q in split.measured_retain] if data.retain_values else None
 
     # --- measure ---------------------------------------------------------------------------------------------------
     def probability(self, model: nn.Module, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
@@ -244,20 +214,17 @@ class LanguageSurface:
 
     def measure(self, model: nn.Module) -> dict[str, float]:
         questions = [q.question for q in self.forget]
-        probability = float(np.mean(self.probability(model, questions, [q.answer for q in self.forget])))
-        retain = self.split.measured_retain
+        metrics: dict[str, float] = {}
         if self.data.protocol == "capitals":
-            return {"forget_accuracy": _named(self.answers(model, questions), self.values),
-                    "probability_forget": probability,
-                    "retain_accuracy": _named(self.answers(model, [q.question for q in retain]), self.retain_values)}
-        metrics = {"probability_forget": probability}
-        if self.data.perturbed:
+            metrics["forget_accuracy"] = _named(self.answers(model, questions), self.values)
+        metrics["probability_forget"] = float(np.mean(self.probability(model, questions,
+                                                                         [q.answer for q in self.forget])))
+        if self.data.perturbed and self.data.protocol != "capitals":
             ratios = self.forget_ratios(model)
             metrics["truth_ratio_forget"] = forget_truth_ratio(ratios)
             if self.reference_ratios is not None:
                 metrics["forget_quality"] = forget_quality(ratios, self.reference_ratios)
-        recall = rouge_l_recall(self.answers(model, questions), [q.answer for q in self.forget])
-        metrics["rouge_l_forget"] = float(np.mean(recall))
+        retain = self.split.measured_retain
         metrics["probability_retain"] = float(np.mean(self.probability(model, [q.question for q in retain],
                                                                          [q.answer for q in retain])))
         return metrics
