@@ -129,7 +129,12 @@ def test_the_battery_adds_exactly_the_names_the_scenario_check_accepts(files):
     data = LanguageData.files(qa_files.forget.items, qa_files.retain.items, qa_files.retain.items[:6])
     options = RobustnessOptions(relearn_steps=[0, 2], forget_share=0.25, lr=1e-3)
     surface = language_surface(data, tokenizer, options, seed=0, max_new_tokens=8, reference=reference)
+    inner, calls = surface.measure.__self__, []
+    measured = inner.measured
+    inner.measured = lambda m: calls.append(1) or measured(m)
     flat, entry = attack(surface, "original", model, reference, options, seed=0, progress=False)
+    # steps 0 and 2 of two relearning sets, int8 and int4: the second curve's start is the model measured first
+    assert len(calls) == 5
     assert set(flat) == language_metric_names("files", True, True, options)
     probes = entry["attacks"]["probes"]
     assert set(probes["probes"]) == {"plain", "mc", "fewshot"}

@@ -36,6 +36,7 @@ for one, names no capital when asked in French, before any unlearning).
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -197,6 +198,7 @@ class LanguageSurface:
         self.forget = [data.forget[i] for i in split.measured]
         self.values = [data.values[i] for i in split.measured] if data.values is not None else None
         self.reference_ratios = reference_ratios
+        self._measured: dict[str, dict[str, float]] = {}
 
     # --- measure ---------------------------------------------------------------------------------------------------
     def probability(self, model: nn.Module, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
@@ -213,6 +215,14 @@ class LanguageSurface:
                             [list(q.perturbed) for q in items], self.batch_size)
 
     def measure(self, model: nn.Module) -> dict[str, float]:
+        """The metrics of `model`; weights measured before (the unattacked start of each relearning curve) are not
+        measured again: a CPU measurement of SmolLM2 takes most of a minute, a digest of its weights a second."""
+        digest = weights_digest(model)
+        if digest not in self._measured:
+            self._measured[digest] = self.measured(model)
+        return dict(self._measured[digest])
+
+    def measured(self, model: nn.Module) -> dict[str, float]:
         questions = [q.question for q in self.forget]
         metrics: dict[str, float] = {}
         if self.data.protocol == "capitals":
@@ -316,6 +326,15 @@ class LanguageSurface:
             true_probability.append(mine[0])
             start += len(options)
         return {"forget_accuracy": right / len(asked.options), "probability_forget": float(np.mean(true_probability))}
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer (names, dtypes, shapes, bytes): equal only for the same weights."""
+    digest = hashlib.sha256()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _named(answers: Sequence[str], values: Sequence[str] | None) -> float:
