@@ -178,7 +178,8 @@ def answer_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
 
 @dataclass
 class _Asked:
-    """One probe's prompts and what is scored: the gold text's probability, and the fact a greedy answer names."""
+    """One probe's prompts and what is scored: the fact a greedy answer names or, where it is not known, the gold
+    text's probability; multiple choice: the options."""
 
     about: str
     prompts: list[str]
@@ -283,7 +284,7 @@ class LanguageSurface:
         return probes
 
     def probes(self, model: nn.Module) -> dict[str, Any]:
-        """The `probes` attack: each probe's forget accuracy and gold-answer probability, and its flat metric."""
+        """The `probes` attack: each probe's forget accuracy (or gold-answer probability), and its flat metric."""
         if not hasattr(self, "_asked"):
             self._asked = self.asked()
         names = probe_names(self.data.protocol, self.data.perturbed)
@@ -291,11 +292,11 @@ class LanguageSurface:
         for name, asked in self._asked.items():
             if asked.options:
                 row = self.choose(model, asked)
+            elif asked.values is not None:  # the fact is known: greedy answers (probabilities would double the cost)
+                row = {"forget_accuracy": _named(self.answers(model, asked.prompts, asked.max_new_tokens),
+                                                 asked.values)}
             else:
                 row = {"probability_forget": float(np.mean(self.probability(model, asked.prompts, asked.answers)))}
-                if asked.values is not None:
-                    answers = self.answers(model, asked.prompts, asked.max_new_tokens)
-                    row = {"forget_accuracy": _named(answers, asked.values), **row}
             table[name] = {"about": asked.about, "questions": len(asked.prompts), **row}
             metric = names[name]
             flat[metric] = row["forget_accuracy" if metric.startswith("forget_accuracy") else "probability_forget"]
