@@ -78,6 +78,8 @@ def test_the_attacker_rows_are_never_measured_and_related_rows_leave_the_measure
     assert whole.held == whole.measured == list(range(10))
     with pytest.raises(SafeEditError, match="related set takes all"):
         attacker_split(LanguageData.files(forget, retain[:2], retain[:2]), 1.0, seed=0)
+    alone = attacker_split(LanguageData.files(forget, retain[:2], retain[:2]), 1.0, seed=0, related=False)
+    assert alone.related == [] and alone.measured_retain == retain[:2]
 
 
 def test_the_fact_of_a_generated_answer_is_where_the_wrong_answers_differ():

@@ -149,9 +149,9 @@ class AttackerSplit:
     measured_retain: list[QAItem]
 
 
-def attacker_split(data: LanguageData, share: float, seed: int) -> AttackerSplit:
+def attacker_split(data: LanguageData, share: float, seed: int, related: bool = True) -> AttackerSplit:
     """Seeded: `share` of the forget pairs (at least one) to the attacker, the rest measured (all, when the attacker
-    holds every pair); as many related retain pairs, first from those the metrics do not read."""
+    holds every pair); with `related`, as many related retain pairs, first from those the metrics do not read."""
     rng = np.random.default_rng(seed)
     count = len(data.forget)
     order = rng.permutation(count).tolist()
@@ -161,7 +161,7 @@ def attacker_split(data: LanguageData, share: float, seed: int) -> AttackerSplit
     outside = [i for i, q in enumerate(data.retain) if id(q) not in evaluated]
     inside = [i for i, q in enumerate(data.retain) if id(q) in evaluated]
     candidates = [*rng.permutation(outside).tolist(), *rng.permutation(inside).tolist()]
-    taken = set(candidates[:len(held)])
+    taken = set(candidates[:len(held) if related else 0])
     related = [data.retain[i] for i in sorted(taken)]
     measured_retain = [q for i, q in enumerate(data.retain) if id(q) in evaluated and i not in taken]
     if not measured_retain:
@@ -349,7 +349,7 @@ def language_surface(data: LanguageData, tokenizer: Any, options: RobustnessOpti
                      reference: nn.Module | None = None) -> AttackSurface:
     """The LLM attack surface; `reference` (the retrained or given reference model) gives `forget_quality` its
     truth ratios on the measured forget pairs."""
-    split = attacker_split(data, options.forget_share, seed)
+    split = attacker_split(data, options.forget_share, seed, options.related)
     surface = LanguageSurface(data, tokenizer, split, seed, max_new_tokens, batch_size, None)
     if reference is not None and data.perturbed and data.protocol != "capitals":
         with torch.no_grad():
@@ -366,9 +366,10 @@ def language_surface(data: LanguageData, tokenizer: Any, options: RobustnessOpti
     relearn = {
         "forget": RelearnSet(f"{len(held)} of the {len(data.forget)} forget question-answer pairs "
                              f"({options.forget_share:.0%})", len(held), batches(held, 0)),
-        "related": RelearnSet(f"{len(related)} {kinds[data.protocol]}, never forgotten", len(related),
-                              batches(related, 1)),
     }
+    if options.related:
+        relearn["related"] = RelearnSet(f"{len(related)} {kinds[data.protocol]}, never forgotten", len(related),
+                                        batches(related, 1))
     names = measured_metric_names(data.protocol, data.perturbed, surface.reference_ratios is not None)
     everything = "all of them (the attacker holds every one)" if split.measured == split.held else "the others"
     about = (f"{data.protocol}: the attacker holds {len(split.held)} of {len(data.forget)} forget pairs; "
