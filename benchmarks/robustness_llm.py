@@ -39,6 +39,7 @@ from safeedit.models.lm_training import FinetuneOptions
 from safeedit.robustness import RobustnessOptions, attack
 from safeedit.robustness.language import LanguageData, language_surface
 from safeedit.robustness.language_names import PROBES
+from safeedit.robustness.quantize import quantized_layers
 from safeedit.scenario import CapitalsSection
 from safeedit.unlearn.wagle import LMUnlearnOptions, lm_unlearn
 
@@ -47,7 +48,7 @@ FINETUNE = FinetuneOptions(lora_rank=0, epochs=5, lr=1e-4, batch_size=8)  # wagl
 METHODS = ("npo", "npo+wagle", "npo+random")
 LRS = {"authors": 3e-5, "capitals": 3e-6}
 PRIMARY = {"authors": "probability_forget", "capitals": "forget_accuracy"}
-UTILITY = {"authors": "probability_retain", "capitals": "retain_accuracy"}
+UTILITY = {"authors": "probability_retain", "capitals": "probability_retain"}
 
 
 class State:
@@ -78,6 +79,22 @@ def compact(entry: dict[str, Any]) -> dict[str, Any]:
     return {**entry, "quantization": quantization}
 
 
+@torch.no_grad()
+def edit_spread(original: torch.nn.Module, edited: torch.nn.Module) -> dict[str, float]:
+    """Where the edit lies: weights changed, and the share of its squared L2 norm in the layers int8/int4 round
+    (the rest, embeddings tied to the output head and norms, stays in full precision under weight-only schemes)."""
+    rounded = set(quantized_layers(edited))
+    before = dict(original.named_parameters())
+    changed, inside, total = 0, 0.0, 0.0
+    for name, after in edited.named_parameters():
+        delta = (after.detach().double() - before[name].detach().double())
+        changed += int(torch.count_nonzero(delta))
+        energy = float((delta ** 2).sum())
+        total += energy
+        inside += energy if name in rounded else 0.0
+    return {"changed": changed, "share_in_rounded_layers": inside / total if total else 0.0}
+
+
 def run(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -100,9 +117,11 @@ def run(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         model = model_of()
         unlearn_s = time.perf_counter() - start
+        spread = edit_spread(original, model) if model is not original and row != "retrain" else None
         flat, entry = attack(surface, row, model, original if model is not original else None, options, seed)
         state.add({"protocol": args.protocol, "split": split, "row": row, "seed": seed, "metrics": flat,
-                   "robustness": compact(entry), "unlearn_s": unlearn_s, "wall_s": time.perf_counter() - start})
+                   "robustness": compact(entry), "edit": spread, "unlearn_s": unlearn_s,
+                   "wall_s": time.perf_counter() - start})
 
     if args.protocol == "authors":
         data = fictitious_authors(20, 10, 2, 0.1, 3, 0, args.split)
@@ -164,11 +183,11 @@ def protocol_table(rows: list[dict], protocol: str, meta: dict) -> list[str]:
             by_row.setdefault(r["row"], []).append(r)
     order = [name for name in ("original", "retrain", *METHODS) if name in by_row]
     order += sorted(set(by_row) - set(order))
-    columns = [(f"{primary}@{k}", f"relearn_{primary}@{k}") for k in steps]
-    columns += [(f"related@{last}", f"relearn_related_{primary}@{last}"), ("int8", f"{primary}_int8"),
-                ("int4", f"{primary}_int4"), ("int4 below ½", "edit_below_half_step_int4"),
-                ("utility@0", f"relearn_{utility}@0"), (f"utility@{last}", f"relearn_{utility}@{last}"),
-                ("utility int4", f"{utility}_int4")]
+    columns = [("edited" if k == 0 else f"relearn {k}", f"relearn_{primary}@{k}") for k in steps]
+    columns += [(f"related {last}", f"relearn_related_{primary}@{last}"), ("int8", f"{primary}_int8"),
+                ("int4", f"{primary}_int4"), ("util", f"relearn_{utility}@0"),
+                (f"util r{last}", f"relearn_{utility}@{last}"), ("util int4", f"{utility}_int4")]
+    edits = [("<½ step", "share_below_half_step"), ("L2 rounded", "share_in_rounded_layers")]
     probes = [(probe, next((m for m in (f"forget_accuracy_{probe}", f"probability_forget_{probe}")
                             if any(m in r["metrics"] for r in rows)), f"forget_accuracy_{probe}"))
               for probe in PROBES]
@@ -177,36 +196,51 @@ def protocol_table(rows: list[dict], protocol: str, meta: dict) -> list[str]:
              f"seeds {seeds}; attack: {options.get('forget_share', 0):.0%} of the forget pairs, AdamW lr "
              f"{options.get('lr')}, batch {options.get('batch_size')}; unlearning lr {meta.get('lr')}, "
              f"{meta.get('epochs')} epochs",
-             f"{'row':12s}" + "".join(f"{label:>18s}" for label, _ in columns)]
+             f"util = {utility}; <½ step: share of the edited weights of the int4 layers that moved less than half "
+             "a step of their group; L2 rounded: share of the edit's squared norm in the layers int8/int4 round "
+             "(embeddings, tied to the output head, and norms stay in full precision)",
+             f"{'row':12s}" + "".join(f"{label:>13s}" for label, _ in columns + edits)]
     for name in order:
         entries = by_row[name]
-        lines.append(f"{name:12s}" + "".join(
-            f"{_mean([r['metrics'][key] for r in entries if key in r['metrics']]):>18s}" for _, key in columns))
+        cells = [_mean([r["metrics"][key] for r in entries if key in r["metrics"]]) for _, key in columns]
+        cells += [_mean([edit_figure(r, key) for r in entries if edit_figure(r, key) is not None]) for _, key in edits]
+        lines.append(f"{name:12s}" + "".join(f"{cell:>13s}" for cell in cells))
     lines += ["", "probes (forget accuracy: share of greedy answers naming the fact; mc: true option most likely):",
-              f"{'row':12s}" + "".join(f"{label:>16s}" for label, _ in probes)]
+              f"{'row':12s}" + "".join(f"{label:>13s}" for label, _ in probes)]
     for name in order:
         entries = by_row[name]
         lines.append(f"{name:12s}" + "".join(
-            f"{_mean([r['metrics'][key] for r in entries if key in r['metrics']]):>16s}" for _, key in probes))
+            f"{_mean([r['metrics'][key] for r in entries if key in r['metrics']]):>13s}" for _, key in probes))
     lines += ["", *ranking(by_row, primary, last)]
     return lines
 
 
+def edit_figure(row: dict, key: str) -> float | None:
+    """An edit-location figure of a row: int4 revival shares (battery entry) or the L2 share (`edit_spread`)."""
+    if key == "share_in_rounded_layers":
+        return (row.get("edit") or {}).get(key)
+    return row["robustness"]["quantization"].get("int4", {}).get("revival", {}).get(key)
+
+
 def ranking(by_row: dict[str, list[dict]], primary: str, last: int) -> list[str]:
-    """Methods ranked by how much forgotten knowledge each attack brings back (rise of the primary metric over the
-    edited model's own value; lower holds better), and the reference's rise as the honest baseline."""
-    def rise(entries: list[dict], key: str) -> float | None:
-        values = [r["metrics"][key] - r["metrics"][f"relearn_{primary}@0"] for r in entries if key in r["metrics"]]
-        return statistics.mean(values) if values else None
+    """Rows ranked by the primary metric after each attack (low = still forgotten: holds better; a row that forgot
+    less to begin with does not win by rising less), with its rise over the edited model's own value; the original
+    and the reference rows are the baselines."""
+    def after(entries: list[dict], key: str) -> tuple[float, float] | None:
+        rows = [r["metrics"] for r in entries if key in r["metrics"]]
+        if not rows:
+            return None
+        return (statistics.mean(m[key] for m in rows),
+                statistics.mean(m[key] - m[f"relearn_{primary}@0"] for m in rows))
 
     lines = []
-    for label, key in ((f"relearning {last} steps on forget pairs", f"relearn_{primary}@{last}"),
-                       (f"relearning {last} steps on retain pairs", f"relearn_related_{primary}@{last}"),
+    for label, key in ((f"{last} relearning steps on forget pairs", f"relearn_{primary}@{last}"),
+                       (f"{last} relearning steps on retain pairs", f"relearn_related_{primary}@{last}"),
                        ("int4 rounding", f"{primary}_int4")):
-        rises = {name: rise(entries, key) for name, entries in by_row.items() if name != "original"}
-        ranked = sorted((value, name) for name, value in rises.items() if value is not None)
-        lines.append(f"rise of {primary} after {label} (lower holds better): "
-                     + ", ".join(f"{name} {value:+.3f}" for value, name in ranked))
+        found = {name: after(entries, key) for name, entries in by_row.items()}
+        ranked = sorted((value, name) for name, value in found.items() if value is not None)
+        lines.append(f"{primary} after {label} (lower holds better; rise over the edit): "
+                     + ", ".join(f"{name} {level:.3f} ({rise:+.3f})" for (level, rise), name in ranked))
     return lines
 
 
