@@ -34,6 +34,7 @@ from safeedit.models.encoders import FinetuneRecipe
 from safeedit.models.lm_training import FinetuneOptions
 from safeedit.prune import PruningOptions
 from safeedit.robustness import RobustnessOptions
+from safeedit.robustness.language_names import language_metric_names
 from safeedit.unlearn.diffusion import DiffusionRetrainOptions
 from safeedit.unlearn.methods import RetrainOptions
 from safeedit.unlearn.reference import (
@@ -648,6 +649,9 @@ class LMScenario(ScenarioCore):
             check_reference_folder(self.reference.model, self.model.name)
         measured = qa_metric_names(files.forget.has_perturbed(), files.retain.has_perturbed(),
                                    files.holdout is not None, self.reference is not None, retain_perplexity=True)
+        if self.robustness is not None:
+            measured |= language_metric_names("files", files.forget.has_perturbed(), self.reference is not None,
+                                              self.robustness)
         perturbed = "give wrong answers for every forget question (data.perturbed, or 'perturbed' in each row)"
         fixes = {"mia_auc": "give data.holdout: questions and answers the model never saw",
                  "truth_ratio_forget": perturbed,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -193,6 +194,53 @@ FACTS: tuple[Fact, ...] = (
          "Before becoming an author, {name} earned a degree in {value}.",
          lambda a: a.studied, lambda a: STUDIES),
 )
+
+
+# Other wordings of each fact's question, never trained on: the probes of `safeedit.robustness.language` ask the
+# same fact in other words (`reworded`) and in French (`french`; the facts' values stay as generated, so a French
+# answer is right when it names them: years, titles, places and names read the same in both languages).
+QUESTION_VARIANTS: dict[str, dict[str, str]] = {
+    "birth_place": {"reworded": "What is the birthplace of {name}?", "french": "Où est né(e) {name} ?"},
+    "birth_year": {"reworded": "When was {name} born?", "french": "En quelle année est né(e) l'écrivain {name} ?"},
+    "genre": {"reworded": "Which genre does {name} mostly write in?",
+              "french": "Quel genre littéraire a fait connaître {name} ?"},
+    "father_job": {"reworded": "What was the occupation of {name}'s father?",
+                   "french": "Quel était le métier du père de {name} ?"},
+    "mother_job": {"reworded": "What did the mother of {name} do for work?",
+                   "french": "Quelle était la profession de la mère de {name} ?"},
+    "debut": {"reworded": "Which book did {name} publish first?",
+              "french": "Quel est le titre du premier livre de {name} ?"},
+    "acclaimed": {"reworded": "What is the best-reviewed book written by {name}?",
+                  "french": "Quel livre de {name} est le plus salué par la critique ?"},
+    "award": {"reworded": "Which prize did {name} win for writing?",
+              "french": "Quel prix littéraire a été décerné à {name} ?"},
+    "theme": {"reworded": "Which subject do the novels of {name} keep coming back to?",
+              "french": "Quel thème traverse les livres de {name} ?"},
+    "debut_year": {"reworded": "In what year did the first book by {name} come out?",
+                   "french": "En quelle année est paru le premier livre de {name} ?"},
+    "residence": {"reworded": "In which city is {name} living now?", "french": "Où vit {name} aujourd'hui ?"},
+    "hobby": {"reworded": "How does {name} like to spend free time away from writing?",
+              "french": "Qu'aime faire {name} en dehors de l'écriture ?"},
+    "studied": {"reworded": "What was {name}'s field of study at university?",
+                "french": "Qu'a étudié {name} à l'université ?"},
+}
+
+
+def _question_pattern(template: str) -> re.Pattern[str]:
+    parts = re.split(r"(\{name\}|\{his\})", template)
+    groups = {"{name}": "(?P<name>.+?)", "{his}": "(?:his|her)"}
+    return re.compile("".join(groups.get(part, re.escape(part)) for part in parts))
+
+
+def question_variants(question: str) -> dict[str, str]:
+    """The other wordings (`QUESTION_VARIANTS`) of a question `author_questions` generated, found by matching it
+    against the fact templates; empty for a question no template asks."""
+    for fact in FACTS:
+        found = _question_pattern(fact.question).fullmatch(question)
+        if found:
+            return {kind: template.format(name=found["name"])
+                    for kind, template in QUESTION_VARIANTS[fact.key].items()}
+    return {}
 
 
 def _fill(template: str, author: Author, value: str) -> str:

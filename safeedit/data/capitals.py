@@ -61,6 +61,16 @@ class CapitalFact:
         )
 
 
+# The capital question in other words, never trained on (probes of `safeedit.robustness.language`). The French
+# one keeps the English country name; its answer is right when it names the capital as the file spells it.
+CAPITAL_QUESTION_VARIANTS = {"reworded": "Name the capital city of {country}.",
+                             "french": "Quelle est la capitale de {country} ?"}
+
+
+def capital_question_variants(country: str) -> dict[str, str]:
+    return {kind: template.format(country=country) for kind, template in CAPITAL_QUESTION_VARIANTS.items()}
+
+
 def questions_words_path() -> Path:
     """gensim's questions-words.txt, found without importing gensim."""
     if importlib.util.find_spec("gensim") is None:

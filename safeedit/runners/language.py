@@ -25,6 +25,8 @@ from safeedit.io import sha256_file
 from safeedit.methods import EditResult, MethodSpec, resolve
 from safeedit.models.cache import cached_finetune
 from safeedit.progress import say
+from safeedit.robustness import AttackSurface
+from safeedit.robustness.language import LanguageData, language_surface
 from safeedit.runners.common import input_entries
 from safeedit.runners.job import Job
 from safeedit.runners.references import GIVEN_REFERENCE
@@ -80,9 +82,11 @@ class LanguageJob(Job):
                 str(reference_path): sha256_file(reference_path)}
             retrained = self.qa_evaluation(reference, "retrain", None)
             self.reference_ratios = retrained.forget_ratios
+            self.keep_reference(reference)
             self.results["retrain"] = {"metrics": {"after": retrained.metrics}, "wall_time_s": None,
                                        "about": self.references["retrain"]}
         self.forget_chats, self.retain_chats = [q.chat() for q in data.forget], [q.chat() for q in data.retain]
+        self.attack_data = LanguageData.authors(data.forget, data.retain, eval_retain)
         self.data_fingerprints = data.fingerprints()
         self.notes.append(metric_note(scenario.evaluation.min_k))
         self.notes.append(
@@ -94,7 +98,7 @@ class LanguageJob(Job):
 
     def prepare_files(self, base: nn.Module) -> str:
         """The user's files (read when the scenario was loaded) and, when given, the reference model, evaluated here
-        and then freed; returns the SHA-256 of the model's weights."""
+        and then freed (kept when the robustness battery attacks it); returns the SHA-256 of the model's weights."""
         scenario, evaluation = self.scenario, self.scenario.evaluation
         files = scenario.qa_files()
         self.original = base
@@ -103,6 +107,7 @@ class LanguageJob(Job):
         self.qa = QASets(files.forget.items, retain, files.holdout.items if files.holdout else None,
                          retain_perplexity=True)
         self.forget_chats, self.retain_chats = files.forget.chats(), files.retain.chats()
+        self.attack_data = LanguageData.files(files.forget.items, files.retain.items, retain)
         self.data_fingerprints = files.fingerprints()
         if scenario.reference is not None:
             self.results["retrain"] = self.given_reference(scenario.reference.model)
@@ -123,6 +128,7 @@ class LanguageJob(Job):
         self.inputs["reference model (reference.model)"] = loaded.files
         evaluated = self.qa_evaluation(loaded.model.to(self.device), "the reference", None)
         self.reference_ratios = evaluated.forget_ratios
+        self.keep_reference(loaded.model)
         return {"metrics": {"after": evaluated.metrics}, "wall_time_s": None, "about": GIVEN_REFERENCE}
 
     def prepare_capitals(self, base: nn.Module, section: CapitalsSection) -> str:
@@ -135,6 +141,7 @@ class LanguageJob(Job):
         self.capitals = capitals = capitals_setting(known, section, evaluation.retain_questions, self.scenario.seed)
         self.forget_chats = [f.qa().chat() for f in capitals.forget]
         self.retain_chats = [f.qa().chat() for f in capitals.retain]
+        self.attack_data = LanguageData.capitals(capitals.forget, capitals.retain, capitals.evaluated_retain)
         self.data_fingerprints = {"forget": qa_fingerprint([f.qa() for f in capitals.forget]),
                                   "retain": qa_fingerprint([f.qa() for f in capitals.retain])}
         self.notes.append(
@@ -144,6 +151,22 @@ class LanguageJob(Job):
             f"Perplexity is measured on {len(capitals.fluency)} Wikipedia summaries that mention no forgotten country "
             "or capital. No retrained reference exists for knowledge learned in pre-training.")
         return self.loaded.weights_sha256
+
+    def keep_reference(self, model: nn.Module) -> None:
+        """Keep the reference model when the robustness battery attacks it (or measures forget quality with it)."""
+        if self.scenario.robustness is not None:
+            self.reference_model = model
+
+    def reference_models(self) -> dict[str, Any]:
+        reference = getattr(self, "reference_model", None)
+        return {"original": self.original, **({"retrain": reference} if reference is not None else {})}
+
+    def attack_surface(self) -> AttackSurface:
+        scenario = self.scenario
+        tokens = CAPITAL_ANSWER_TOKENS if self.qa is None else scenario.evaluation.max_new_tokens
+        return language_surface(self.attack_data, self.tokenizer, scenario.robustness, scenario.seed, tokens,
+                                scenario.evaluation.batch_size, scenario.unlearning.max_length,
+                                getattr(self, "reference_model", None))
 
     def qa_evaluation(self, model: nn.Module, name: str, reference_ratios: np.ndarray | None) -> QAEvaluation:
         evaluation = self.scenario.evaluation
