@@ -162,13 +162,12 @@ def attacker_split(data: LanguageData, share: float, seed: int, related: bool = 
     inside = [i for i, q in enumerate(data.retain) if id(q) in evaluated]
     candidates = [*rng.permutation(outside).tolist(), *rng.permutation(inside).tolist()]
     taken = set(candidates[:len(held) if related else 0])
-    related = [data.retain[i] for i in sorted(taken)]
     measured_retain = [q for i, q in enumerate(data.retain) if id(q) in evaluated and i not in taken]
     if not measured_retain:
         raise SafeEditError(f"the related set takes all {len(data.evaluated_retain)} evaluated retain questions; "
                             "give more retain questions, lower robustness.forget_share, or set robustness.related: "
                             "false")
-    return AttackerSplit(held, measured, related, measured_retain)
+    return AttackerSplit(held, measured, [data.retain[i] for i in sorted(taken)], measured_retain)
 
 
 def answer_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
