@@ -8,7 +8,7 @@ on the same initial noise, so two results differ only by their weights.
 
 The attacker fine-tunes with the DDPM training loss (`safeedit.models.diffusion.diffusion_loss`, labels kept:
 the attacker wants the class back when asked for it) on `forget`: a seeded share of the forgotten class's training
-images, or `related`: as many test images of the class, which no model was trained on. Timesteps and noise come
+images, or `related`: as many test images of the class, held out from training. Timesteps and noise come
 from a generator seeded per curve, so every result is attacked with the same draws.
 """
 
@@ -81,7 +81,7 @@ def generation_surface(forget: tuple[torch.Tensor, torch.Tensor], test: Dataset,
     relearn = {
         "forget": _relearn_set(f"{held} of the {len(forget[0])} training images of class {forget_class} "
                                f"({options.forget_share:.0%})", forget[0][attacker], forget[1][attacker], batch, seed),
-        "related": _relearn_set(f"{len(related)} test images of class {forget_class}, never trained on",
+        "related": _relearn_set(f"{len(related)} test images of class {forget_class} (held out from training)",
                                 test_images[related], test_labels[related], batch, seed + 2),
     }
     steps = min(sampling_steps, MAX_SAMPLING_STEPS)
