@@ -31,6 +31,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -73,52 +74,49 @@ def run_benchmark_scenario(scenario: dict, progress: bool) -> dict:
     return json.loads(run_scenario(path, folder, progress=progress, overwrite=True).read_text())
 
 
+def pending(args: argparse.Namespace, results: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """The grid's (setting, backdoored count, seed) not yet in `results` (a resumed run skips those measured)."""
+    done = {(r["setting"], r["backdoored"], r["seed"]) for r in results["runs"]}
+    return [(setting, backdoored, seed) for setting in args.settings for backdoored in args.backdoored
+            for seed in args.seeds if (setting, backdoored, seed) not in done]
+
+
 def run(args: argparse.Namespace) -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() and args.resume else {"runs": []}
-    done = {(r["setting"], r["backdoored"], r["seed"]) for r in results["runs"]}
-    for setting in args.settings:
-        for backdoored in args.backdoored:
-            for seed in args.seeds:
-                if (setting, backdoored, seed) in done:
-                    continue
-                scenario = scenario_for(setting, backdoored, seed)
-                start = time.perf_counter()
-                print(f"[dam benchmark] {scenario['name']}", flush=True)
-                record = run_benchmark_scenario(scenario, args.progress)
-                results["runs"].append({
-                    "setting": setting, "backdoored": backdoored, "seed": seed,
-                    "attacked": sorted(scenario["attacks"]), "wall_s": time.perf_counter() - start,
-                    "results": {name: {"metrics": entry["metrics"]["after"], "wall_time_s": entry["wall_time_s"]}
-                                for name, entry in record["results"].items()}})
-                RESULTS.parent.mkdir(parents=True, exist_ok=True)
-                RESULTS.write_text(json.dumps(results, indent=1))
-                print(summary(results), flush=True)
+    for setting, backdoored, seed in pending(args, results):
+        scenario = scenario_for(setting, backdoored, seed)
+        start = time.perf_counter()
+        print(f"[dam benchmark] {scenario['name']}", flush=True)
+        record = run_benchmark_scenario(scenario, args.progress)
+        results["runs"].append({
+            "setting": setting, "backdoored": backdoored, "seed": seed,
+            "attacked": sorted(scenario["attacks"]), "wall_s": time.perf_counter() - start,
+            "results": {name: {"metrics": entry["metrics"]["after"], "wall_time_s": entry["wall_time_s"]}
+                        for name, entry in record["results"].items()}})
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=1))
+        print(summary(results), flush=True)
 
 
 def run_robustness(args: argparse.Namespace) -> None:
     """Every merge of the grid attacked by the battery: `ROBUST_RESULTS`, one entry per setting, count and seed."""
     results = json.loads(ROBUST_RESULTS.read_text()) if ROBUST_RESULTS.exists() and args.resume else {"runs": []}
-    done = {(r["setting"], r["backdoored"], r["seed"]) for r in results["runs"]}
-    for setting in args.settings:
-        for backdoored in args.backdoored:
-            for seed in args.seeds:
-                if (setting, backdoored, seed) in done:
-                    continue
-                scenario = scenario_for(setting, backdoored, seed, robustness=True)
-                start = time.perf_counter()
-                print(f"[dam robustness] {scenario['name']}", flush=True)
-                record = run_benchmark_scenario(scenario, args.progress)
-                attacked = {name: entry for name, entry in record["results"].items() if entry.get("robustness")}
-                budget = next(iter(attacked.values()))["robustness"]["budget"]
-                results["runs"].append({
-                    "setting": setting, "backdoored": backdoored, "seed": seed, "attacked": sorted(scenario["attacks"]),
-                    "wall_s": time.perf_counter() - start, "budget": budget,
-                    "results": {name: {"metrics": entry["metrics"]["after"],
-                                       "robustness_s": entry["robustness"]["wall_time_s"]}
-                                for name, entry in attacked.items()}})
-                ROBUST_RESULTS.parent.mkdir(parents=True, exist_ok=True)
-                ROBUST_RESULTS.write_text(json.dumps(results, indent=1))
-                print(robustness_summary(results), flush=True)
+    for setting, backdoored, seed in pending(args, results):
+        scenario = scenario_for(setting, backdoored, seed, robustness=True)
+        start = time.perf_counter()
+        print(f"[dam robustness] {scenario['name']}", flush=True)
+        record = run_benchmark_scenario(scenario, args.progress)
+        attacked = {name: entry for name, entry in record["results"].items() if entry.get("robustness")}
+        budget = next(iter(attacked.values()))["robustness"]["budget"]
+        results["runs"].append({
+            "setting": setting, "backdoored": backdoored, "seed": seed, "attacked": sorted(scenario["attacks"]),
+            "wall_s": time.perf_counter() - start, "budget": budget,
+            "results": {name: {"metrics": entry["metrics"]["after"],
+                               "robustness_s": entry["robustness"]["wall_time_s"]}
+                        for name, entry in attacked.items()}})
+        ROBUST_RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        ROBUST_RESULTS.write_text(json.dumps(results, indent=1))
+        print(robustness_summary(results), flush=True)
 
 
 ROBUST_COLUMNS = {"backdoor_asr": "ASR", "relearn_backdoor_asr@10": "relearn@10", "relearn_backdoor_asr@50":
