@@ -50,7 +50,7 @@ from safeedit.protocol import Candidate, Protocol, tune_then_report
 from safeedit.prune import PruneSetting, PruningOptions
 from safeedit.prune.calibration import calibration_batches
 from safeedit.robustness import RobustnessOptions, attack
-from safeedit.robustness.safety import DEFAULT_LR, SafetyMeasure, demonstration_data, safety_surface
+from safeedit.robustness.safety import SafetyMeasure, demonstration_data, safety_surface
 
 RESULTS = Path(__file__).parent / "results" / "antidote.json"
 ROBUSTNESS = RESULTS.parent / "antidote-robustness.json"
@@ -271,6 +271,8 @@ def robustness(args: argparse.Namespace) -> dict:
                 save()
             return tuned_trials[(lr, seed)]
         result["chosen_lr"] = lr
+        if args.tune_only:
+            return []
         options = battery_options(args, lr)
         tuned, surface = surface_at(seed, options)
         done = {row["method"] for row in rows if row["seed"] == seed and row["lr"] == lr}
@@ -379,8 +381,9 @@ def main() -> None:
     robust.add_argument("--robust-methods", nargs="+", default=["original", "no_defense", *METHODS],
                         help="rows attacked: original, no_defense and any of " + ", ".join(METHODS))
     robust.add_argument("--tune-seeds", type=int, nargs="+", default=[0], help="seeds the attacker's lr is chosen on")
-    robust.add_argument("--attack-lrs", type=float, nargs="+", default=[1e-5, DEFAULT_LR, 1e-4],
+    robust.add_argument("--attack-lrs", type=float, nargs="+", default=[1e-5, 2e-5, 1e-4],
                         help="the attacker's learning-rate grid")
+    robust.add_argument("--tune-only", action="store_true", help="choose the attacker's lr and stop")
     robust.add_argument("--relearn-steps", type=int, nargs="+", default=[0, 10, 50])
     robust.add_argument("--attack-batch", type=int, default=8)
     robust.add_argument("--forget-share", type=float, default=0.5, help="share of the poisoned examples held")

@@ -34,7 +34,7 @@ from safeedit.models.encoders import FinetuneRecipe
 from safeedit.models.lm_training import FinetuneOptions
 from safeedit.prune import PruningOptions
 from safeedit.robustness import RobustnessOptions
-from safeedit.robustness.language_names import language_metric_names
+from safeedit.robustness.language_names import language_metric_names, probe_names
 from safeedit.unlearn.diffusion import DiffusionRetrainOptions
 from safeedit.unlearn.methods import RetrainOptions
 from safeedit.unlearn.reference import (
@@ -699,6 +699,18 @@ KINDS: dict[str, type[BaseModel]] = {"classification": Scenario, "generation": G
                                      "llm-unlearning": LMScenario, "merge": ModelMergeScenario}
 
 
+# The kinds' own attacks (safety repair, LLM prompt probes; merges' remerge_* below): only the battery measures them.
+_ATTACK_METRICS = {"steps_to_harmful"} | {name for protocol in ("fictitious-authors", "capitals", "files")
+                                         for perturbed in (False, True)
+                                         for name in probe_names(protocol, perturbed).values() if name}
+
+
+def _battery_only(metric: str) -> bool:
+    """Whether only the robustness battery measures `metric`."""
+    return ("@" in metric or metric.endswith(("_int8", "_int4")) or metric.startswith("remerge_")
+            or metric in _ATTACK_METRICS)
+
+
 def check_attacked(scenario: ScenarioCore) -> None:
     """`robustness.results` names results the scenario produces; a criterion on a robustness metric needs the
     section."""
@@ -708,7 +720,7 @@ def check_attacked(scenario: ScenarioCore) -> None:
         raise SafeEditError(f"robustness.results names {unknown[0]!r}, which this scenario does not produce; choose "
                             f"from {', '.join(sorted(names))}")
     for criterion in scenario.criteria:
-        robust = [m for m in criterion.metrics_named() if "@" in m or m.endswith(("_int8", "_int4"))]
+        robust = [m for m in criterion.metrics_named() if _battery_only(m)]
         if robust and options is None:
             raise SafeEditError(f"criterion {criterion.check!r} needs {robust[0]}, which only the robustness battery "
                                 "measures; add a robustness: section (robustness: {} for the defaults)")

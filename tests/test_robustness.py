@@ -166,6 +166,11 @@ def test_a_scenario_without_robustness_cannot_check_its_figures(tmp_path):
     path.write_text(text + '  - check: "salun.relearn_ua@10 >= 50%"\n')
     with pytest.raises(SafeEditError, match="add a robustness: section"):
         load_scenario(path)
+    plain = text[:text.index("criteria:")] + "criteria:\n"  # no robustness criterion of its own
+    for figure in ("remerge_backdoor_asr", "steps_to_harmful", "forget_accuracy_mc"):  # the kinds' own attacks
+        path.write_text(plain + f'  - check: "salun.{figure} >= 50%"\n')
+        with pytest.raises(SafeEditError, match=f"needs {figure}, which only the robustness battery"):
+            load_scenario(path)
     path.write_text(text + "robustness: {results: [salun, nobody]}\n")
     with pytest.raises(SafeEditError, match=r"robustness\.results names 'nobody'"):
         load_scenario(path)
