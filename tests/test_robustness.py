@@ -133,6 +133,16 @@ def test_attack_names_every_figure_the_way_criteria_name_them():
     assert not any("related" in k for k in skipped) and "edit_below_half_step_int8" not in skipped
 
 
+def test_attack_measures_the_edited_model_once_for_every_relearning_set():
+    surface, measured = _surface([]), []
+    measure = surface.measure
+    surface.measure = lambda model: measured.append(1) or measure(model)
+    flat, _ = attack(surface, "m", nn.Linear(1, 1), None, RobustnessOptions(relearn_steps=[0, 2], quantize=[]), 0,
+                     False)
+    assert len(measured) == 3  # step 0 once, step 2 on each of the two sets
+    assert flat["relearn_error@0"] == flat["relearn_related_error@0"]
+
+
 def test_options_refuse_bad_budgets():
     with pytest.raises(ValueError, match="relearn_steps"):
         RobustnessOptions(relearn_steps=[-1])

@@ -176,6 +176,7 @@ def test_a_generation_scenario_attacks_every_result(tmp_path, model):
         assert "samples asked for class 3" in result["robustness"]["budget"]["about"]
     assert "edit_below_half_step_int4" in record["results"]["salun"]["metrics"]["after"]
     assert "edit_below_half_step_int4" not in record["results"]["original"]["metrics"]["after"]
+    assert "edit_below_half_step_int4" not in record["results"]["retrain"]["metrics"]["after"]  # a reference
     assert record["timings"]["robustness_s"] > 0
     assert record["verdict"]["criteria"][0]["passed"] is True
     assert verify_run(record_path.parent).ok

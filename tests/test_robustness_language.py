@@ -214,7 +214,7 @@ def test_a_scenario_attacks_every_result_and_judges_robustness_criteria(built, t
 def test_probe_criteria_need_the_section_and_a_probe_the_protocol_has(built, tmp_path):
     without = scenario(built, tmp_path, robustness=None,
                        criteria=[{"check": "graddiff.forget_accuracy_mc <= 100%"}])
-    with pytest.raises(SafeEditError, match="needs forget_accuracy_mc, which this scenario does not measure"):
+    with pytest.raises(SafeEditError, match="needs forget_accuracy_mc, which only the robustness battery measures"):
         load_scenario(without)
     fill_in = scenario(built, tmp_path, criteria=[{"check": "graddiff.forget_accuracy_fill_in <= 100%"}])
     with pytest.raises(SafeEditError, match="needs forget_accuracy_fill_in"):

@@ -179,6 +179,7 @@ def test_merge_backdoor_scenario_attacks_every_merge_and_the_frozen_encoder(tmp_
     # the quantization diagnostic compares each merge with the run's task arithmetic (not with itself)
     assert "edit_below_half_step_int8" in results["dam"]["metrics"]["after"]
     assert "edit_below_half_step_int8" not in results["task_arithmetic"]["metrics"]["after"]
+    assert "edit_below_half_step_int8" not in results["frozen_encoder"]["metrics"]["after"]  # a reference
     assert record["verdict"]["passed"] is True and record["timings"]["robustness_s"] > 0
 
 

@@ -177,7 +177,8 @@ def test_every_result_is_attacked_with_the_harmful_re_fine_tune_quantization_and
 def test_the_quantization_diagnostic_compares_each_edit_with_the_fine_tuned_model(record):
     results = record["results"]
     assert "edit_below_half_step_int8" not in results["original"]["metrics"]["after"]  # the fine-tune itself
-    for name in ("antidote", "random_prune", "magnitude_prune", "base"):
+    assert "edit_below_half_step_int8" not in results["base"]["metrics"]["after"]  # a reference, no edit of it
+    for name in ("antidote", "random_prune", "magnitude_prune"):
         after = results[name]["metrics"]["after"]
         assert 0 <= after["edit_below_half_step_int8"] <= after["edit_below_half_step_int4"] <= 1
     revival = results["antidote"]["robustness"]["quantization"]["int8"]["revival"]
@@ -221,7 +222,8 @@ def test_the_demonstration_attacks_with_its_poisoned_examples_and_unused_attack_
         assert "no fine-tune used" in relearning["related"]["about"]
         assert {"relearn_related_harmful_score@2", "harmful_score_int8", "steps_to_harmful"} <= set(
             result["metrics"]["after"])
-    # the aligned model is compared with the fine-tune it became (its whole update), the fine-tune with nothing
-    assert results["original"]["robustness"]["quantization"]["int8"]["revival"]["edited"] > 0
-    assert "revival" not in results["no_defense"]["robustness"]["quantization"]["int8"]
+    # the diagnostic is for edits of the fine-tune: Antidote's; the references (aligned model, fine-tune) are none
+    assert results["antidote"]["robustness"]["quantization"]["int8"]["revival"]["edited"] > 0
+    for reference in ("original", "no_defense"):
+        assert "revival" not in results[reference]["robustness"]["quantization"]["int8"]
     assert record["timings"]["robustness_s"] > 0

@@ -95,12 +95,15 @@ def attack(surface: AttackSurface, name: str, model: Any, original: Any | None, 
     flat: dict[str, float] = {}
     entry: dict[str, Any] = {"relearning": {}, "quantization": {}, "attacks": {}}
     lr = options.lr or surface.lr
+    at_start: dict[str, float] | None = None  # step 0 is the model as edited: measured once for every set
     for set_name, data in surface.relearn.items():
         if set_name != "forget" and not options.related:
             continue
         say(f"robustness: {name}: relearning on {data.about} ({max(options.relearn_steps)} steps)", progress)
         curve = relearn_curve(model, data, surface.loss, surface.measure, options.relearn_steps, lr, seed,
-                              surface.network)
+                              surface.network, at_start)
+        if 0 in curve["steps"]:
+            at_start = {metric: values[0] for metric, values in curve["metrics"].items()}
         entry["relearning"][set_name] = {"about": data.about, "examples": data.examples, **curve}
         for metric, values in curve["metrics"].items():
             flat.update({relearn_metric(set_name, metric, k): v for k, v in zip(curve["steps"], values, strict=True)})

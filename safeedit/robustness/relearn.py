@@ -35,9 +35,11 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
 
 def relearn_curve(model: Any, data: RelearnSet, loss: Callable[[Any, Any], torch.Tensor],
                   measure: Callable[[Any], dict[str, float]], steps: Sequence[int], lr: float, seed: int,
-                  network: Callable[[Any], nn.Module] = lambda m: m) -> dict[str, Any]:
+                  network: Callable[[Any], nn.Module] = lambda m: m,
+                  at_start: dict[str, float] | None = None) -> dict[str, Any]:
     """AdamW (weight decay 0) on `data` for max(`steps`) steps of a copy of `model`; `measure` at each step count
-    of `steps` (0: the model as edited). Returns the step counts and each metric's values along them."""
+    of `steps` (0: the model as edited, or `at_start` where the caller measured it already). Returns the step
+    counts and each metric's values along them."""
     attacked = copy.deepcopy(model)
     module = network(attacked)
     optimizer = torch.optim.AdamW(trainable(module), lr=lr, weight_decay=0.0)
@@ -53,7 +55,8 @@ def relearn_curve(model: Any, data: RelearnSet, loss: Callable[[Any, Any], torch
             done += 1
         module.eval()
         with torch.no_grad():
-            for metric, value in measure(attacked).items():
+            measured = at_start if target == 0 and at_start is not None else measure(attacked)
+            for metric, value in measured.items():
                 values.setdefault(metric, []).append(value)
     del attacked, optimizer
     return {"steps": grid, "metrics": values}

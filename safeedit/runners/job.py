@@ -192,9 +192,11 @@ def run_methods(job: Job, options: dict[str, BaseModel]) -> None:
         del result  # an edited copy is freed before the next method makes its own (LLMs: ~0.5 GB each)
 
 
-def attack_result(job: Job, name: str, model: Any) -> None:
+def attack_result(job: Job, name: str, model: Any, edit: bool = True) -> None:
     """Run the scenario's robustness battery on result `name` (when it asks for one and the kind has a surface):
-    its flat metrics join the result's `after` metrics, the curves and tables its `robustness` entry."""
+    its flat metrics join the result's `after` metrics, the curves and tables its `robustness` entry. The
+    quantization diagnostic (edited weights below half a step) is for edits of `job.unedited` only (`edit`): a
+    reference (a retrained model, the aligned model, the frozen encoder) is no edit of it."""
     options = getattr(job.scenario, "robustness", None)
     if options is None or model is None or not options.attacks(name):
         return
@@ -203,7 +205,8 @@ def attack_result(job: Job, name: str, model: Any) -> None:
     if job.surface is None:
         return
     started = time.perf_counter()
-    flat, entry = attack(job.surface, name, model, job.unedited, options, job.scenario.seed, job.progress)
+    flat, entry = attack(job.surface, name, model, job.unedited if edit else None, options, job.scenario.seed,
+                         job.progress)
     job.robustness_s += time.perf_counter() - started
     result = job.results[name]
     result["metrics"]["after"].update(flat)
@@ -240,7 +243,7 @@ def run_job(job: Job) -> Path:
     options = job.scenario.method_options()
     job.prepare()
     for name, model in job.reference_models().items():
-        attack_result(job, name, model)
+        attack_result(job, name, model, edit=False)
     run_methods(job, options)
     job.after_methods()
     record_path = job.out / "record.json"
