@@ -119,7 +119,8 @@ def quantize_model(model: Any, scheme: Scheme, network: Callable[[Any], nn.Modul
 def revival(original: nn.Module, edited: nn.Module, scheme: Scheme) -> dict[str, Any]:
     """How much of the edit a scheme can round away, per layer: of the weights the edit changed, how many changed
     by less than half a quantization step of their group (`below_half_step`: the mechanism), and how many
-    quantize to exactly the original's value (`reverted`: the edit gone after quantization)."""
+    quantize to the same value as the original's weight does under the same scheme, each model with its own group
+    scales as a deployment would (`reverted`: the edit gone after quantization)."""
     before = dict(original.named_parameters())
     layers, totals = [], {"edited": 0, "below_half_step": 0, "reverted": 0}
     for name, module in quantized_layers(edited).items():
