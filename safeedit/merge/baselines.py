@@ -105,7 +105,7 @@ def sign_consensus(vectors: Mapping[str, Vector], weights: Weights | None = None
         if not normalize:
             merged[name] = mixed
         elif weights is None:
-            merged[name] = mixed / agrees.sum(dim=0).clamp(min=1)
+            merged[name] = mixed / agrees.sum(dim=0, dtype=mixed.dtype).clamp(min=1)  # exact small counts
         else:
             divisor = (factors * agrees).sum(dim=0)
             merged[name] = mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
