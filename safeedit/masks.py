@@ -6,7 +6,11 @@ trim) but then at least one entry per selection unit (the whole set, a tensor or
 per-tensor scopes never concatenate or sort the scores: a two-pass radix select over the order-preserving
 integer image of the float32 scores (16 high bits, then 16 low bits, counted with `torch.bincount` chunk by
 chunk) finds the exact k-th largest value, so the extra memory is a few chunk-sized buffers whatever the model
-size. The row scope sorts one block of rows at a time with a stable sort.
+size. The row scope finds each row's k-th largest key with `torch.kthvalue` (no sort), a block of rows at a time.
+
+On disk a mask is packed bits (`pack_bits`, `PACKED_FORMAT`), read lazily (`MaskFile`); files of one bool byte per
+weight (`MASK_FORMAT`, written before) still load. `streamed_top_k` and `save_streamed` select and write a global
+mask from scores read one tensor at a time (`safeedit.streaming`), for models larger than memory.
 
 Ties are broken deterministically: among equal scores, the entry that comes first wins, where entries are
 ordered by parameter name, then by flat (row-major) index.

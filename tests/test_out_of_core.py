@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import struct
 
 import numpy as np
@@ -220,3 +221,23 @@ def test_streamed_mask_refuses_scores_that_need_data(llama_folders, tmp_path):
     with pytest.raises(SafeEditError, match="NaN"):
         checkpoint_mask(tmp_path / "nan.safetensors", tmp_path / "m.safetensors", 0.5)
     assert not (tmp_path / "m.safetensors").exists()
+
+
+# --- row scope without a sort ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(7, 13), (5,), (3, 4, 2), (0, 6), (4, 1)])
+@pytest.mark.parametrize("ratio", [0.01, 0.3, 0.5, 1.0])
+def test_row_scope_is_the_stable_sort_selection(shape, ratio):
+    """kthvalue plus first-in-row ties picks what a stable descending sort of each row picks (heavy ties, ±0)."""
+    from safeedit.masks import _select_rows, _sortable, target_count
+
+    generator = torch.Generator().manual_seed(math.prod(shape) + int(ratio * 100))
+    scores = torch.randint(-2, 3, shape, generator=generator).float() * 0.5
+    scores[scores == 0] = torch.tensor([-0.0, 0.0])[torch.randint(0, 2, (int((scores == 0).sum()),),
+                                                                  generator=generator)]
+    rows = scores.reshape(1, -1) if scores.dim() < 2 else scores.flatten(1)
+    k = target_count(ratio, rows.shape[1])
+    order = torch.sort(_sortable(rows), dim=1, descending=True, stable=True).indices[:, :k]
+    expected = torch.zeros(rows.shape, dtype=torch.bool).scatter_(1, order, True).view(shape)
+    assert torch.equal(_select_rows(scores, ratio), expected)
