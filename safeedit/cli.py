@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="out of core: read one tensor of each model at a time from local safetensors folders "
                        "(sharded or not) and write the merge shard by shard (peak memory a few tensors, not the "
                        "model); the same merged values, written with merge.json but no run record or report; "
-                       "task models saved as the base's class; not with trim global")
+                       "task models saved as the base's class")
     merge.set_defaults(func=cmd_merge)
 
     report = commands.add_parser(

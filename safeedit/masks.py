@@ -295,42 +295,66 @@ class _Reads(Sequence[torch.Tensor]):
         return self.read(self.names[index])
 
 
-def streamed_top_k(shapes: Mapping[str, tuple[int, ...]], read: Callable[[str], torch.Tensor], ratio: float,
-                   rounding: Rounding = "half_up") -> Iterator[tuple[str, torch.Tensor]]:
-    """`Mask.top_k(scores, ratio, "global")` for scores too large to hold: `read(name)` gives one score tensor
-    (of `shapes[name]`) at a time. Three passes over the scores (NaN check and high histogram, low histogram, then
-    the masks), the same exact selection and tie rule; yields (name, mask) in name order, one at a time."""
-    _check_ratio(ratio)
-    if rounding not in ROUNDINGS:
-        raise SafeEditError(f"unknown mask rounding {rounding!r}; choose one of: {', '.join(ROUNDINGS)}")
-    if not shapes:
-        raise SafeEditError("no scores to select from; check the parameter patterns")
-    names = sorted(shapes)
+class StreamedSelection:
+    """`Mask.top_k(scores, ratio, "global")` for scores too large to hold: `read(name)` gives one score tensor (of
+    `shapes[name]`) at a time. The threshold takes two passes over the scores (high and low histograms, checking
+    each tensor for NaN); a third counts each tensor's ties only when tied entries straddle it. Then `mask(name,
+    scores)` gives any tensor's mask, in any order, with the same exact selection and tie rule."""
 
-    def checked(name: str) -> torch.Tensor:
-        tensor = read(name)
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], read: Callable[[str], torch.Tensor], ratio: float,
+                 rounding: Rounding = "half_up") -> None:
+        _check_ratio(ratio)
+        if rounding not in ROUNDINGS:
+            raise SafeEditError(f"unknown mask rounding {rounding!r}; choose one of: {', '.join(ROUNDINGS)}")
+        if not shapes:
+            raise SafeEditError("no scores to select from; check the parameter patterns")
+        self.shapes, self.read = shapes, read
+        names = sorted(shapes)
+        self.total = sum(math.prod(shape) for shape in shapes.values())
+        self.k = target_count(ratio, self.total, rounding)
+        self.everything: bool | None = None  # all False (k = 0) or all True (k = total): no threshold
+        if self.k in (0, self.total):
+            for name in names:
+                self._checked(name)
+            self.everything = self.k == self.total
+            return
+        self.threshold, greater, equal = _kth_largest_key(_Reads(names, self._checked), self.k)
+        ties_left = self.k - greater
+        self.ties_at = dict.fromkeys(names, ties_left)  # the ties still to take when each tensor's turn comes
+        if equal > ties_left:
+            for name in names:
+                self.ties_at[name] = ties_left
+                ties_left -= sum(int(torch.count_nonzero(_sortable(c) == self.threshold))
+                                 for _, c in _chunks(read(name)))
+
+    def _checked(self, name: str) -> torch.Tensor:
+        tensor = self.read(name)
         if not torch.is_floating_point(tensor):
             raise SafeEditError(f"scores for {name!r} have dtype {tensor.dtype}; scores must be floating point")
-        if tuple(tensor.shape) != tuple(shapes[name]):
-            raise SafeEditError(f"scores for {name!r} have shape {tuple(tensor.shape)}, not {tuple(shapes[name])}")
+        if tuple(tensor.shape) != tuple(self.shapes[name]):
+            raise SafeEditError(f"scores for {name!r} have shape {tuple(tensor.shape)}, not "
+                                f"{tuple(self.shapes[name])}")
         if any(torch.isnan(c).any() for _, c in _chunks(tensor)):
             raise SafeEditError(f"scores for {name!r} contain NaN; check the model weights and the data")
         return tensor
 
-    total = sum(math.prod(shape) for shape in shapes.values())
-    k = target_count(ratio, total, rounding)
-    if k in (0, total):
-        for name in names:
-            checked(name)
-        for name in names:
-            yield name, torch.full(tuple(shapes[name]), k == total, dtype=torch.bool)
-        return
-    threshold, greater, _ = _kth_largest_key(_Reads(names, checked), k)
-    ties_left = k - greater
-    for name in names:
-        mask = torch.empty(tuple(shapes[name]), dtype=torch.bool)
-        ties_left = _fill_mask(mask, read(name), threshold, ties_left)
-        yield name, mask
+    def mask(self, name: str, scores: torch.Tensor | None = None) -> torch.Tensor:
+        """The mask of tensor `name` (`scores`: its scores when the caller has them, else read again)."""
+        if self.everything is not None:
+            return torch.full(tuple(self.shapes[name]), self.everything, dtype=torch.bool)
+        scores = self.read(name) if scores is None else scores
+        mask = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+        _fill_mask(mask, scores, self.threshold, self.ties_at[name])
+        return mask
+
+
+def streamed_top_k(shapes: Mapping[str, tuple[int, ...]], read: Callable[[str], torch.Tensor], ratio: float,
+                   rounding: Rounding = "half_up") -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, mask) of `StreamedSelection` in name order, one at a time (three passes over the scores, four when
+    tied entries straddle the threshold)."""
+    selection = StreamedSelection(shapes, read, ratio, rounding)
+    for name in sorted(shapes):
+        yield name, selection.mask(name)
 
 
 def save_streamed(path: str | os.PathLike, shapes: Mapping[str, tuple[int, ...]],

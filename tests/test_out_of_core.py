@@ -124,6 +124,7 @@ def _tensors(folder) -> dict[str, torch.Tensor]:
     ["--method", "task_arithmetic", "--scale", "0.7"],
     ["--method", "ties", "--keep", "0.3"],
     ["--method", "dare", "--density", "0.5", "--seed", "3"],
+    ["--method", "ties", "--keep", "0.3", "--trim", "global"],
     "mergekit",
 ])
 def test_streamed_merge_equals_the_in_memory_merge(llama_folders, tmp_path, capsys, arguments):
@@ -178,7 +179,7 @@ def test_streamed_merge_refuses_what_it_cannot_stream(llama_folders, tmp_path):
     from safeedit.cli import main
 
     base, task = str(llama_folders / "base"), str(llama_folders / "t1")
-    code = main(["merge", base, task, "--method", "ties", "--trim", "global", "--stream", "--out", str(tmp_path / "g")])
+    code = main(["merge", base, task, "--stream", "--pdf", "--out", str(tmp_path / "g")])
     assert code == 2 and not (tmp_path / "g").exists()
     other = make_llama(0)
     other.config.num_hidden_layers = 1
@@ -241,3 +242,20 @@ def test_row_scope_is_the_stable_sort_selection(shape, ratio):
     order = torch.sort(_sortable(rows), dim=1, descending=True, stable=True).indices[:, :k]
     expected = torch.zeros(rows.shape, dtype=torch.bool).scatter_(1, order, True).view(shape)
     assert torch.equal(_select_rows(scores, ratio), expected)
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.37, 0.9])
+def test_streamed_selection_with_straddling_ties_in_any_order(ratio):
+    """Scores with few distinct values (ties across tensors at the threshold): every tensor's mask, asked for in
+    reverse name order, equals `Mask.top_k`'s; the scores are read a bounded number of times."""
+    from safeedit.masks import StreamedSelection
+
+    generator = torch.Generator().manual_seed(int(ratio * 100))
+    scores = {f"t{i}": torch.randint(0, 4, (5 + i, 3), generator=generator).float() for i in range(6)}
+    reads = []
+    selection = StreamedSelection({n: tuple(t.shape) for n, t in scores.items()},
+                                  lambda name: reads.append(name) or scores[name], ratio)
+    expected = Mask.top_k(scores, ratio)
+    for name in sorted(scores, reverse=True):
+        assert torch.equal(selection.mask(name), expected.tensors[name]), name
+    assert len(reads) <= 4 * len(scores) + 1  # (+1: the first tensor once more, for its device)

@@ -117,6 +117,12 @@ def ties_vector(vectors: Mapping[str, Vector], keep: Densities = 0.2, trim: Trim
     """The TIES merged task vector: trim (each task to its own density where `keep` maps tasks), elect sign,
     disjoint mean (the conventions of `trim`: module docstring)."""
     kept = {task: trimmed(vector, density_of(keep, task), trim) for task, vector in vectors.items()}
+    return elect(kept, trim, weights, normalize)
+
+
+def elect(kept: Mapping[str, Vector], trim: Trim = "tensor", weights: Weights | None = None, normalize: bool = True
+          ) -> Vector:
+    """TIES after the trim: sign election and disjoint mean with the zero-sum rule of `trim`'s convention."""
     return sign_consensus(kept, weights, normalize, "positive" if trim == "tensor" else "none")
 
 

@@ -3,18 +3,20 @@ time, written tensor by tensor into save_pretrained shards.
 
 For every merged tensor, in the base model's parameter order, the base's and each task model's tensor are read
 (`safeedit.checkpoint.Checkpoint`), cast to float32 as the in-memory merge loads them, and merged by the method's
-own code on a one-tensor `MergeSetting`: task arithmetic, TIES (its per-tensor trim, mergekit's) and DARE (whose
-random draws continue from one tensor to the next: `dare_vectors`'s `generators`) give exactly the merge
-`safeedit merge` computes in memory. The result is cast to the output dtype and written; the other tensors of the
-base checkpoint are copied (floating ones cast to the output dtype, as the in-memory merge writes them). Peak
-memory is a few copies of the largest tensor per model, not the model.
+own code on a one-tensor `MergeSetting`: task arithmetic, TIES and DARE (whose random draws continue from one tensor
+to the next: `dare_vectors`'s `generators`) give exactly the merge `safeedit merge` computes in memory. TIES's
+`trim: global` (one threshold per task vector over all its tensors) first finds each task's threshold by streaming
+the vector (`masks.StreamedSelection`: two or three more reads of every tensor), then trims tensor by tensor. The
+result is cast to the output dtype and written; the other tensors of the base checkpoint are copied (floating ones
+cast to the output dtype, as the in-memory merge writes them). Peak memory is a few copies of the largest tensor
+per model, not the model.
 
 What is merged: every floating-point parameter of the base (named by its checkpoint, ordered as the model class
 of its config.json builds them, on the meta device), except names matching `exclude` and, for a classifier
 without `merge_heads`, the head outside the model's body. Task models must be saved as the base's class (the same
-tensor names); other layouts, TIES's `trim: global` (one threshold over the whole vector) and the learned merges
-need the in-memory path. Not written here: the run record and report of the in-memory path (`merge.json` names
-the method, its options and the SHA-256 of every input file).
+tensor names); other layouts and the learned merges need the in-memory path. Not written here: the run record and
+report of the in-memory path (`merge.json` names the method, its options and the SHA-256 of every input and
+output file).
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ import torch
 from safeedit.checkpoint import Checkpoint, write_sharded
 from safeedit.errors import SafeEditError
 from safeedit.io import atomic_dir, sha256_file
+from safeedit.masks import StreamedSelection
+from safeedit.merge.baselines import density_of, elect
 from safeedit.merge.dare import dare_merge
 from safeedit.merge.setting import MergeSetting
+from safeedit.merge.vectors import merged_parameters
 from safeedit.methods import get_method
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -103,9 +108,6 @@ def stream_merge(scenario: Any, out: Path, max_shard_bytes: int = DEFAULT_SHARD_
     (method, options), = scenario.method_options().items()
     if method not in STREAMED:
         raise SafeEditError(f"--stream merges {', '.join(STREAMED)}; {method} needs the models in memory")
-    if getattr(options, "trim", "tensor") == "global":
-        raise SafeEditError("--stream trims each tensor on its own; trim: global needs the whole task vector: merge "
-                            "without --stream")
     entries = scenario.tasks()
     base = _checkpoint(scenario.base_model, "base_model")
     tasks = {task: _checkpoint(entry.model, f"task model {task}") for task, entry in entries.items()}
@@ -133,6 +135,8 @@ def stream_merge(scenario: Any, out: Path, max_shard_bytes: int = DEFAULT_SHARD_
     weights = {task: entry.weight for task, entry in entries.items()}
     densities = {task: entry.density for task, entry in entries.items() if entry.density is not None} or None
     spec, generators = get_method("merge", method), {}
+    trims = _global_trims(base, tasks, merged, options, densities) if getattr(options, "trim", None) == "global" \
+        else None
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for name in merged:
@@ -141,6 +145,11 @@ def stream_merge(scenario: Any, out: Path, max_shard_bytes: int = DEFAULT_SHARD_
                                    weights, densities)
             if method == "dare":
                 parameters = dare_merge(setting, options, scenario.seed, generators)
+            elif trims is not None:  # TIES's global trim: each task's threshold found beforehand
+                kept = {task: {name: v[name] * trims[task].mask(name, v[name].abs()).to(v[name].dtype)}
+                        for task, v in setting.vectors.items()}
+                merged_vector = elect(kept, "global", weights, options.normalize)
+                parameters = merged_parameters(setting.base, {"ties": merged_vector}, {"ties": options.scale})
             else:
                 parameters = spec.function(setting, options, scenario.seed, False).parameters
             yield name, parameters[name].to(dtype)
@@ -162,6 +171,19 @@ def stream_merge(scenario: Any, out: Path, max_shard_bytes: int = DEFAULT_SHARD_
         summary["files"] = {path.name: sha256_file(path) for path in written}
         (folder / "merge.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def _global_trims(base: Checkpoint, tasks: dict[str, Checkpoint], merged: list[str], options: Any,
+                  densities: dict[str, float] | None) -> dict[str, StreamedSelection]:
+    """Each task vector's global top-`keep` selection by |τ| over the merged tensors (TIES `trim: global`, as
+    `baselines.trimmed` selects it with `Mask.top_k`), its threshold found by streaming the vector."""
+    shapes = {name: base.entries[name].shape for name in merged}
+    keep = {task: densities.get(task, options.keep) for task in tasks} if densities else options.keep
+
+    def magnitude(task: Checkpoint) -> Any:
+        return lambda name: (task.tensor(name).float() - base.tensor(name).float()).abs()
+
+    return {name: StreamedSelection(shapes, magnitude(task), density_of(keep, name)) for name, task in tasks.items()}
 
 
 def _file_hashes(checkpoint: Checkpoint) -> dict[str, str]:
