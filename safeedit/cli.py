@@ -234,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--merge-heads", action="store_true",
                        help="also merge classifier heads (only for task models fine-tuned for the same labels)")
     merge.add_argument("--pdf", action="store_true", help="also print the report to PDF (headless Chromium)")
+    merge.add_argument("--stream", action="store_true",
+                       help="out of core: read one tensor of each model at a time from local safetensors folders "
+                       "(sharded or not) and write the merge shard by shard (peak memory a few tensors, not the "
+                       "model); the same merged values, written with merge.json but no run record or report; "
+                       "task models saved as the base's class")
     merge.set_defaults(func=cmd_merge)
 
     report = commands.add_parser(
@@ -585,6 +590,15 @@ def cmd_merge(args: argparse.Namespace) -> None:
     except pydantic.ValidationError as error:
         raise SafeEditError(f"{args.config or 'merge'}: {first_problem(error)}") from None
     scenario.method_options()  # folders and data named, before any model loads
+    if args.stream:
+        if args.pdf:
+            raise SafeEditError("--pdf does not go with --stream: a streamed merge writes no report")
+        from safeedit.merge.streaming import stream_merge
+
+        summary = stream_merge(scenario, out, notes=notes)
+        print(f"merged {len(scenario.models)} task models into {out} ({method}, streamed; {summary['merged_tensors']} "
+              f"tensors merged, {len(summary['excluded'])} kept from the base model: see merge.json)")
+        return
     record_path = run_merge(scenario, out, Path(args.config) if args.config else None, _merge_command(args),
                             pdf=args.pdf, notes=notes)
     record = json.loads(record_path.read_text())

@@ -238,21 +238,29 @@ def check_not_pickle(path: Path) -> None:
         )
 
 
-def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load all tensors and the metadata of a safetensors file, with a clear error for anything else."""
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike) -> Iterator[Any]:
+    """`safetensors.safe_open` (framework pt) on a file that must be safetensors: a missing, pickled or unreadable
+    file is one clear line. Tensors are read only when asked for (`get_tensor`, `get_slice`)."""
     path = Path(path)
     check_not_pickle(path)
     if not path.is_file():
         raise SafeEditError(f"{path}: no such file; check the path")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+            yield handle
     except (SafetensorError, OSError, ValueError) as error:
         raise SafeEditError(
             f"{path}: not a readable safetensors file ({str(error).splitlines()[0]}); "
             "re-export it with safetensors.torch.save_file"
         ) from None
+
+
+def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load all tensors and the metadata of a safetensors file, with a clear error for anything else."""
+    with open_safetensors(path) as handle:
+        metadata = dict(handle.metadata() or {})
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     return tensors, metadata
 
 

@@ -6,7 +6,11 @@ trim) but then at least one entry per selection unit (the whole set, a tensor or
 per-tensor scopes never concatenate or sort the scores: a two-pass radix select over the order-preserving
 integer image of the float32 scores (16 high bits, then 16 low bits, counted with `torch.bincount` chunk by
 chunk) finds the exact k-th largest value, so the extra memory is a few chunk-sized buffers whatever the model
-size. The row scope sorts one block of rows at a time with a stable sort.
+size. The row scope finds each row's k-th largest key with `torch.kthvalue` (no sort), a block of rows at a time.
+
+On disk a mask is packed bits (`pack_bits`, `PACKED_FORMAT`), read lazily (`MaskFile`); files of one bool byte per
+weight (`MASK_FORMAT`, written before) still load. `streamed_top_k` and `save_streamed` select and write a global
+mask from scores read one tensor at a time (`safeedit.streaming`), for models larger than memory.
 
 Ties are broken deterministically: among equal scores, the entry that comes first wins, where entries are
 ordered by parameter name, then by flat (row-major) index.
@@ -23,15 +27,17 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
+from safeedit.checkpoint import TensorWriter
 from safeedit.errors import SafeEditError
-from safeedit.io import load_safetensors, save_safetensors
+from safeedit.io import atomic_path, open_safetensors, save_safetensors
 from safeedit.sharding import Shards, count_nonzero, found_anywhere, gathered, is_sharded, local, wrap_like
 
 Scope = Literal["global", "tensor", "row"]
@@ -39,7 +45,9 @@ SCOPES: tuple[str, ...] = ("global", "tensor", "row")
 Rounding = Literal["half_up", "floor"]
 ROUNDINGS: tuple[str, ...] = ("half_up", "floor")
 CHUNK = 1 << 22  # elements per working buffer (16 MiB of int32 keys)
-MASK_FORMAT = "safeedit.mask/1"
+MASK_FORMAT = "safeedit.mask/1"  # one bool byte per weight (every mask written before packed bits)
+PACKED_FORMAT = "safeedit.mask/2"  # packed bits: see `pack_bits`; the shapes are in the metadata
+_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
 
 
 def target_count(ratio: float, total: int, rounding: Rounding = "half_up") -> int:
@@ -132,35 +140,235 @@ def _select_top_k(
     ties_left = k - greater  # how many of the entries equal to the threshold are selected, the first ones in order
     before, after = _ties_elsewhere(tensors, threshold, shards if equal > ties_left else None)
     for name, tensor, ties_before, ties_after in zip(names, tensors, before, after, strict=True):
-        ties_left -= ties_before
-        flat_mask = masks[name].view(-1)
-        for start, chunk in _chunks(tensor):
-            keys = _sortable(chunk)
-            selected = keys > threshold
-            is_tie = keys == threshold
-            n_ties = int(torch.count_nonzero(is_tie))
-            take = min(max(ties_left, 0), n_ties)
-            if take == n_ties:
-                selected |= is_tie
-            elif take:
-                selected[is_tie.nonzero().view(-1)[:take]] = True
-            ties_left -= n_ties
-            flat_mask[start : start + chunk.numel()] = selected
-        ties_left -= ties_after
+        ties_left = _fill_mask(masks[name], tensor, threshold, ties_left - ties_before) - ties_after
     return masks
 
 
+def _fill_mask(mask: torch.Tensor, scores: torch.Tensor, threshold: int, ties_left: int) -> int:
+    """Set `mask` where `scores` lie above the sortable key `threshold`, and at the first `ties_left` entries equal to
+    it (flat order); returns how many ties are still to take after this tensor (negative: more ties than needed)."""
+    flat_mask = mask.view(-1)
+    for start, chunk in _chunks(scores):
+        keys = _sortable(chunk)
+        selected = keys > threshold
+        is_tie = keys == threshold
+        n_ties = int(torch.count_nonzero(is_tie))
+        take = min(max(ties_left, 0), n_ties)
+        if take == n_ties:
+            selected |= is_tie
+        elif take:
+            selected[is_tie.nonzero().view(-1)[:take]] = True
+        ties_left -= n_ties
+        flat_mask[start : start + chunk.numel()] = selected
+    return ties_left
+
+
 def _select_rows(scores: torch.Tensor, ratio: float, rounding: Rounding = "half_up") -> torch.Tensor:
-    """Per output row (dim 0) the top `target_count(ratio, row length)` entries; 1-D tensors count as one row."""
+    """Per output row (dim 0) the top `target_count(ratio, row length)` entries; 1-D tensors count as one row.
+
+    Each row's k-th largest key comes from `torch.kthvalue` (a selection, no sort); the entries above it are taken,
+    and of the entries equal to it the first ones in the row (an int32 running count), the stable sort's choice."""
     rows = scores.reshape(1, -1) if scores.dim() < 2 else scores.flatten(1)  # (a shard may have no row)
-    k = target_count(ratio, rows.shape[1], rounding)
-    mask = torch.zeros(rows.shape, dtype=torch.bool, device=scores.device)
-    block = max(1, CHUNK // max(1, rows.shape[1]))
+    n = rows.shape[1]
+    k = target_count(ratio, n, rounding)
+    if k == 0 or k == n:
+        return torch.full(scores.shape, k == n and n > 0, dtype=torch.bool, device=scores.device)
+    mask = torch.empty(rows.shape, dtype=torch.bool, device=scores.device)
+    block = max(1, CHUNK // n)
     for start in range(0, rows.shape[0], block):
         keys = _sortable(rows[start : start + block])
-        order = torch.sort(keys, dim=1, descending=True, stable=True).indices[:, :k]
-        mask[start : start + block].scatter_(1, order, True)
+        kth = keys.kthvalue(n - k + 1, dim=1, keepdim=True).values
+        part = mask[start : start + block]
+        torch.gt(keys, kth, out=part)
+        ties_left = k - part.sum(1, keepdim=True, dtype=torch.int32)
+        ties = keys == kth
+        part |= ties & (ties.cumsum(1, dtype=torch.int32) <= ties_left)
     return mask.view(scores.shape)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """The bool tensor as 1-D uint8, 8 entries per byte in `numpy.packbits` order (bitorder "big"): entry i of the
+    row-major flattened mask is bit 7 − i mod 8 (128 for the first) of byte i // 8; the last byte's unused bits are
+    0. Chunk by chunk, so the only temporaries are chunk-sized."""
+    flat = mask.detach().reshape(-1).to("cpu")
+    out = torch.empty((flat.numel() + 7) // 8, dtype=torch.uint8)
+    for start in range(0, flat.numel(), CHUNK):
+        bits = flat[start : start + CHUNK].view(torch.uint8)
+        if bits.numel() % 8:
+            bits = torch.cat([bits, bits.new_zeros(8 - bits.numel() % 8)])
+        bits = bits.view(-1, 8)
+        byte = out[start // 8 : start // 8 + bits.shape[0]]
+        torch.mul(bits[:, 0], 128, out=byte)
+        for column, weight in enumerate(_BIT_WEIGHTS[1:], start=1):
+            byte |= bits[:, column] * weight
+    return out
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The bool tensor of `shape` that `pack_bits` packed into `packed`."""
+    count = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (count + 7) // 8:
+        raise ValueError(f"{packed.numel()} {packed.dtype} bytes do not hold {count} packed bits")
+    out = torch.empty(((count + 7) // 8) * 8, dtype=torch.bool)
+    bits = out.view(torch.uint8).view(-1, 8)
+    for start in range(0, packed.numel(), CHUNK // 8):
+        chunk = packed[start : start + CHUNK // 8]
+        for column, weight in enumerate(_BIT_WEIGHTS):
+            torch.bitwise_and(chunk, weight, out=bits[start : start + chunk.numel(), column])
+    return out.view(torch.uint8).clamp_(max=1).view(torch.bool)[:count].view(shape)
+
+
+def packed_metadata(metadata: Mapping[str, str], shapes: Mapping[str, list[int]]) -> dict[str, str]:
+    """A packed mask file's metadata: the caller's, the format marker and every entry's shape (JSON)."""
+    return {**metadata, "format": PACKED_FORMAT, "shapes": json.dumps(dict(shapes), sort_keys=True)}
+
+
+class MaskFile(Mapping[str, torch.Tensor]):
+    """The entries of a mask file, read lazily: opening checks the format and (packed) that every entry's byte count
+    fits the shape in the metadata; an entry is read, and unpacked, each time it is asked for (nothing is kept)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        with open_safetensors(self.path) as handle:
+            metadata = dict(handle.metadata() or {})
+            fmt = metadata.get("format")
+            if fmt not in (MASK_FORMAT, PACKED_FORMAT):
+                raise SafeEditError(f"{path}: not a safeedit mask (metadata format is {fmt!r})")
+            self.packed = fmt == PACKED_FORMAT
+            entries = {name: (handle.get_slice(name).get_dtype(), handle.get_slice(name).get_shape())
+                       for name in handle.keys()}  # noqa: SIM118
+        self.shapes = {name: tuple(shape) for name, (_, shape) in entries.items()}
+        if self.packed:
+            self.shapes = self._packed_shapes(metadata.get("shapes"), entries)
+        else:
+            wrong = next((name for name, (dtype, _) in entries.items() if dtype != "BOOL"), None)
+            if wrong is not None:
+                raise SafeEditError(f"{path}: mask entry {wrong!r} has dtype {entries[wrong][0]}; masks hold bool "
+                                    "tensors")
+        self.metadata = {k: v for k, v in metadata.items() if k not in ("format", "selected", "total", "shapes")}
+
+    def _packed_shapes(self, text: str | None, entries: Mapping[str, tuple[str, list[int]]]) -> dict:
+        fix = "the file is damaged or was not written by Mask.save; write the mask again"
+        try:
+            shapes = json.loads(text or "")
+        except ValueError:
+            shapes = None
+        if not isinstance(shapes, dict) or not all(
+            isinstance(s, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in s)
+            for s in shapes.values()
+        ):
+            raise SafeEditError(f"{self.path}: packed mask without readable shapes in its metadata; {fix}")
+        if set(shapes) != set(entries):
+            name = sorted(set(shapes) ^ set(entries))[0]
+            raise SafeEditError(f"{self.path}: entry {name!r} is in the file or in its metadata shapes, not both; "
+                                f"{fix}")
+        for name, (dtype, shape) in entries.items():
+            if dtype != "U8" or shape != [(math.prod(shapes[name]) + 7) // 8]:
+                raise SafeEditError(f"{self.path}: packed entry {name!r} is {dtype} {shape}, which does not hold the "
+                                    f"{tuple(shapes[name])} bits its metadata says; {fix}")
+        return {name: tuple(shapes[name]) for name in entries}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.shapes:
+            raise KeyError(name)
+        with open_safetensors(self.path) as handle:
+            tensor = handle.get_tensor(name)
+        return unpack_bits(tensor, self.shapes[name]) if self.packed else tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+class _Reads(Sequence[torch.Tensor]):
+    """Tensors read on access (`read(name)`), so a pass over them holds one at a time."""
+
+    def __init__(self, names: Sequence[str], read: Callable[[str], torch.Tensor]) -> None:
+        self.names, self.read = list(names), read
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        return self.read(self.names[index])
+
+
+class StreamedSelection:
+    """`Mask.top_k(scores, ratio, "global")` for scores too large to hold: `read(name)` gives one score tensor (of
+    `shapes[name]`) at a time. The threshold takes two passes over the scores (high and low histograms, checking
+    each tensor for NaN); a third counts each tensor's ties only when tied entries straddle it. Then `mask(name,
+    scores)` gives any tensor's mask, in any order, with the same exact selection and tie rule."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], read: Callable[[str], torch.Tensor], ratio: float,
+                 rounding: Rounding = "half_up") -> None:
+        _check_ratio(ratio)
+        if rounding not in ROUNDINGS:
+            raise SafeEditError(f"unknown mask rounding {rounding!r}; choose one of: {', '.join(ROUNDINGS)}")
+        if not shapes:
+            raise SafeEditError("no scores to select from; check the parameter patterns")
+        self.shapes, self.read = shapes, read
+        names = sorted(shapes)
+        self.total = sum(math.prod(shape) for shape in shapes.values())
+        self.k = target_count(ratio, self.total, rounding)
+        self.everything: bool | None = None  # all False (k = 0) or all True (k = total): no threshold
+        if self.k in (0, self.total):
+            for name in names:
+                self._checked(name)
+            self.everything = self.k == self.total
+            return
+        self.threshold, greater, equal = _kth_largest_key(_Reads(names, self._checked), self.k)
+        ties_left = self.k - greater
+        self.ties_at = dict.fromkeys(names, ties_left)  # the ties still to take when each tensor's turn comes
+        if equal > ties_left:
+            for name in names:
+                self.ties_at[name] = ties_left
+                ties_left -= sum(int(torch.count_nonzero(_sortable(c) == self.threshold))
+                                 for _, c in _chunks(read(name)))
+
+    def _checked(self, name: str) -> torch.Tensor:
+        tensor = self.read(name)
+        if not torch.is_floating_point(tensor):
+            raise SafeEditError(f"scores for {name!r} have dtype {tensor.dtype}; scores must be floating point")
+        if tuple(tensor.shape) != tuple(self.shapes[name]):
+            raise SafeEditError(f"scores for {name!r} have shape {tuple(tensor.shape)}, not "
+                                f"{tuple(self.shapes[name])}")
+        if any(torch.isnan(c).any() for _, c in _chunks(tensor)):
+            raise SafeEditError(f"scores for {name!r} contain NaN; check the model weights and the data")
+        return tensor
+
+    def mask(self, name: str, scores: torch.Tensor | None = None) -> torch.Tensor:
+        """The mask of tensor `name` (`scores`: its scores when the caller has them, else read again)."""
+        if self.everything is not None:
+            return torch.full(tuple(self.shapes[name]), self.everything, dtype=torch.bool)
+        scores = self.read(name) if scores is None else scores
+        mask = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+        _fill_mask(mask, scores, self.threshold, self.ties_at[name])
+        return mask
+
+
+def streamed_top_k(shapes: Mapping[str, tuple[int, ...]], read: Callable[[str], torch.Tensor], ratio: float,
+                   rounding: Rounding = "half_up") -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, mask) of `StreamedSelection` in name order, one at a time (three passes over the scores, four when
+    tied entries straddle the threshold)."""
+    selection = StreamedSelection(shapes, read, ratio, rounding)
+    for name in sorted(shapes):
+        yield name, selection.mask(name)
+
+
+def save_streamed(path: str | os.PathLike, shapes: Mapping[str, tuple[int, ...]],
+                  masks: Iterable[tuple[str, torch.Tensor]], metadata: Mapping[str, str]) -> None:
+    """Write a packed mask file (what `Mask.save` writes for the same mask) from (name, mask) pairs that arrive one
+    at a time in name order, atomically; `metadata` must hold the counts `selected` and `total`."""
+    names = sorted(shapes)
+    specs = [(name, torch.uint8, ((math.prod(shapes[name]) + 7) // 8,)) for name in names]
+    info = packed_metadata(metadata, {name: list(shapes[name]) for name in names})
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        writer = TensorWriter(handle, specs, info)
+        for name, mask in masks:
+            writer.write(name, pack_bits(mask))
+        writer.close()
 
 
 @dataclass
@@ -170,11 +378,11 @@ class Mask:
     Entries may be FSDP2 shards (`DTensor`, as `top_k` gives for sharded scores); counts, summaries and
     `full_tensor` then communicate, so every process calls them."""
 
-    tensors: dict[str, torch.Tensor]
+    tensors: Mapping[str, torch.Tensor]  # a dict, or a `MaskFile` read lazily (`Mask.load`)
     metadata: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name, tensor in self.tensors.items():
+        for name, tensor in ({} if isinstance(self.tensors, MaskFile) else self.tensors).items():
             if tensor.dtype != torch.bool:
                 raise SafeEditError(f"mask entry {name!r} has dtype {tensor.dtype}; masks hold bool tensors")
         self.metadata = {str(k): str(v) for k, v in self.metadata.items()}
@@ -324,23 +532,28 @@ class Mask:
         entries as they are. Save a sharded mask this way, from one process."""
         return Mask({name: gathered(t) for name, t in self.tensors.items()}, dict(self.metadata))
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, packed: bool = True) -> None:
+        """Write the mask atomically: packed bits (`PACKED_FORMAT`, 1/8 of a bool byte per weight), or with
+        `packed=False` one bool byte per weight (`MASK_FORMAT`, the format before packing)."""
         sharded = next((name for name, t in self.tensors.items() if is_sharded(t)), None)
         if sharded is not None:
             raise SafeEditError(
                 f"mask entry {sharded!r} is sharded across processes; gather it with mask.full_tensor() on every "
                 "process, then save from one (e.g. rank 0)"
             )
-        metadata = {**self.metadata, "format": MASK_FORMAT, "selected": str(self.selected), "total": str(self.total)}
-        save_safetensors(self.tensors, path, metadata)
+        metadata = {**self.metadata, "selected": str(self.selected), "total": str(self.total)}
+        if not packed:
+            save_safetensors(self.tensors, path, {**metadata, "format": MASK_FORMAT})
+            return
+        shapes = {name: list(t.shape) for name, t in self.tensors.items()}
+        packed = {name: pack_bits(t) for name, t in self.tensors.items()}
+        save_safetensors(packed, path, packed_metadata(metadata, shapes))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Mask:
-        tensors, metadata = load_safetensors(path)
-        if metadata.get("format") != MASK_FORMAT:
-            raise SafeEditError(f"{path}: not a safeedit mask (metadata format is {metadata.get('format')!r})")
-        metadata = {k: v for k, v in metadata.items() if k not in ("format", "selected", "total")}
-        return cls(tensors, metadata)
+        """Read a mask file of either format lazily: each entry is read (and unpacked) when asked for."""
+        tensors = MaskFile(path)
+        return cls(tensors, tensors.metadata)
 
     def __repr__(self) -> str:
         info = json.dumps({k: self.metadata[k] for k in sorted(self.metadata)})

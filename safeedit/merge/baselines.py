@@ -105,7 +105,7 @@ def sign_consensus(vectors: Mapping[str, Vector], weights: Weights | None = None
         if not normalize:
             merged[name] = mixed
         elif weights is None:
-            merged[name] = mixed / agrees.sum(dim=0).clamp(min=1)
+            merged[name] = mixed / agrees.sum(dim=0, dtype=mixed.dtype).clamp(min=1)  # exact small counts
         else:
             divisor = (factors * agrees).sum(dim=0)
             merged[name] = mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
@@ -117,6 +117,12 @@ def ties_vector(vectors: Mapping[str, Vector], keep: Densities = 0.2, trim: Trim
     """The TIES merged task vector: trim (each task to its own density where `keep` maps tasks), elect sign,
     disjoint mean (the conventions of `trim`: module docstring)."""
     kept = {task: trimmed(vector, density_of(keep, task), trim) for task, vector in vectors.items()}
+    return elect(kept, trim, weights, normalize)
+
+
+def elect(kept: Mapping[str, Vector], trim: Trim = "tensor", weights: Weights | None = None, normalize: bool = True
+          ) -> Vector:
+    """TIES after the trim: sign election and disjoint mean with the zero-sum rule of `trim`'s convention."""
     return sign_consensus(kept, weights, normalize, "positive" if trim == "tensor" else "none")
 
 

@@ -51,16 +51,21 @@ class DareOptions(BaseModel):
                             "the agreeing models)")
 
 
-def dare_vectors(vectors: Mapping[str, Vector], density: Densities, seed: int, rescale: Rescale = "density"
-                 ) -> dict[str, Vector]:
+def dare_vectors(vectors: Mapping[str, Vector], density: Densities, seed: int, rescale: Rescale = "density",
+                 generators: dict[str, torch.Generator] | None = None) -> dict[str, Vector]:
     """Every task vector with each entry kept with probability `density` (per task where it maps tasks), the kept
-    entries rescaled by 1/density (`density`), back to the tensor's L1 norm (`l1`) or not at all (`none`)."""
+    entries rescaled by 1/density (`density`), back to the tensor's L1 norm (`l1`) or not at all (`none`).
+
+    `generators` (task -> generator, filled here on first use) carries the draws over from one call to the next:
+    a merge streamed tensor by tensor (`safeedit.merge.streaming`) calls this once per tensor, in the vector's
+    order, and draws exactly what one call over whole vectors draws."""
+    generators = {} if generators is None else generators
     sparse = {}
     for index, (task, vector) in enumerate(vectors.items()):
         p = density_of(density, task)
         if not 0 < p <= 1:
             raise ValueError(f"density must be in (0, 1], got {p}")
-        generator = torch.Generator().manual_seed(seed + index)
+        generator = generators.setdefault(task, torch.Generator().manual_seed(seed + index))
         sparse[task] = {}
         for name, tensor in vector.items():
             keep = (torch.rand(tensor.shape, generator=generator) < p).to(tensor.device)
@@ -86,9 +91,14 @@ def l1_rescaled(tensor: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
                  "to any backdoor: in expectation the merge is task arithmetic, backdoor included, and one seed is "
                  "one draw.", paper="Yu et al., ICML 2024")
 def dare(setting: MergeSetting, options: DareOptions, seed: int, progress: bool) -> EditResult:
-    sparse = dare_vectors(setting.vectors, setting.densities_or(options.density), seed, options.rescale)
+    return EditResult(parameters=dare_merge(setting, options, seed))
+
+
+def dare_merge(setting: MergeSetting, options: DareOptions, seed: int,
+               generators: dict[str, torch.Generator] | None = None) -> Vector:
+    """DARE's merged parameters (`generators`: see `dare_vectors`)."""
+    sparse = dare_vectors(setting.vectors, setting.densities_or(options.density), seed, options.rescale, generators)
     if options.sign_election:
         merged = sign_consensus(sparse, setting.weights, options.normalize)
-        return EditResult(parameters=merged_parameters(setting.base, {"dare": merged}, {"dare": options.scale}))
-    return EditResult(parameters=task_arithmetic(setting.base, sparse, options.scale, setting.weights,
-                                                 options.normalize))
+        return merged_parameters(setting.base, {"dare": merged}, {"dare": options.scale})
+    return task_arithmetic(setting.base, sparse, options.scale, setting.weights, options.normalize)
