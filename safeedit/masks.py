@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -47,7 +48,6 @@ ROUNDINGS: tuple[str, ...] = ("half_up", "floor")
 CHUNK = 1 << 22  # elements per working buffer (16 MiB of int32 keys)
 MASK_FORMAT = "safeedit.mask/1"  # one bool byte per weight (every mask written before packed bits)
 PACKED_FORMAT = "safeedit.mask/2"  # packed bits: see `pack_bits`; the shapes are in the metadata
-_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
 
 
 def target_count(ratio: float, total: int, rounding: Rounding = "half_up") -> int:
@@ -189,19 +189,9 @@ def _select_rows(scores: torch.Tensor, ratio: float, rounding: Rounding = "half_
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """The bool tensor as 1-D uint8, 8 entries per byte in `numpy.packbits` order (bitorder "big"): entry i of the
     row-major flattened mask is bit 7 − i mod 8 (128 for the first) of byte i // 8; the last byte's unused bits are
-    0. Chunk by chunk, so the only temporaries are chunk-sized."""
-    flat = mask.detach().reshape(-1).to("cpu")
-    out = torch.empty((flat.numel() + 7) // 8, dtype=torch.uint8)
-    for start in range(0, flat.numel(), CHUNK):
-        bits = flat[start : start + CHUNK].view(torch.uint8)
-        if bits.numel() % 8:
-            bits = torch.cat([bits, bits.new_zeros(8 - bits.numel() % 8)])
-        bits = bits.view(-1, 8)
-        byte = out[start // 8 : start // 8 + bits.shape[0]]
-        torch.mul(bits[:, 0], 128, out=byte)
-        for column, weight in enumerate(_BIT_WEIGHTS[1:], start=1):
-            byte |= bits[:, column] * weight
-    return out
+    0."""
+    flat = mask.detach().reshape(-1).to("cpu").numpy()
+    return torch.from_numpy(np.packbits(flat, bitorder="big"))
 
 
 def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -209,13 +199,8 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     count = math.prod(shape)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (count + 7) // 8:
         raise ValueError(f"{packed.numel()} {packed.dtype} bytes do not hold {count} packed bits")
-    out = torch.empty(((count + 7) // 8) * 8, dtype=torch.bool)
-    bits = out.view(torch.uint8).view(-1, 8)
-    for start in range(0, packed.numel(), CHUNK // 8):
-        chunk = packed[start : start + CHUNK // 8]
-        for column, weight in enumerate(_BIT_WEIGHTS):
-            torch.bitwise_and(chunk, weight, out=bits[start : start + chunk.numel(), column])
-    return out.view(torch.uint8).clamp_(max=1).view(torch.bool)[:count].view(shape)
+    bits = np.unpackbits(packed.numpy(), count=count, bitorder="big")
+    return torch.from_numpy(bits.view(np.bool_)).view(shape)
 
 
 def packed_metadata(metadata: Mapping[str, str], shapes: Mapping[str, list[int]]) -> dict[str, str]:
