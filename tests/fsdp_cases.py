@@ -132,10 +132,53 @@ def train(mask_layout: str, rank: int | None = None) -> dict[str, torch.Tensor]:
     return {name: gathered(p.detach()) for name, p in model.named_parameters()}
 
 
+# LLM unlearning under FSDP2 (every process runs the same call on the same data, editing its model in place): the
+# method, and the large-model options it runs with.
+UNLEARN_RUNS = {
+    "graddiff+wagle": {"gradient_accumulation_steps": 2, "gradient_checkpointing": True},
+    "npo+random": {"mixed_precision": "bf16"},
+}
+
+
+def unlearn(method: str, sharded: bool) -> dict[str, torch.Tensor]:
+    """`lm_unlearn` of the tiny Llama (with `sharded`, in place, NPO against a second sharded copy); the weights
+    after and the mask ("mask:name"), whole."""
+    from test_wagle import FORGET, RETAIN, tokenizer
+
+    from safeedit.unlearn.wagle import LMUnlearnOptions, lm_unlearn
+
+    options = LMUnlearnOptions(epochs=2, lr=1e-2, batch_size=2, ratio=0.3, **UNLEARN_RUNS[method])
+    model = llama(sharded)
+    reference = llama(sharded) if sharded and method.startswith("npo") else None
+    edited, mask = lm_unlearn(model, tokenizer(), FORGET, RETAIN, method, options, seed=0, progress=False,
+                              in_place=sharded, reference=reference)
+    assert (edited is model) == sharded
+    out = {name: gathered(p.detach()) for name, p in edited.named_parameters()}
+    out.update({f"mask:{name}": t for name, t in mask.full_tensor().tensors.items()})
+    return out
+
+
+def unlearn_needs_in_place(rank: int) -> dict[str, torch.Tensor]:
+    """A sharded model without in_place: one SafeEditError line, before any work."""
+    from test_wagle import FORGET, RETAIN, tokenizer
+
+    from safeedit.errors import SafeEditError
+    from safeedit.unlearn.wagle import LMUnlearnOptions, lm_unlearn
+
+    try:
+        lm_unlearn(llama(sharded=True), tokenizer(), FORGET, RETAIN, "graddiff", LMUnlearnOptions(epochs=1),
+                   progress=False)
+    except SafeEditError as error:
+        return {"raised": torch.tensor(int("in_place=True" in str(error)))}
+    return {"raised": torch.tensor(0)}
+
+
 CASES: dict[str, Callable[[int], dict[str, torch.Tensor]]] = {
     **{f"scores/{score}": (lambda rank, s=score: scores(s, sharded=True)) for score in SCORES},
     **{f"masks/{kind}": (lambda rank, k=kind: masks(k, sharded=True)) for kind in MASK_SCORES},
     **{f"train/{layout}": (lambda rank, m=layout: train(m, rank)) for layout in ("whole", "sharded")},
+    **{f"unlearn/{method}": (lambda rank, m=method: unlearn(m, sharded=True)) for method in UNLEARN_RUNS},
+    "unlearn-needs-in-place": unlearn_needs_in_place,
 }
 
 

@@ -1,6 +1,7 @@
 """FSDP2 on 2 CPU processes (gloo): a tiny Llama sharded per decoder layer and at the root gives the single-process
-scores, the single-process masks (ties across shards included) and the single-process masked AdamW run, with
-masked-out weights bit-identical."""
+scores, the single-process masks (ties across shards included), the single-process masked AdamW run and the
+single-process LLM unlearning run (in place, with accumulation, checkpointing or bf16), with masked-out weights
+bit-identical."""
 
 from __future__ import annotations
 
@@ -81,3 +82,26 @@ def test_masked_sharded_training_matches_one_process(sharded_results):
             assert (whole[name][keep] != start[keep]).any(), f"no masked-in entry of {name} moved"
         torch.testing.assert_close(whole[name], expected[name], rtol=1e-5, atol=1e-6,
                                    msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("method", sorted(C.UNLEARN_RUNS))
+def test_masked_sharded_unlearning_matches_one_process(sharded_results, method):
+    """`lm_unlearn` in place on the FSDP2 model, every process on the same data: the single-process mask and
+    weights (float tolerance; bf16 autocast: its own), masked-out weights bit-identical."""
+    got = results_of(sharded_results, f"unlearn/{method}")
+    expected = C.unlearn(method, sharded=False)
+    before = dict(C.llama(sharded=False).named_parameters())
+    tolerance = {"rtol": 1e-2, "atol": 1e-3} if C.UNLEARN_RUNS[method].get("mixed_precision") == "bf16" else \
+        {"rtol": 1e-5, "atol": 1e-6}
+    moved = 0
+    for name, start in before.items():
+        keep = expected[f"mask:{name}"]
+        assert torch.equal(got[f"mask:{name}"], keep), f"{name}: the sharded mask differs"
+        assert torch.equal(got[name][~keep], start.detach()[~keep]), f"masked-out entries of {name} changed"
+        moved += int((got[name][keep] != start.detach()[keep]).sum())
+        torch.testing.assert_close(got[name], expected[name], **tolerance, msg=lambda m, n=name: f"{n}: {m}")
+    assert moved > 0
+
+
+def test_sharded_unlearning_without_in_place_fails_with_one_line(sharded_results):
+    assert results_of(sharded_results, "unlearn-needs-in-place")["raised"].item() == 1

@@ -319,3 +319,35 @@ def test_negative_control_gradient_hooks_alone_are_not_enough():
     assert (inside["0.weight"][~mask.tensors["0.weight"]] != before["0.weight"][~mask.tensors["0.weight"]]).all()
     # and the final restore on exit still puts them back
     assert_masked_out_identical(before, weights(model), mask)
+
+
+def test_masked_out_gradient_entries_are_exactly_zero_even_when_not_finite():
+    """The gradient is masked on its bits: a NaN or infinite entry outside the mask becomes +0.0 (multiplying the
+    float by 0 would leave NaN), so clipping sees a finite norm; masked-in entries are untouched, bit for bit."""
+    weight = nn.Parameter(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    model = nn.ParameterDict({"w": weight})
+    keep = torch.tensor([[True, False, True, False]])
+    factor = torch.tensor([[0.5, float("nan"), -0.25, float("inf")]])
+    with masked_training(model, Mask({"w": keep})):
+        (weight * factor).sum().backward()
+        grad = weight.grad
+        assert torch.equal(grad, torch.tensor([[0.5, 0.0, -0.25, 0.0]]))
+        assert not torch.signbit(grad[~keep]).any()
+        assert torch.isfinite(clip_grad_norm_(model.parameters(), 1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_masked_out_weights_bit_identical_in_every_float_dtype(dtype):
+    """The bit arithmetic of the gradient mask and the restore takes the element size of each dtype."""
+    model, mask, batches = make_model(), make_mask(), make_batches()
+    model = model.to(dtype)
+    before = weights(model)
+    optimizer = OPTIMIZERS["adamw_wd"](model.parameters())
+    with masked_training(model, mask, optimizer):
+        for batch in batches:
+            optimizer.zero_grad()
+            loss_of(model, (batch[0].to(dtype), batch[1])).backward()
+            optimizer.step()
+    after = weights(model)
+    assert_masked_out_identical(before, after, mask)
+    assert_masked_in_changed(before, after, mask)

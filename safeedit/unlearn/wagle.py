@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
@@ -63,6 +63,9 @@ class LMUnlearnOptions(BaseModel):
     ratio: float = Field(default=0.2, gt=0, le=1, validation_alias=AliasChoices("ratio", "mask_ratio"),
                          description="share of weights the masked methods edit (`mask_ratio` is the old name)")
     gamma: float = Field(default=1.0, gt=0, description="WAGLE's Hessian-diagonal constant γ")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, description="batches per optimizer step")
+    gradient_checkpointing: bool = Field(default=False, description="recompute activations in backward (less memory)")
+    mixed_precision: Literal["no", "bf16"] = Field(default="no", description="bf16: forward passes under autocast")
 
 
 class NPOOptions(LMUnlearnOptions):
@@ -85,13 +88,20 @@ class LMUnlearnDefaults(NPOOptions):
 @dataclass(frozen=True)
 class LMUnlearnSetting:
     """What every LLM unlearning method reads: the model (the frozen reference: it is not modified), its tokenizer,
-    the forget and retain examples, and the mask score from the method's name (`None`: dense)."""
+    the forget and retain examples, the mask score from the method's name (`None`: dense) and, to edit in place,
+    the model to edit (`target`: the reference itself, or a second copy of it; `None`: a copy of the reference)."""
 
     model: nn.Module
     tokenizer: Any
     forget: Sequence[ChatExample]
     retain: Sequence[ChatExample]
     mask_score: str | None = None
+    target: nn.Module | None = None
+
+
+# The objectives that compare against the frozen reference model while training: editing that model in place would
+# move their reference.
+READ_REFERENCE = ("npo", "rmu")
 
 
 def about(resolved: Resolved) -> dict[str, str]:
@@ -111,18 +121,28 @@ def lm_mask(model: nn.Module, score: str, data: LMUnlearnData, options: LMUnlear
 
 def masked_unlearn(name: str, objective: Callable[[LMUnlearnData], Objective], setting: LMUnlearnSetting,
                    options: LMUnlearnOptions, seed: int, progress: bool) -> EditResult:
-    """Step 3 (after steps 1-2 when the setting names a mask score): `objective` on a copy of the model."""
+    """Step 3 (after steps 1-2 when the setting names a mask score): `objective` on a copy of the model, or on
+    `setting.target` in place."""
     check_forget_retain(setting.forget, setting.retain)
+    if setting.target is setting.model and name in READ_REFERENCE:
+        raise SafeEditError(f"{name} compares against the frozen original model, which editing it in place would "
+                            "move; pass reference= (a second copy of the model, sharded the same way), or use "
+                            "graddiff, refusal or simnpo")
     if setting.mask_score not in (None, *MASK_SCORES):
         raise SafeEditError(f"unknown mask score {setting.mask_score!r}; one of {', '.join(MASK_SCORES)}")
     data = LMUnlearnData(setting.tokenizer, setting.forget, setting.retain, options.batch_size, options.max_length,
                          seed)
     mask = lm_mask(setting.model, setting.mask_score, data, options, progress) if setting.mask_score else None
     training = TrainingOptions(epochs=options.epochs, lr=options.lr, weight_decay=0.0, batch_size=options.batch_size,
-                               grad_clip=options.grad_clip, optimizer="adam")
+                               grad_clip=options.grad_clip, optimizer="adam",
+                               gradient_accumulation_steps=options.gradient_accumulation_steps,
+                               gradient_checkpointing=options.gradient_checkpointing,
+                               mixed_precision=options.mixed_precision)
     torch.manual_seed(seed)  # dropout, where the architecture has it: the same seed repeats the same run
     label = f"{name}+{setting.mask_score}" if setting.mask_score else name
-    edited = unlearn(setting.model, objective(data), training, mask, progress, label)
+    in_place = setting.target is not None
+    edited = unlearn(setting.target if in_place else setting.model, objective(data), training, mask, progress, label,
+                     in_place=in_place)
     return EditResult(model=edited, masks={"mask": mask} if mask is not None else {})
 
 
@@ -152,12 +172,19 @@ def refusal(setting: LMUnlearnSetting, options: LMUnlearnOptions, seed: int, pro
 
 
 def lm_unlearn(model: nn.Module, tokenizer: Any, forget: Sequence[ChatExample], retain: Sequence[ChatExample],
-               method: str, options: LMUnlearnOptions, seed: int = 0,
-               progress: bool = True) -> tuple[nn.Module, Mask | None]:
+               method: str, options: LMUnlearnOptions, seed: int = 0, progress: bool = True,
+               in_place: bool = False, reference: nn.Module | None = None) -> tuple[nn.Module, Mask | None]:
     """The unlearned copy of `model` (the input is the frozen reference and is not modified) and its mask, for a
-    method named `<objective>[+<mask score>]`."""
+    method named `<objective>[+<mask score>]`.
+
+    `in_place` edits `model` itself (no copy: a model sharded by FSDP2 cannot be copied; every process runs the same
+    call) and returns it. NPO and RMU then need `reference`, an unedited second copy of the model (loaded and sharded
+    like it), to compare against; the mask is scored on `reference` when given, else on `model` before the edit."""
+    if reference is not None and not in_place:
+        raise SafeEditError("reference= is for in_place=True runs; without in_place the input model is the reference")
     resolved = resolve(KIND, method)
     own = resolved.spec.validate(LMUnlearnDefaults.for_method(options, resolved.spec.options))
-    result = resolved.spec.run(LMUnlearnSetting(model, tokenizer, forget, retain, resolved.mask_score), own, seed,
-                               progress)
+    setting = LMUnlearnSetting(reference if reference is not None else model, tokenizer, forget, retain,
+                               resolved.mask_score, target=model if in_place else None)
+    result = resolved.spec.run(setting, own, seed, progress)
     return result.model, result.mask
