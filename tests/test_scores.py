@@ -246,6 +246,50 @@ def test_bfloat16_model_gives_fp32_scores(score):
         assert any(not torch.equal(bf16_sum[n], result[n]) for n in result)
 
 
+@pytest.mark.parametrize("score", ["saliency", "fisher"])
+def test_bfloat16_gradients_add_into_fp32_one_tensor_at_a_time(score, monkeypatch):
+    """A bf16 model's gradients are cast to fp32 per tensor (never a list of fp32 copies of all of them), and the
+    sums are bit-identical to adding every batch's fp32-cast gradient in order."""
+    model = H.make_llama(seed=2).to(torch.bfloat16)
+    batches = H.token_batches(3, lengths=[6, 4], vocab=100, seed=5)
+    fused_calls = []
+    for name in ("_foreach_add_", "_foreach_addcmul_"):
+        original = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda s, *a, o=original: fused_calls.append(len(s)) or o(s, *a))
+    result = scores(model, score, {"forget" if score == "saliency" else "data": batches})
+    assert fused_calls == []  # no fp32 gradient on the fused path: every one was cast and added on its own
+    expected = {n: torch.zeros_like(g) for n, g in result.items()}
+    for grads in H.per_batch_gradients(model, batches):
+        for n, g in grads.items():
+            expected[n].add_(g) if score == "saliency" else expected[n].addcmul_(g, g)
+    for name, value in expected.items():
+        assert torch.equal(result[name], value.abs() if score == "saliency" else value), name
+
+
+def test_fp32_model_keeps_the_fused_accumulation(monkeypatch):
+    model = H.make_mlp(seed=4)
+    fused_calls = []
+    original = torch._foreach_add_
+    monkeypatch.setattr(torch, "_foreach_add_", lambda s, g: fused_calls.append(len(s)) or original(s, g))
+    scores(model, "saliency", {"forget": H.classification_batches(2, seed=1)})
+    assert fused_calls == [6, 6]  # one fused call per batch over all six parameters
+
+
+def test_language_model_loads_in_its_stored_dtype(tmp_path):
+    from safeedit.models.language import load_language_model
+
+    model = H.make_llama(seed=1).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    H.word_chat_tokenizer(["alpha", "beta"]).save_pretrained(tmp_path)
+    default = load_language_model(str(tmp_path), progress=False).model
+    stored = load_language_model(str(tmp_path), progress=False, dtype="stored").model
+    assert {p.dtype for p in default.parameters()} == {torch.float32}  # unchanged default: fp32
+    assert {p.dtype for p in stored.parameters()} == {torch.bfloat16}
+    assert all(torch.equal(a, b.bfloat16()) for a, b in zip(stored.parameters(), default.parameters(), strict=True))
+    with pytest.raises(SafeEditError, match="unknown model dtype 'bf16'"):
+        load_language_model(str(tmp_path), progress=False, dtype="bf16")
+
+
 @pytest.mark.parametrize("score", ["saliency", "wagle", "fisher", "wanda", "magnitude", "random"])
 def test_model_left_exactly_as_found(score):
     model = H.make_cnn(seed=6).train()

@@ -14,7 +14,7 @@ batch at each step, which the driver arranges.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -60,15 +60,26 @@ class Statistic:
         return []
 
 
-def _batch_gradients(states: Tensors, params: Mapping[str, nn.Parameter]) -> tuple[list, list]:
-    """Pairs (state, fp32 gradient on the state's device) for parameters that received a gradient."""
-    state_list, grad_list = [], []
+def _add_gradients(states: Tensors, params: Mapping[str, nn.Parameter], fused: Callable, single: Callable) -> None:
+    """Add this batch's gradient of every parameter that received one into its fp32 state.
+
+    fp32 gradients already on the state's device (an fp32 model) go through one fused `torch._foreach_*` call
+    `fused(states, grads)`, with no copies. The others (a bf16 model's, or gradients on the accelerator with the
+    states kept on the CPU) are cast one tensor at a time by `single(state, fp32_grad)`, so the extra memory is one
+    tensor rather than an fp32 copy of every gradient; bf16 -> fp32 is exact, so the sums do not change."""
+    fused_states, fused_grads = [], []
     for name, state in states.items():
         grad = params[name].grad
-        if grad is not None:  # a parameter the loss does not reach contributes zero
-            state_list.append(state)
-            grad_list.append(local(grad).to(device=state.device, dtype=torch.float32))
-    return state_list, grad_list
+        if grad is None:  # a parameter the loss does not reach contributes zero
+            continue
+        grad = local(grad)
+        if grad.dtype == state.dtype and grad.device == state.device:
+            fused_states.append(state)
+            fused_grads.append(grad)
+        else:
+            single(state, grad.to(device=state.device, dtype=state.dtype))  # the cast copy is dropped right after
+    if fused_states:
+        fused(fused_states, fused_grads)
 
 
 @dataclass(frozen=True)
@@ -78,9 +89,7 @@ class GradientSum(Statistic):
     kind: ClassVar[str] = "gradient"
 
     def after_backward(self, states: Tensors, params: Mapping[str, nn.Parameter]) -> None:
-        state_list, grad_list = _batch_gradients(states, params)
-        if state_list:
-            torch._foreach_add_(state_list, grad_list)
+        _add_gradients(states, params, torch._foreach_add_, torch.Tensor.add_)
 
 
 @dataclass(frozen=True)
@@ -91,9 +100,9 @@ class SquaredGradientSum(Statistic):
     kind: ClassVar[str] = "squared_gradient"
 
     def after_backward(self, states: Tensors, params: Mapping[str, nn.Parameter]) -> None:
-        state_list, grad_list = _batch_gradients(states, params)
-        if state_list:
-            torch._foreach_addcmul_(state_list, grad_list, grad_list)
+        _add_gradients(
+            states, params, lambda s, g: torch._foreach_addcmul_(s, g, g), lambda s, g: s.addcmul_(g, g)
+        )
 
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
