@@ -43,6 +43,9 @@ class Statistic:
     role: str
     needs_backward: ClassVar[bool] = True  # states read from `param.grad`, shaped like the (local) parameters
     linear: ClassVar[bool] = True  # a batch adds a linear function of its gradient (see the module docstring)
+    # the plain sum of the gradients, which autograd itself accumulates in `param.grad` across backward passes: the
+    # driver lets it do so (no state set of its own) where that sum is the same, bit for bit (see `stream.py`)
+    summed_by_autograd: ClassVar[bool] = False
     kind: ClassVar[str] = ""
 
     def init_states(self, model: nn.Module, params: Mapping[str, nn.Parameter], device: torch.device | None) -> Tensors:
@@ -87,6 +90,7 @@ class GradientSum(Statistic):
     """g = Σ_batches ∇θ ℓ(batch)."""
 
     kind: ClassVar[str] = "gradient"
+    summed_by_autograd: ClassVar[bool] = True
 
     def after_backward(self, states: Tensors, params: Mapping[str, nn.Parameter]) -> None:
         _add_gradients(states, params, torch._foreach_add_, torch.Tensor.add_)
