@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure import GiB, device_name, forward_backward, median, peak_memory, random_llama, timed, token_batches
+from measure import GiB, Peak, device_name, forward_backward, median, peak_memory, random_llama, timed, token_batches
 
 from safeedit import Mask, compute_scores
 from safeedit.unlearn.masked import masked_training
@@ -46,63 +48,94 @@ def adamw_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
     optimizer.zero_grad(set_to_none=True)
 
 
-def run(size: str, device: torch.device) -> tuple[list[tuple], str]:
-    """Measure every stage; return the table rows (stage, seconds, ratio text, peak bytes, extra bytes) and a header."""
+@dataclass
+class Row:
+    stage: str
+    seconds: float | None = None
+    note: str = ""
+    memory: Peak = field(default_factory=Peak)
+
+
+def guarded(device: torch.device, function: Callable[[], None]) -> str:
+    """Run one stage; a failure becomes a note instead of ending the run (a GPU run is minutes of lent time)."""
+    try:
+        function()
+        return ""
+    except Exception as error:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return f"FAILED: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"
+
+
+def run(size: str, device: torch.device) -> tuple[list[Row], str, int]:
+    """Measure every stage; return the table rows, a header and the parameter count."""
     model_size, count, batch, length, repeats = PRESETS[size]
     model = random_llama(model_size, torch.bfloat16, device)
     params = sum(p.numel() for p in model.parameters())
     batches = token_batches(count, batch, length, model.config.vocab_size, device)
     header = (f"device: {device_name(device)}\nmodel: random-init Llama {model_size}, {params:,} parameters, bfloat16; "
               f"{count} batches of {batch} x {length} tokens per pass; medians of {repeats} interleaved repeats")
+    bare_row, score_row, topk_row, step_row, masked_row = rows = [Row(stage) for stage in STAGES]
+    bare, scoring, unmasked, masked = [], [], [], []
+    held: dict[str, object] = {}
 
-    def score() -> dict:
-        return compute_scores(model, "saliency", {"forget": batches}, progress=False)
+    def attribution() -> None:
+        forward_backward(model, batches[:1])  # warm-up (kernels, allocator)
+        for _ in range(repeats):
+            held.pop("scores", None)  # the previous repeat's scores are dropped before anything else is measured
+            with peak_memory(device) as bare_row.memory:
+                bare.append(timed(device, lambda: forward_backward(model, batches))[0])
+            with peak_memory(device) as score_row.memory:
+                seconds, held["scores"] = timed(
+                    device, lambda: compute_scores(model, "saliency", {"forget": batches}, progress=False))
+            scoring.append(seconds)
 
-    forward_backward(model, batches[:1])  # warm-up (kernels, allocator)
-    bare, scoring, memory, scores = [], [], {}, {}
-    for _ in range(repeats):
-        scores = {}  # the previous repeat's scores are dropped before anything else is measured
-        with peak_memory(device) as memory["bare"]:
-            bare.append(timed(device, lambda: forward_backward(model, batches))[0])
-        with peak_memory(device) as memory["scores"]:
-            seconds, scores = timed(device, score)
-        scoring.append(seconds)
-    with peak_memory(device) as memory["top-k"]:
-        topk_seconds, mask = timed(device, lambda: Mask.top_k(scores, RATIO))
-    selected, total = mask.selected, mask.total
-    scores = {}
+    failure = guarded(device, attribution)
+    bare_row.seconds, score_row.seconds = median(bare) if bare else None, median(scoring) if scoring else None
+    bare_row.note = "1.00 (baseline)" if bare else failure
+    score_row.note = (f"{bare_row.seconds / score_row.seconds:.2f} throughput of bare (target >= "
+                      f"{TARGET_SCORE_THROUGHPUT})" if bare and scoring else failure)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    step = batches[0]
-    adamw_step(model, optimizer, step)  # warm-up; allocates the optimizer state
-    unmasked, masked = [], []
-    for _ in range(repeats):
-        with peak_memory(device) as memory["step"]:
-            unmasked.append(timed(device, lambda: adamw_step(model, optimizer, step))[0])
-        # entering masked_training (saving the masked-out values) is not timed, nor measured
-        with masked_training(model, mask, optimizer), peak_memory(device) as memory["masked"]:
-            masked.append(timed(device, lambda: adamw_step(model, optimizer, step))[0])
+    def selection() -> None:
+        if "scores" not in held:  # scoring failed: select from random scores, so the stage is still measured
+            topk_row.note = "random scores (scoring failed); "
+            held["scores"] = {n: torch.rand(p.shape, device=device) for n, p in model.named_parameters()}
+        with peak_memory(device) as topk_row.memory:
+            topk_row.seconds, mask = timed(device, lambda: Mask.top_k(held["scores"], RATIO))
+        topk_row.note += f"{mask.selected:,} of {mask.total:,} scores"
+        held["mask"] = mask
 
-    bare_s, score_s = median(bare), median(scoring)
-    step_s, masked_s = median(unmasked), median(masked)
-    rows = [
-        (STAGES[0], bare_s, "1.00 (baseline)", memory["bare"]),
-        (STAGES[1], score_s, f"{bare_s / score_s:.2f} throughput of bare (target >= {TARGET_SCORE_THROUGHPUT})",
-         memory["scores"]),
-        (STAGES[2], topk_seconds, f"{selected:,} of {total:,} scores", memory["top-k"]),
-        (STAGES[3], step_s, "1.00 (baseline)", memory["step"]),
-        (STAGES[4], masked_s, f"{masked_s / step_s:.2f}x unmasked (target <= {TARGET_MASKED_STEP})",
-         memory["masked"]),
-    ]
-    return [(stage, seconds, ratio, peak.peak, peak.extra, params) for stage, seconds, ratio, peak in rows], header
+    failure = guarded(device, selection)
+    topk_row.note = failure or topk_row.note
+    held.pop("scores", None)
+    if "mask" not in held:
+        held["mask"] = Mask({n: torch.rand(p.shape, device=device) < RATIO for n, p in model.named_parameters()})
+
+    def steps() -> None:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        adamw_step(model, optimizer, batches[0])  # warm-up; allocates the optimizer state
+        for _ in range(repeats):
+            with peak_memory(device) as step_row.memory:
+                unmasked.append(timed(device, lambda: adamw_step(model, optimizer, batches[0]))[0])
+            # entering masked_training (saving the masked-out values) is neither timed nor measured
+            with masked_training(model, held["mask"], optimizer), peak_memory(device) as masked_row.memory:
+                masked.append(timed(device, lambda: adamw_step(model, optimizer, batches[0]))[0])
+
+    failure = guarded(device, steps)
+    step_row.seconds, masked_row.seconds = median(unmasked) if unmasked else None, median(masked) if masked else None
+    step_row.note = "1.00 (baseline)" if unmasked else failure
+    masked_row.note = (f"{masked_row.seconds / step_row.seconds:.2f}x unmasked (target <= {TARGET_MASKED_STEP})"
+                       if unmasked and masked else failure)
+    return rows, header, params
 
 
-def table(rows: list[tuple], header: str) -> str:
+def table(rows: list[Row], header: str, params: int) -> str:
     lines = [header, f"{'stage':<22} {'time (ms)':>11} {'peak (GiB)':>11} {'extra (B/param)':>16}  ratio"]
-    for stage, seconds, ratio, peak, extra, params in rows:
-        peak_text = f"{peak / GiB:.2f}" if peak is not None else "-"
-        extra_text = f"{extra / params:.2f}" if extra is not None else "-"
-        lines.append(f"{stage:<22} {seconds * 1e3:>11.1f} {peak_text:>11} {extra_text:>16}  {ratio}")
+    for row in rows:
+        seconds = f"{row.seconds * 1e3:.1f}" if row.seconds is not None else "-"
+        peak = f"{row.memory.peak / GiB:.2f}" if row.memory.peak is not None else "-"
+        extra = f"{row.memory.extra / params:.2f}" if row.memory.extra is not None else "-"
+        lines.append(f"{row.stage:<22} {seconds:>11} {peak:>11} {extra:>16}  {row.note}")
     return "\n".join(lines)
 
 

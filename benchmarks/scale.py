@@ -9,7 +9,8 @@ Every measurement runs in its own fresh process (`--job`), so one stage's freed 
 the processes run with a fixed glibc mmap threshold (MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves the resident
 set at once. Memory is the peak resident set (VmHWM, reset before each stage) minus the resident set when the stage
 started, in bytes per model parameter: what the stage adds on top of what it was given (the model, or the scores,
-or the three models to merge; "held" says how much that was, also per parameter). Time is the process's CPU time.
+or the three models to merge; "start MiB" is the resident set then, the interpreter and libraries included). Time
+is the process's CPU time. A job that would not fit the memory this machine has free is skipped, with a note.
 
 - forward+backward: the bare loop (forward, backward, drop the gradients) over the data; every ratio is to it.
 - scores: `compute_scores(model, "saliency")` over the same batches, once with --batches batches and once with
@@ -102,6 +103,25 @@ def job_merge(args: argparse.Namespace) -> dict:
 
 
 JOBS = {"score": job_score, "select": job_select, "merge": job_merge}
+# A job's resident set per parameter (what it holds plus its extra, from the 10M-50M runs, rounded up; scores are fp32
+# whatever the model's dtype) and the interpreter with torch and transformers: a job that would not fit what this
+# machine has free is skipped.
+NEEDS = {"float32": {"score": 12.0, "select": 9.0, "merge": 28.0},
+         "bfloat16": {"score": 10.0, "select": 9.0, "merge": 15.0}}
+BASE_RSS = 600 << 20
+
+
+def _available() -> int | None:
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        return next((int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")), None)
+
+
+def fits(job: str, params: int, dtype: str) -> tuple[bool, str]:
+    need = BASE_RSS + NEEDS[dtype][job] * params
+    free = _available()
+    if free is None or need < 0.9 * free:
+        return True, ""
+    return False, f"skipped: needs ~{need / (1 << 30):.0f} GiB, {free / (1 << 30):.0f} GiB free"
 
 
 def spawn(job: str, size: str, args: argparse.Namespace, batches: int) -> dict:
@@ -123,28 +143,35 @@ def per_param(value: int | None, params: int) -> str:
 
 def report(args: argparse.Namespace) -> str:
     lines = [f"CPU, {args.threads} thread(s), torch {torch.__version__}; random-init Llama in {args.dtype}; "
-             f"batches of {args.batch_size} x {args.length} tokens; top-k ratio {RATIO}",
-             f"{'size':>5} {'params':>13} {'stage':<24} {'CPU s':>8} {'ratio':>7} {'held B/p':>9} {'extra B/p':>10}"]
+             f"batches of {args.batch_size} x {args.length} tokens; top-k ratio {RATIO}; CPU seconds; extra = peak RSS "
+             "growth per parameter",
+             f"{'size':>5} {'params':>13} {'stage':<24} {'CPU s':>8} {'ratio':>7} {'start MiB':>10} {'extra B/p':>10}"]
     for size in args.sizes:
-        small = spawn("score", size, args, args.batches)
-        large = spawn("score", size, args, 2 * args.batches)
-        select, merge = spawn("select", size, args, 1), spawn("merge", size, args, 1)
-        params = small["params"]
-        per_batch = small["bare_seconds"] / args.batches
-        rows = [
-            (f"forward+backward x{args.batches}", small["bare_seconds"], 1.0, small["held"], small["bare_extra"]),
-            (f"scores x{args.batches}", small["score_seconds"], small["score_seconds"] / small["bare_seconds"],
-             small["held"], small["score_extra"]),
-            (f"forward+backward x{2 * args.batches}", large["bare_seconds"], 1.0, large["held"], large["bare_extra"]),
-            (f"scores x{2 * args.batches}", large["score_seconds"], large["score_seconds"] / large["bare_seconds"],
-             large["held"], large["score_extra"]),
-            ("top-k (global)", select["seconds"], select["seconds"] / per_batch, select["held"], select["extra"]),
-            ("merge (task arithmetic)", merge["seconds"], merge["seconds"] / per_batch, merge["held"],
-             merge["extra"]),
-        ]
-        for stage, seconds, ratio, held, extra in rows:
-            lines.append(f"{size:>5} {params:>13,} {stage:<24} {seconds:>8.2f} {ratio:>7.2f} {held:>9.2f} "
-                         f"{per_param(extra, params):>10}")
+        params = parameter_count(size)
+        results = {}
+        for job, batches in (("score", args.batches), ("score2", 2 * args.batches), ("select", 1), ("merge", 1)):
+            ok, why = fits(job.rstrip("2"), params, args.dtype)
+            results[job] = spawn(job.rstrip("2"), size, args, batches) if ok else {"skipped": why}
+            if not ok:
+                print(f"[scale] {size} {job}: {why}", file=sys.stderr, flush=True)
+        rows = []  # (stage, job result, its time key, the bare time it is a ratio to, its extra-memory key)
+        for job, batches in (("score", args.batches), ("score2", 2 * args.batches)):
+            result = results[job]
+            bare = result.get("bare_seconds")
+            rows.append((f"forward+backward x{batches}", result, "bare_seconds", bare, "bare_extra"))
+            rows.append((f"scores x{batches}", result, "score_seconds", bare, "score_extra"))
+        one_batch = results["score"].get("bare_seconds", 0.0) / args.batches
+        rows.append(("top-k (global)", results["select"], "seconds", one_batch, "extra"))
+        rows.append(("merge (task arithmetic)", results["merge"], "seconds", one_batch, "extra"))
+        for stage, result, time_key, bare, extra_key in rows:
+            if "skipped" in result:
+                lines.append(f"{size:>5} {params:>13,} {stage:<24} {result['skipped']}")
+                continue
+            seconds = result[time_key]
+            ratio = f"{seconds / bare:.2f}" if bare else "-"
+            start = f"{result['held'] * params / (1 << 20):.0f}"
+            lines.append(f"{size:>5} {params:>13,} {stage:<24} {seconds:>8.2f} {ratio:>7} {start:>10} "
+                         f"{per_param(result[extra_key], params):>10}")
     return "\n".join(lines)
 
 

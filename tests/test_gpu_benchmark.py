@@ -9,20 +9,41 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def test_gpu_benchmark_small_prints_every_stage(monkeypatch, capsys):
+def load(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location("gpu_benchmark", BENCHMARKS / "gpu.py")
     gpu = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "gpu_benchmark", gpu)
     spec.loader.exec_module(gpu)
+    return gpu
+
+
+def rows_of(text: str) -> dict[str, str]:
+    return {line[:22].strip(): line for line in text.splitlines()[3:]}
+
+
+def test_gpu_benchmark_small_prints_every_stage(monkeypatch, capsys):
+    gpu = load(monkeypatch)
     gpu.main(["--size", "small"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("device: CPU")
-    rows = {line[:22].strip(): line for line in lines[3:]}
+    rows = rows_of("\n".join(lines))
     assert list(rows) == list(gpu.STAGES)
     for stage, line in rows.items():
-        milliseconds = float(line[22:34])
-        assert milliseconds > 0, stage
+        assert float(line[22:34]) > 0, stage  # a time in milliseconds
+        assert "FAILED" not in line, line
     assert "throughput of bare" in rows["scores (saliency)"]
     assert "1,208,640 of 2,417,280 scores" in rows["top-k (global, 50%)"]  # the 50% mask over the whole model
     assert "x unmasked" in rows["masked AdamW step"]
+
+
+def test_a_failing_stage_is_reported_and_the_rest_still_run(monkeypatch):
+    gpu = load(monkeypatch)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this\nsecond line")
+
+    monkeypatch.setattr(gpu.Mask, "top_k", broken)
+    rows = rows_of(gpu.table(*gpu.run("small", gpu.torch.device("cpu"))))
+    assert rows["top-k (global, 50%)"].endswith("FAILED: RuntimeError: no kernel for this")
+    assert "x unmasked" in rows["masked AdamW step"]  # measured with a random 50% mask instead
