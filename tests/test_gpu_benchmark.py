@@ -1,4 +1,5 @@
-"""Smoke test of benchmarks/gpu.py: its CPU size runs in seconds and prints every stage (no timing is asserted)."""
+"""Smoke tests of the scaling benchmarks: benchmarks/gpu.py at its CPU size, benchmarks/scale.py's jobs at 2.4M
+parameters (seconds each; no timing is asserted)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def load(monkeypatch):
+def load(monkeypatch, name: str = "gpu"):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", BENCHMARKS / "gpu.py")
-    gpu = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "gpu_benchmark", gpu)
-    spec.loader.exec_module(gpu)
-    return gpu
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, f"{name}_benchmark", module)
+    spec.loader.exec_module(module)
+    return module
 
 
 def rows_of(text: str) -> dict[str, str]:
@@ -47,3 +48,18 @@ def test_a_failing_stage_is_reported_and_the_rest_still_run(monkeypatch):
     rows = rows_of(gpu.table(*gpu.run("small", gpu.torch.device("cpu"))))
     assert rows["top-k (global, 50%)"].endswith("FAILED: RuntimeError: no kernel for this")
     assert "x unmasked" in rows["masked AdamW step"]  # measured with a random 50% mask instead
+
+
+def test_scale_benchmark_jobs_measure_time_and_memory(monkeypatch):
+    scale = load(monkeypatch, "scale")
+    args = scale.argparse.Namespace(size="3M", batches=1, batch_size=1, length=8, dtype="float32", threads=1)
+    score = scale.job_score(args)
+    assert score["params"] == 2_417_280
+    assert score["bare_seconds"] > 0 and score["score_seconds"] > 0
+    for job in (scale.job_select, scale.job_merge):
+        result = job(args)
+        assert result["params"] == 2_417_280 and result["seconds"] > 0
+        if sys.platform == "linux":  # the peak resident set is read from /proc
+            assert result["extra"] is not None
+    ok, why = scale.fits("merge", 10**15, "float32")
+    assert not ok and why.startswith("skipped: needs ~")
