@@ -3,7 +3,8 @@
 Each statistic reads one data role ("forget", "retain", "calibration", "data"), keeps fp32 states whatever the
 model's dtype, adds into them batch after batch, and declares its reduction across processes: all of them are
 sums, so a distributed pass is the same code followed by one all-reduce. Memory is one state set per statistic,
-nothing proportional to the data.
+nothing proportional to the data; a plain gradient sum of an fp32 model needs none of its own (autograd sums it in
+`param.grad`, see `stream._summed_in_grad`), and a bf16 model's gradients are cast to fp32 one tensor at a time.
 
 Under FSDP2 a statistic read from gradients keeps the state of this process's shard only (see
 `safeedit.sharding`): the sharded gradient it reads is already reduced across processes, a mean over the
