@@ -246,6 +246,109 @@ def test_bfloat16_model_gives_fp32_scores(score):
         assert any(not torch.equal(bf16_sum[n], result[n]) for n in result)
 
 
+@pytest.mark.parametrize("score", ["saliency", "fisher"])
+def test_bfloat16_gradients_add_into_fp32_one_tensor_at_a_time(score, monkeypatch):
+    """A bf16 model's gradients are cast to fp32 per tensor (never a list of fp32 copies of all of them), and the
+    sums are bit-identical to adding every batch's fp32-cast gradient in order."""
+    model = H.make_llama(seed=2).to(torch.bfloat16)
+    batches = H.token_batches(3, lengths=[6, 4], vocab=100, seed=5)
+    fused_calls = []
+    for name in ("_foreach_add_", "_foreach_addcmul_"):
+        original = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda s, *a, o=original: fused_calls.append(len(s)) or o(s, *a))
+    result = scores(model, score, {"forget" if score == "saliency" else "data": batches})
+    assert fused_calls == []  # no fp32 gradient on the fused path: every one was cast and added on its own
+    expected = {n: torch.zeros_like(g) for n, g in result.items()}
+    for grads in H.per_batch_gradients(model, batches):
+        for n, g in grads.items():
+            expected[n].add_(g) if score == "saliency" else expected[n].addcmul_(g, g)
+    for name, value in expected.items():
+        assert torch.equal(result[name], value.abs() if score == "saliency" else value), name
+
+
+def test_fp32_model_keeps_the_fused_accumulation(monkeypatch):
+    model = H.make_mlp(seed=4)
+    fused_calls = []
+    original = torch._foreach_addcmul_
+    monkeypatch.setattr(torch, "_foreach_addcmul_", lambda s, *a: fused_calls.append(len(s)) or original(s, *a))
+    scores(model, "fisher", {"data": H.classification_batches(2, seed=1)})
+    assert fused_calls == [6, 6]  # one fused call per batch over all six parameters
+
+
+@pytest.mark.parametrize("score", ["saliency", "wagle"])
+def test_fp32_gradient_sums_accumulate_in_grad_bit_identically(score, monkeypatch):
+    """On an fp32 model autograd sums the gradients in `param.grad`: no fp32 state set is allocated for a gradient
+    sum (wagle holds one set, its forget sum, while the retain pass runs), and the scores are bit-identical to
+    adding every batch's gradient into zeros in order."""
+    model = H.make_llama(seed=6)
+    forget = H.token_batches(3, lengths=[6, 4], vocab=100, seed=7)
+    retain = H.token_batches(2, lengths=[5, 5], vocab=100, seed=8)
+    from safeedit.attribution.statistics import GradientSum
+
+    allocated = []
+    original = GradientSum.init_states
+    monkeypatch.setattr(GradientSum, "init_states", lambda self, *a: allocated.append(self.role) or original(self, *a))
+    result = scores(model, score, data_for(score, forget, retain), options={"gamma": 3.0} if score == "wagle" else None)
+    assert allocated == []
+
+    def state_sum(batches):
+        total = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+        for grads in H.per_batch_gradients(model, batches):
+            for n, g in grads.items():
+                total[n].add_(g)
+        return total
+
+    g_f = state_sum(forget)
+    if score == "saliency":
+        expected = {n: g.abs() for n, g in g_f.items()}
+    else:
+        weights = dict(model.named_parameters())
+        expected = {n: g_r.div(-3.0).add(weights[n].detach()).mul(g_f[n]).abs() for n, g_r in state_sum(retain).items()}
+    for name, value in expected.items():
+        assert torch.equal(result[name].view(torch.int32), value.view(torch.int32)), name
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_gradient_sums_keep_their_states_where_autograd_would_sum_differently(monkeypatch):
+    """bf16 gradients (autograd would sum them in bf16), states kept elsewhere, or a role that also squares its
+    gradients: the gradient sum gets its fp32 states."""
+    from safeedit.attribution.statistics import GradientSum
+
+    allocated = []
+    original = GradientSum.init_states
+    monkeypatch.setattr(GradientSum, "init_states", lambda self, *a: allocated.append(self.role) or original(self, *a))
+    forget = H.classification_batches(2, seed=1, dtype=torch.bfloat16)
+    scores(H.make_mlp(seed=1, dtype=torch.bfloat16), "saliency", {"forget": forget})
+    assert allocated == ["forget"]
+    scores(H.make_mlp(seed=1), "saliency", {"forget": H.classification_batches(2, seed=1)}, state_device="meta")
+    assert allocated == ["forget", "forget"]
+
+
+def test_a_sum_of_negative_zeros_reads_positive_zero_as_a_state_sum_does():
+    from safeedit.attribution.stream import _take_grads
+
+    param = nn.Parameter(torch.ones(3))
+    param.grad = torch.tensor([-0.0, 0.0, -2.5])
+    taken = _take_grads({"p": param})["p"]
+    assert taken.view(torch.int32).tolist() == torch.tensor([0.0, 0.0, -2.5]).view(torch.int32).tolist()
+    assert param.grad is None
+
+
+def test_language_model_loads_in_its_stored_dtype(tmp_path):
+    from safeedit.models.language import load_language_model
+
+    model = H.make_llama(seed=1).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    H.word_chat_tokenizer(["alpha", "beta"]).save_pretrained(tmp_path)
+    default = load_language_model(str(tmp_path), progress=False).model
+    stored = load_language_model(str(tmp_path), progress=False, dtype="stored").model
+    assert {p.dtype for p in default.parameters()} == {torch.float32}  # unchanged default: fp32
+    assert {p.dtype for p in stored.parameters()} == {torch.bfloat16}
+    assert all(torch.equal(a, b.bfloat16()) for a, b in zip(stored.parameters(), default.parameters(), strict=True))
+    with pytest.raises(SafeEditError, match="unknown model dtype 'bf16'"):
+        load_language_model(str(tmp_path), progress=False, dtype="bf16")
+
+
 @pytest.mark.parametrize("score", ["saliency", "wagle", "fisher", "wanda", "magnitude", "random"])
 def test_model_left_exactly_as_found(score):
     model = H.make_cnn(seed=6).train()

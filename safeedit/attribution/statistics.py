@@ -3,7 +3,8 @@
 Each statistic reads one data role ("forget", "retain", "calibration", "data"), keeps fp32 states whatever the
 model's dtype, adds into them batch after batch, and declares its reduction across processes: all of them are
 sums, so a distributed pass is the same code followed by one all-reduce. Memory is one state set per statistic,
-nothing proportional to the data.
+nothing proportional to the data; a plain gradient sum of an fp32 model needs none of its own (autograd sums it in
+`param.grad`, see `stream._summed_in_grad`), and a bf16 model's gradients are cast to fp32 one tensor at a time.
 
 Under FSDP2 a statistic read from gradients keeps the state of this process's shard only (see
 `safeedit.sharding`): the sharded gradient it reads is already reduced across processes, a mean over the
@@ -14,7 +15,7 @@ batch at each step, which the driver arranges.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -43,6 +44,9 @@ class Statistic:
     role: str
     needs_backward: ClassVar[bool] = True  # states read from `param.grad`, shaped like the (local) parameters
     linear: ClassVar[bool] = True  # a batch adds a linear function of its gradient (see the module docstring)
+    # the plain sum of the gradients, which autograd itself accumulates in `param.grad` across backward passes: the
+    # driver lets it do so (no state set of its own) where that sum is the same, bit for bit (see `stream.py`)
+    summed_by_autograd: ClassVar[bool] = False
     kind: ClassVar[str] = ""
 
     def init_states(self, model: nn.Module, params: Mapping[str, nn.Parameter], device: torch.device | None) -> Tensors:
@@ -60,15 +64,26 @@ class Statistic:
         return []
 
 
-def _batch_gradients(states: Tensors, params: Mapping[str, nn.Parameter]) -> tuple[list, list]:
-    """Pairs (state, fp32 gradient on the state's device) for parameters that received a gradient."""
-    state_list, grad_list = [], []
+def _add_gradients(states: Tensors, params: Mapping[str, nn.Parameter], fused: Callable, single: Callable) -> None:
+    """Add this batch's gradient of every parameter that received one into its fp32 state.
+
+    fp32 gradients already on the state's device (an fp32 model) go through one fused `torch._foreach_*` call
+    `fused(states, grads)`, with no copies. The others (a bf16 model's, or gradients on the accelerator with the
+    states kept on the CPU) are cast one tensor at a time by `single(state, fp32_grad)`, so the extra memory is one
+    tensor rather than an fp32 copy of every gradient; bf16 -> fp32 is exact, so the sums do not change."""
+    fused_states, fused_grads = [], []
     for name, state in states.items():
         grad = params[name].grad
-        if grad is not None:  # a parameter the loss does not reach contributes zero
-            state_list.append(state)
-            grad_list.append(local(grad).to(device=state.device, dtype=torch.float32))
-    return state_list, grad_list
+        if grad is None:  # a parameter the loss does not reach contributes zero
+            continue
+        grad = local(grad)
+        if grad.dtype == state.dtype and grad.device == state.device:
+            fused_states.append(state)
+            fused_grads.append(grad)
+        else:
+            single(state, grad.to(device=state.device, dtype=state.dtype))  # the cast copy is dropped right after
+    if fused_states:
+        fused(fused_states, fused_grads)
 
 
 @dataclass(frozen=True)
@@ -76,11 +91,10 @@ class GradientSum(Statistic):
     """g = Σ_batches ∇θ ℓ(batch)."""
 
     kind: ClassVar[str] = "gradient"
+    summed_by_autograd: ClassVar[bool] = True
 
     def after_backward(self, states: Tensors, params: Mapping[str, nn.Parameter]) -> None:
-        state_list, grad_list = _batch_gradients(states, params)
-        if state_list:
-            torch._foreach_add_(state_list, grad_list)
+        _add_gradients(states, params, torch._foreach_add_, torch.Tensor.add_)
 
 
 @dataclass(frozen=True)
@@ -91,9 +105,9 @@ class SquaredGradientSum(Statistic):
     kind: ClassVar[str] = "squared_gradient"
 
     def after_backward(self, states: Tensors, params: Mapping[str, nn.Parameter]) -> None:
-        state_list, grad_list = _batch_gradients(states, params)
-        if state_list:
-            torch._foreach_addcmul_(state_list, grad_list, grad_list)
+        _add_gradients(
+            states, params, lambda s, g: torch._foreach_addcmul_(s, g, g), lambda s, g: s.addcmul_(g, g)
+        )
 
 
 LINEAR_TYPES = (nn.Linear, Conv1D)

@@ -118,11 +118,15 @@ def compute_scores(
 
     states: dict[str, Tensors] = {}
     scale: dict[str, int] = {}  # per role: what turns FSDP's mean over processes back into a sum
+    in_grad = _summed_in_grad(spec.statistics, params, shards, state_device)
     with attribution_mode(model, params):
         for arg, stat in spec.statistics.items():
-            states[arg] = stat.init_states(model, params, torch.device(state_device) if state_device else None)
+            if arg not in in_grad:
+                states[arg] = stat.init_states(model, params, torch.device(state_device) if state_device else None)
         for role in spec.roles:
-            role_stats = {arg: (stat, states[arg]) for arg, stat in spec.statistics.items() if stat.role == role}
+            role_stats = {arg: (stat, states[arg]) for arg, stat in spec.statistics.items()
+                          if stat.role == role and arg not in in_grad}
+            role_in_grad = [arg for arg in in_grad if spec.statistics[arg].role == role]
             every_batch = shards is not None and not all(stat.linear for stat, _ in role_stats.values())
             if every_batch and not shard:
                 raise SafeEditError(
@@ -133,7 +137,10 @@ def compute_scores(
             batches = shard_batches(data[role], rank, world) if shard and not every_batch else data[role]
             batches = _progress(batches, f"{score}: {role}", progress and rank == 0)
             steps = lockstep(batches, data[role]) if shards is not None else ((batch, True) for batch in batches)
-            seen = torch.tensor([_stream(model, steps, role, role_stats, params, loss_fn, forward_fn, device)])
+            seen = torch.tensor([_stream(model, steps, role, role_stats, params, loss_fn, forward_fn, device,
+                                         keep_grad=bool(role_in_grad))])
+            for arg in role_in_grad:
+                states[arg] = _take_grads(params)
             all_reduce_sum([seen])
             if seen.item() == 0:
                 raise SafeEditError(f"the {role} data is empty; give at least one example")
@@ -170,12 +177,48 @@ def _reduce(
                 )
 
 
-def _stream(model, steps, role, role_stats, params, loss_fn, forward_fn, device) -> int:
+def _summed_in_grad(
+    statistics: Mapping[str, Statistic], params: Mapping[str, nn.Parameter], shards: Shards | None,
+    state_device: str | torch.device | None,
+) -> set[str]:
+    """The gradient sums autograd accumulates in `param.grad` itself, across the backward passes of their role,
+    instead of adding each batch's gradient into an fp32 state set of their own: one full-size fp32 set fewer
+    (`wagle`: one accumulator set, not two; `saliency`: none). Chosen where that sum is the states' sum bit for bit:
+    fp32 plain (unsharded) parameters, the states on the parameters' devices, and the sum the only backward statistic
+    of its role. A bf16 model's gradients would be summed in bf16, and FSDP's sharded gradients are scaled and
+    padded by lock steps: those keep their states."""
+    if shards is not None or any(p.dtype != torch.float32 for p in params.values()):
+        return set()
+    if state_device is not None and any(p.device != torch.device(state_device) for p in params.values()):
+        return set()
+    chosen = set()
+    for role in dict.fromkeys(stat.role for stat in statistics.values()):
+        backward = [arg for arg, stat in statistics.items() if stat.role == role and stat.needs_backward]
+        if len(backward) == 1 and statistics[backward[0]].summed_by_autograd:
+            chosen.add(backward[0])
+    return chosen
+
+
+def _take_grads(params: Mapping[str, nn.Parameter]) -> Tensors:
+    """The gradients autograd summed over a role's batches, taken off the parameters as that role's states.
+
+    Autograd's sum g1 + g2 + ... equals the states' 0 + g1 + g2 + ... bit for bit but for the sign of a sum that is
+    exactly zero (-0.0 where every term was -0.0); adding +0.0 once makes it +0.0, as the states' is."""
+    taken = {}
+    for name, p in params.items():
+        grad, p.grad = p.grad, None
+        taken[name] = grad.add_(0.0) if grad is not None else torch.zeros(p.shape, dtype=torch.float32,
+                                                                          device=p.device)
+    return taken
+
+
+def _stream(model, steps, role, role_stats, params, loss_fn, forward_fn, device, keep_grad: bool = False) -> int:
     """Add every (batch, counts) step into the role's statistics, a step that does not count with weight 0;
-    return the number of counted batches this process saw."""
+    return the number of counted batches this process saw. With `keep_grad`, the gradients are left to accumulate
+    in `param.grad` across the role's batches (see `_summed_in_grad`)."""
     context = BatchContext()
     hooks = [h for stat, state in role_stats.values() for h in stat.attach(model, state, context)]
-    needs_backward = any(stat.needs_backward for stat, _ in role_stats.values())
+    needs_backward = keep_grad or any(stat.needs_backward for stat, _ in role_stats.values())
     seen = 0
     try:
         for index, (batch, counts) in enumerate(steps):
@@ -191,8 +234,9 @@ def _stream(model, steps, role, role_stats, params, loss_fn, forward_fn, device)
                 loss.backward()
                 for stat, state in role_stats.values():
                     stat.after_backward(state, params)
-                for p in params.values():
-                    p.grad = None
+                if not keep_grad:
+                    for p in params.values():
+                        p.grad = None
             else:
                 with torch.no_grad():
                     forward_fn(model, batch)

@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import unittest.mock
 from pathlib import Path
+from typing import Literal
 
 import torch
 import transformers
@@ -69,10 +70,23 @@ def smollm2_folder(progress: bool = True) -> Path:
     return folder
 
 
-def load_language_model(spec: str, trust_remote_code: bool = False, progress: bool = True) -> LoadedModel:
-    """`smollm2-135m-instruct` (embedded), a folder holding a causal LM and its tokenizer, or a hub id."""
+LoadDtype = Literal["float32", "bfloat16", "float16", "stored"]
+LOAD_DTYPES: dict[str, torch.dtype | str] = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "stored": "auto",
+}
+
+
+def load_language_model(spec: str, trust_remote_code: bool = False, progress: bool = True,
+                        dtype: LoadDtype = "float32") -> LoadedModel:
+    """`smollm2-135m-instruct` (embedded), a folder holding a causal LM and its tokenizer, or a hub id.
+
+    `dtype` is the weights' dtype in memory: float32 (the default, what every embedded scenario is measured in), a
+    half type, or `stored`, the checkpoint's own (a bf16 checkpoint stays bf16: half the memory of fp32; scores
+    still accumulate in fp32, per tensor)."""
+    if dtype not in LOAD_DTYPES:
+        raise SafeEditError(f"unknown model dtype {dtype!r}; choose one of: {', '.join(LOAD_DTYPES)}")
     loaded = load_model(str(smollm2_folder(progress)) if spec == SMOLLM2 else spec,
-                        dtype=torch.float32, trust_remote_code=trust_remote_code, progress=progress)
+                        dtype=LOAD_DTYPES[dtype], trust_remote_code=trust_remote_code, progress=progress)
     if not hasattr(loaded.model, "generate") or loaded.model.get_output_embeddings() is None:
         raise SafeEditError(f"{spec!r} is not a causal language model (it has no LM head); name a *ForCausalLM model")
     if loaded.tokenizer is None:
