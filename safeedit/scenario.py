@@ -68,6 +68,13 @@ class ModelSection(Strict):
     weights: str | None = None
     recipe: Recipe | None = Field(default=None, description="training recipe, needed to retrain non-embedded models")
     trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16", "stored"] = Field(
+        default="float32", description="language models (llm-unlearning, harmful-finetune): the weights' dtype in "
+        "memory; stored = the checkpoint's own (a bf16 checkpoint stays bf16, half fp32's memory)")
+
+
+# The kinds whose model is a language model loaded by `load_language_model` (the only ones `model.dtype` applies to).
+LANGUAGE_KINDS = ("llm-unlearning", "harmful-finetune")
 
 
 class DataSection(Strict):
@@ -741,6 +748,9 @@ def load_scenario(path: str | Path) -> ScenarioCore:
     except pydantic.ValidationError as error:
         raise SafeEditError(f"{path}: {first_problem(error)}") from None
     scenario.method_options()
+    if getattr(getattr(scenario, "model", None), "dtype", "float32") != "float32" and kind not in LANGUAGE_KINDS:
+        raise SafeEditError(f"{path}: model.dtype applies to language models only ({', '.join(LANGUAGE_KINDS)}); "
+                            f"remove it from this {kind} scenario")
     try:
         check_names(scenario.criteria, scenario.result_names())
         check_attacked(scenario)

@@ -90,6 +90,26 @@ def test_ready_made_scenarios_validate():
         load_scenario(path)
 
 
+def test_model_dtype_is_for_language_models_only(tmp_path):
+    from pathlib import Path
+
+    scenarios = Path(__file__).parent.parent / "scenarios"
+    for name, kind in (("tofu-forget10", "llm-unlearning"), ("digits-forget-class", "classification")):
+        raw = yaml.safe_load((scenarios / f"{name}.yaml").read_text())
+        raw["model"]["dtype"] = "stored"
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        if kind == "llm-unlearning":
+            assert load_scenario(path).model.dtype == "stored"
+        else:
+            with pytest.raises(SafeEditError, match=r"model\.dtype applies to language models only"):
+                load_scenario(path)
+    raw["model"]["dtype"] = "bf16"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SafeEditError, match="dtype"):
+        load_scenario(path)
+
+
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("run")

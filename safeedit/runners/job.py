@@ -146,7 +146,7 @@ class Job:
 
         model = self.scenario.model
         say(f"scenario {self.scenario.name}: loading {model.name}", self.progress)
-        self.loaded = load_language_model(model.name, model.trust_remote_code, self.progress)
+        self.loaded = load_language_model(model.name, model.trust_remote_code, self.progress, model.dtype)
         self.tokenizer = self.loaded.tokenizer
         return self.loaded.model.to(self.device)
 

@@ -123,7 +123,8 @@ class LanguageJob(Job):
         from safeedit.models.state import check_same_architecture
 
         say(f"loading the reference {folder}", self.progress)
-        loaded = load_language_model(folder, self.scenario.model.trust_remote_code, self.progress)
+        loaded = load_language_model(folder, self.scenario.model.trust_remote_code, self.progress,
+                                     self.scenario.model.dtype)
         check_same_architecture(self.original, loaded.model, f"reference.model {folder}")
         self.inputs["reference model (reference.model)"] = loaded.files
         evaluated = self.qa_evaluation(loaded.model.to(self.device), "the reference", None)
