@@ -11,7 +11,8 @@ medians. Part 2 runs `Mask.top_k(scope="global")` and the reference SalUn select
 argsort) over the same seeded scores, each in a fresh subprocess, and reports wall time and extra peak memory
 (ru_maxrss after selection minus the RSS right before it). Part 3 times an
 AdamW step (forward, backward, clipping, step) under `masked_training` with a 50% random mask against an unmasked
-step on an identical random Llama, in CPU time, interleaved. Every ratio is ours / baseline from this same run.
+step on an identical random Llama, in CPU time, interleaved: torch's default AdamW and the fused one, each with
+weight decay 0 and 0.01. Every ratio is ours / baseline from this same run.
 
     .venv/bin/python benchmarks/attribution.py --only-masked-step   # part 3 alone (~27M parameters)
 """
@@ -467,12 +468,14 @@ def adamw_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
     optimizer.step()
 
 
-def masked_step_case(args: argparse.Namespace, fused: bool) -> dict[str, Any]:
+def masked_step_case(args: argparse.Namespace, fused: bool, weight_decay: float) -> dict[str, Any]:
     """CPU time of an AdamW step under `masked_training` (a seeded random mask over every weight, --step-ratio of
     them in) against an unmasked AdamW step on an identical copy; `args.step_repeats` interleaved repeats of
     `args.step_steps` steps each (order alternating), after one warm-up step each. Masked-out weights are checked
-    bit-identical at the end."""
+    bit-identical after the last step, inside the block. With weight decay 0 the masked-out weights are not written
+    back after each step (the optimizer cannot move them, see `masked_training`); with weight decay they are."""
     from safeedit import masked_training
+    from safeedit.unlearn.masked import bits
 
     build, batch = step_workload(args.quick)
     plain, masked = build(), build()
@@ -480,10 +483,11 @@ def masked_step_case(args: argparse.Namespace, fused: bool) -> dict[str, Any]:
     mask = Mask({name: torch.rand(p.shape, generator=generator) < args.step_ratio
                  for name, p in masked.named_parameters()})
     before = {name: p.detach().clone() for name, p in masked.named_parameters()}
-    plain_optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-4, weight_decay=0.01, fused=fused)
+    plain_optimizer = torch.optim.AdamW(plain.parameters(), lr=1e-4, weight_decay=weight_decay, fused=fused)
     plain_times, masked_times = [], []
     with masked_training(masked, mask) as session:
-        masked_optimizer = torch.optim.AdamW(session.trainable_parameters, lr=1e-4, weight_decay=0.01, fused=fused)
+        masked_optimizer = torch.optim.AdamW(session.trainable_parameters, lr=1e-4, weight_decay=weight_decay,
+                                              fused=fused)
         session.restore_after_steps_of(masked_optimizer)
         runs = [(lambda: adamw_step(plain, plain_optimizer, batch), plain_times),
                 (lambda: adamw_step(masked, masked_optimizer, batch), masked_times)]
@@ -496,19 +500,20 @@ def masked_step_case(args: argparse.Namespace, fused: bool) -> dict[str, Any]:
                 for _ in range(args.step_steps):
                     run()
                 sink.append((time.process_time() - start) / args.step_steps)
-    identical = all(torch.equal(p.detach()[~mask.tensors[name]], before[name][~mask.tensors[name]])
-                    for name, p in masked.named_parameters())
+        identical = all(torch.equal(bits(p.detach())[~mask.tensors[name]], bits(before[name])[~mask.tensors[name]])
+                        for name, p in masked.named_parameters())  # before the block's exit restores them
     base, ours_ = statistics.median(plain_times), statistics.median(masked_times)
-    return {"optimizer": "AdamW fused" if fused else "AdamW (default)",
+    return {"optimizer": f"AdamW {'fused' if fused else '(default)'}, weight decay {weight_decay:g}",
             "params": sum(p.numel() for p in plain.parameters()), "base": base, "masked": ours_,
             "ratio": ours_ / base, "base_spread": (min(plain_times), max(plain_times)),
             "masked_spread": (min(masked_times), max(masked_times)), "identical": identical}
 
 
 def part_masked_step(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Part 3 with torch's default AdamW (a loop over tensors on CPU) and its fused CPU kernel; their table."""
+    """Part 3 with torch's default AdamW (a loop over tensors on CPU) and its fused CPU kernel, each with weight decay
+    0 (LLM unlearning's setting: no restore after each step) and 0.01 (restored after each step); their table."""
     print("\n== Part 3: masked AdamW step vs unmasked step (CPU time per step) ==")
-    results = [masked_step_case(args, fused) for fused in (False, True)]
+    results = [masked_step_case(args, fused, weight_decay) for weight_decay in (0.0, 0.01) for fused in (False, True)]
     print(f"random Llama, {results[0]['params']:,} parameters, batch [4, 128], mask {args.step_ratio:.0%} in; "
           f"median of {args.step_repeats} interleaved repeats of {args.step_steps} steps, CPU time (process_time) "
           "per step")
@@ -521,11 +526,13 @@ def part_masked_step(args: argparse.Namespace) -> list[dict[str, Any]]:
           f"{r['masked_spread'][0] * 1e3:,.0f}-{r['masked_spread'][1] * 1e3:,.0f}",
           "yes" if r["identical"] else "NO"] for r in results],
     )
-    print("a step: zero_grad, forward, backward, clip_grad_norm_, AdamW (weight decay 0.01); masked: the optimizer "
-          "holds the tensors with a masked-in entry, gradients masked in place, masked-out weights restored after "
-          "each step. The default AdamW's vectorised sqrt is several times slower on zeros (the second moment of "
-          "every masked-out entry), which the fused kernel avoids. CPU time counts this process only; other load on "
-          "the machine still slows it (upper bounds)")
+    print("a step: zero_grad, forward, backward, clip_grad_norm_, AdamW; masked: the optimizer holds the tensors "
+          "with a masked-in entry, gradients masked in place, masked-out weights written back after each step only "
+          "with weight decay (without, AdamW cannot move them; they are written back once on exit), and checked "
+          "bit-identical after the last step, before that exit. The default AdamW's square root (torch.sqrt) is "
+          "several times slower on zeros, the second moment of every masked-out entry; the fused kernel's is not. "
+          "CPU time counts this process only; other load on the machine still slows it (upper bounds)")
+    print("load average at the end of part 3 (1/5/15 min): {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     return results
 
 

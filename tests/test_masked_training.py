@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import clip_grad_norm_
 
 from safeedit import Mask, SafeEditError, masked_training
+from safeedit.unlearn.masked import MaskedTraining, bits
 
 NO_ENTRY = ("1.bias", "3.bias")  # parameters the mask does not mention: frozen
 ALL_OUT = "1.weight"  # a mask entry that is all False: frozen too
@@ -351,3 +352,195 @@ def test_masked_out_weights_bit_identical_in_every_float_dtype(dtype):
     after = weights(model)
     assert_masked_out_identical(before, after, mask)
     assert_masked_in_changed(before, after, mask)
+
+
+# --- the per-step restore is skipped only where the step provably cannot move masked-out weights --------------------
+
+NAN_PAYLOAD = torch.tensor([0x7FC12345], dtype=torch.int32).view(torch.float32).item()  # a quiet NaN, own payload
+
+EXACT = {  # weight decay 0, state empty on entry: the step leaves masked-out entries (gradient +0.0) bit for bit
+    "adam": lambda params: torch.optim.Adam(params, lr=1e-2),
+    "adam_foreach_amsgrad": lambda params: torch.optim.Adam(params, lr=1e-2, amsgrad=True, foreach=True),
+    "adam_fused_maximize": lambda params: torch.optim.Adam(params, lr=1e-2, maximize=True, fused=True),
+    "adamw_maximize_amsgrad": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0, maximize=True,
+                                                               amsgrad=True),
+    "adamw_fused": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0, fused=True),
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.05),
+    "sgd_momentum_dampening": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, dampening=0.5),
+    "sgd_nesterov_foreach": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, foreach=True),
+    "sgd_momentum_fused": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, fused=True),
+}
+
+MOVABLE = {  # a step may move masked-out weights: written back after every one
+    "adamw_wd": OPTIMIZERS["adamw_wd"],
+    "adam_coupled_wd": OPTIMIZERS["adam_coupled_wd"],
+    "sgd_salun_wd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4),
+    "sgd_maximize": lambda params: torch.optim.SGD(params, lr=0.05, maximize=True),
+    "adam_maximize_beta1_0": lambda params: torch.optim.Adam(params, lr=1e-2, betas=(0.0, 0.9), maximize=True),
+    "rmsprop": lambda params: torch.optim.RMSprop(params, lr=1e-3),
+    "adagrad": lambda params: torch.optim.Adagrad(params, lr=1e-2),
+    "adam_subclass": lambda params: type("MyAdam", (torch.optim.Adam,), {})(params, lr=1e-2),
+}
+
+
+def tricky_model(device: str = "cpu") -> tuple[nn.ParameterDict, Mask, list[torch.Tensor]]:
+    """An embedding table and a projection; rows 6-9 of the table are never looked up, so their masked-out entries
+    can hold NaN (with a payload) and infinities without touching the loss; -0.0 and +0.0 sit in used rows (with
+    non-zero raw gradients) and in the projection."""
+    torch.manual_seed(0)
+    table, proj = torch.randn(10, 4), torch.randn(4, 3)
+    generator = torch.Generator().manual_seed(1)
+    keep_table, keep_proj = torch.rand(10, 4, generator=generator) < 0.5, torch.rand(4, 3, generator=generator) < 0.5
+    keep_table[6:] = torch.tensor([True, False, False, False])
+    table[6:, 1:] = torch.tensor([[NAN_PAYLOAD, float("inf"), float("-inf")], [-0.0, 0.0, float("nan")],
+                                  [-0.0, -0.0, 1.0], [0.0, -0.0, float("-inf")]])
+    table[:6][~keep_table[:6]] = torch.tensor([-0.0, 0.0]).repeat(12)[: int((~keep_table[:6]).sum())]
+    proj[~keep_proj] = -0.0
+    model = nn.ParameterDict({"table": nn.Parameter(table), "proj": nn.Parameter(proj)}).to(device)
+    ids = [torch.randint(0, 6, (8,), generator=generator).to(device) for _ in range(4)]
+    return model, Mask({"table": keep_table, "proj": keep_proj}).to(device), ids
+
+
+def tricky_loss(model: nn.ParameterDict, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.embedding(ids, model["table"]) @ model["proj"], ids % 3)
+
+
+def bit_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: bits(p.detach()).clone() for n, p in model.named_parameters()}
+
+
+def restored_names(monkeypatch) -> list[list[str]]:
+    """The names each step's write-back covers (calls of `restore` with names, i.e. from the step hook)."""
+    calls = []
+    original = MaskedTraining.restore
+
+    def spy(self, names=None):
+        if names is not None:
+            calls.append(sorted(names))
+        return original(self, names)
+
+    monkeypatch.setattr(MaskedTraining, "restore", spy)
+    return calls
+
+
+def train_tricky(make, every_step=False, steps=8, clip=None, check=None, device="cpu"):
+    model, mask, ids = tricky_model(device)
+    optimizer = make(model.parameters())
+    with masked_training(model, mask, optimizer, every_step=every_step):
+        for step in range(steps):
+            optimizer.zero_grad()
+            tricky_loss(model, ids[step % len(ids)]).backward()
+            if clip is not None:
+                clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            if check is not None:
+                check(model, mask)
+    return model, mask
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA kernels of the optimizers: needs a GPU"))])
+@pytest.mark.parametrize("name", sorted(EXACT))
+def test_restore_skipped_where_the_step_cannot_move_masked_out_weights(name, device, monkeypatch):
+    """No write-back after any step, and still every masked-out weight (-0.0, +0.0, NaN with payload, +-inf) is
+    bit-identical after every step; masked-in weights move; the result equals the run restoring after every step."""
+    reference, _ = train_tricky(EXACT[name], every_step=True, clip=0.5, device=device)
+    calls = restored_names(monkeypatch)
+    start, mask, _ = tricky_model(device)
+    before = bit_weights(start)
+    checks = []
+
+    def check(model, mask):
+        for n, p in model.named_parameters():
+            out = ~mask.tensors[n]
+            assert torch.equal(bits(p.detach())[out], before[n][out]), f"step {len(checks)}: masked-out {n} moved"
+        checks.append(True)
+
+    model, _ = train_tricky(EXACT[name], clip=0.5, check=check, device=device)
+    assert len(checks) == 8 and calls == [[]] * 8  # eight steps, no write-back after any
+    for n, p in model.named_parameters():
+        assert torch.equal(bits(p.detach()), bits(reference.get_parameter(n).detach())), n
+        moved = p.detach()[mask.tensors[n]] != start.get_parameter(n).detach()[mask.tensors[n]]
+        assert moved.any(), n
+
+
+@pytest.mark.parametrize("name", sorted(MOVABLE))
+def test_restore_after_every_step_where_the_step_may_move_masked_out_weights(name, monkeypatch):
+    calls = restored_names(monkeypatch)
+    model, mask = train_tricky(MOVABLE[name], steps=4)
+    assert calls == [["proj", "table"]] * 4
+    start = bit_weights(tricky_model()[0])
+    for n, p in model.named_parameters():
+        out = ~mask.tensors[n]
+        assert torch.equal(bits(p.detach())[out], start[n][out]), n
+
+
+def test_every_step_restores_after_every_step(monkeypatch):
+    calls = restored_names(monkeypatch)
+    train_tricky(EXACT["adam"], every_step=True, steps=3)
+    assert calls == [["proj", "table"]] * 3
+
+
+def test_negative_control_sgd_maximize_turns_a_negative_zero_weight_positive():
+    """Why SGD's maximize keeps the write-back: a -0.0 weight with gradient +0.0 comes out +0.0; without maximize
+    it stays -0.0."""
+    for maximize, sign in ((True, False), (False, True)):
+        weight = nn.Parameter(torch.tensor([-0.0]))
+        weight.grad = torch.tensor([0.0])
+        torch.optim.SGD([weight], lr=0.1, maximize=maximize).step()
+        assert bool(torch.signbit(weight.detach())) is sign
+
+
+def test_write_back_resumes_for_good_once_a_step_may_move_masked_out_weights(monkeypatch):
+    """A gradient assigned by hand (not the one the mask zeroed), weight decay switched on, or the optimizer's state
+    replaced: from that step on, the masked-out weights are written back after every step."""
+    calls = restored_names(monkeypatch)
+    start = bit_weights(tricky_model()[0])
+
+    def run(tamper):
+        calls.clear()
+        model, mask, ids = tricky_model()
+        optimizer = EXACT["adam"](model.parameters())
+        with masked_training(model, mask, optimizer):
+            for step in range(4):
+                optimizer.zero_grad()
+                tricky_loss(model, ids[step]).backward()
+                if step == 1:
+                    tamper(model, optimizer)
+                optimizer.step()
+                for n, p in model.named_parameters():
+                    out = ~mask.tensors[n]
+                    assert torch.equal(bits(p.detach())[out], start[n][out]), (step, n)
+        return calls
+
+    def by_hand(model, optimizer):
+        model["proj"].grad = torch.ones_like(model["proj"])  # masked-out entries too
+
+    def decay(model, optimizer):
+        optimizer.param_groups[0]["weight_decay"] = 0.1
+
+    def reload(model, optimizer):
+        optimizer.load_state_dict(optimizer.state_dict())
+
+    assert run(by_hand) == [[], ["proj"], ["proj"], ["proj"]]
+    assert run(decay) == [[], ["proj", "table"], ["proj", "table"], ["proj", "table"]]
+    assert run(reload) == [[], ["proj", "table"], ["proj", "table"], ["proj", "table"]]
+
+
+def test_state_from_before_the_block_keeps_the_write_back(monkeypatch):
+    """Adam without weight decay but with moments built before the block moves masked-out weights: written back."""
+    model, mask, ids = tricky_model()
+    optimizer = EXACT["adam"](model.parameters())
+    tricky_loss(model, ids[0]).backward()
+    optimizer.step()
+    calls = restored_names(monkeypatch)
+    before = bit_weights(model)
+    with masked_training(model, mask, optimizer):
+        for step in range(2):
+            optimizer.zero_grad()
+            tricky_loss(model, ids[step]).backward()
+            optimizer.step()
+            for n, p in model.named_parameters():
+                out = ~mask.tensors[n]
+                assert torch.equal(bits(p.detach())[out], before[n][out]), (step, n)
+    assert calls == [["proj", "table"]] * 2

@@ -16,6 +16,7 @@ from torch import nn
 from safeedit import Mask
 from safeedit.errors import SafeEditError
 from safeedit.unlearn.loop import TrainingOptions, unlearn
+from safeedit.unlearn.masked import MaskedTraining
 from safeedit.unlearn.objectives import Phase
 from safeedit.unlearn.wagle import LMUnlearnOptions, lm_unlearn
 
@@ -185,3 +186,38 @@ def test_in_place_npo_needs_a_reference_and_with_one_equals_the_copy():
         assert torch.equal(mask.tensors[name], keep), name
     for (name, a), b in zip(copied.named_parameters(), edited.parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("optimizer, momentum", [("adam", 0.0), ("sgd", 0.9)])
+def test_without_weight_decay_no_write_back_and_the_same_result_as_restoring_after_every_step(
+        optimizer, momentum, monkeypatch):
+    """Weight decay 0 (LLM unlearning's AdamW): no write-back after the steps, masked-out weights already
+    bit-identical before the final one on exit, and every weight bit-identical to the run restoring after every
+    step (clipping and accumulation on)."""
+    options = TrainingOptions(epochs=2, lr=0.05, momentum=momentum, weight_decay=0.0, optimizer=optimizer,
+                              grad_clip=0.5, gradient_accumulation_steps=2)
+    model, mask, batches = mlp_task()
+    original = MaskedTraining.restore_after_steps_of
+    monkeypatch.setattr(MaskedTraining, "restore_after_steps_of",
+                        lambda self, opt, every_step=False: original(self, opt, every_step=True))
+    reference = unlearn(model, objective(batches), options, mask, progress=False)
+    monkeypatch.setattr(MaskedTraining, "restore_after_steps_of", original)
+
+    written, close = [], MaskedTraining.close
+    restore = MaskedTraining.restore
+
+    def spy_restore(self, names=None):
+        written.extend(names or [])
+        restore(self, names)
+
+    def check_then_close(self):
+        assert_masked_out_identical(model, self.model, mask)  # before the exit's write-back
+        close(self)
+
+    monkeypatch.setattr(MaskedTraining, "restore", spy_restore)
+    monkeypatch.setattr(MaskedTraining, "close", check_then_close)
+    edited = unlearn(model, objective(batches), options, mask, progress=False)
+    assert written == []
+    for (name, a), b in zip(reference.named_parameters(), edited.parameters(), strict=True):
+        assert torch.equal(a.detach().view(torch.int32), b.detach().view(torch.int32)), name
+    assert not torch.equal(reference.get_parameter("2.weight"), model.get_parameter("2.weight"))

@@ -66,7 +66,8 @@ def unlearn(
     Unless `in_place`, the input model is never modified; `in_place` saves the copy (needed for a model sharded by
     FSDP2, which cannot be deep-copied): every process of the group runs the same call, each on its own batches or
     the same ones. Gradients outside the mask are zeroed before clipping and masked-out weights are written back
-    after every step (see `masked_training`); the optimizer holds only parameters with a masked-in entry, so no
+    after every step that may move them (with weight decay; without, SGD and AdamW provably leave them bit for bit)
+    and once at the end (see `masked_training`); the optimizer holds only parameters with a masked-in entry, so no
     optimizer state exists for the others. If the run fails in place, the masked-in weights are left as they
     were then (masked-out ones are restored). Batch-norm statistics follow the forward passes in train mode, as in the
     reference implementations.
