@@ -544,3 +544,25 @@ def test_state_from_before_the_block_keeps_the_write_back(monkeypatch):
                 out = ~mask.tensors[n]
                 assert torch.equal(bits(p.detach())[out], before[n][out]), (step, n)
     assert calls == [["proj", "table"]] * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_write_back_equals_the_weight_bits_times_the_mask_or_the_saved_bits(dtype):
+    """The one-pass write-back (saved bits + weight bits times the mask) gives the bits of the former two-pass one
+    (weight bits times the mask, or-ed with the saved bits), on arbitrary bit patterns (NaNs, infinities, -0.0)."""
+    generator = torch.Generator().manual_seed(3)
+    integer = bits(torch.empty(0, dtype=dtype)).dtype
+    info = torch.iinfo(integer)
+
+    def random_bits() -> torch.Tensor:
+        return torch.randint(info.min, info.max, (64, 33), generator=generator, dtype=torch.int64).to(integer)
+
+    start = random_bits()
+    model = nn.ParameterDict({"w": nn.Parameter(start.clone().view(dtype))})
+    keep = torch.rand(64, 33, generator=generator) < 0.5
+    with masked_training(model, Mask({"w": keep})) as session:
+        moved = random_bits()
+        bits(model["w"].detach()).copy_(moved)
+        session.restore()
+        expected = (moved * keep) | start.masked_fill(keep, 0)
+        assert torch.equal(bits(model["w"].detach()), expected)
