@@ -21,7 +21,7 @@ import pydantic
 from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_serializer, model_validator
 
 from safeedit.attacks.backdoor import TriggerSpec
-from safeedit.config import Seed, Strict
+from safeedit.config import Seed, Strict, stated
 from safeedit.criteria import Criterion, check_metrics, check_names
 from safeedit.data.forget import ForgetRequest
 from safeedit.data.prompts import SafetySizes
@@ -71,6 +71,10 @@ class ModelSection(Strict):
     dtype: Literal["float32", "bfloat16", "float16", "stored"] = Field(
         default="float32", description="language models (llm-unlearning, harmful-finetune): the weights' dtype in "
         "memory; stored = the checkpoint's own (a bf16 checkpoint stays bf16, half fp32's memory)")
+
+    @model_serializer(mode="wrap")
+    def _stated(self, handler: Any) -> dict[str, Any]:
+        return stated(handler(self), self, ("dtype",))
 
 
 # The kinds whose model is a language model loaded by `load_language_model` (the only ones `model.dtype` applies to).

@@ -100,7 +100,13 @@ def test_model_dtype_is_for_language_models_only(tmp_path):
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(raw))
         if kind == "llm-unlearning":
-            assert load_scenario(path).model.dtype == "stored"
+            loaded = load_scenario(path)
+            assert loaded.model.dtype == "stored" and loaded.model_dump()["model"]["dtype"] == "stored"
+            # options added later are recorded only when set, so earlier records keep their shape
+            assert "dtype" not in loaded.model.model_copy(update={"dtype": "float32"}).model_dump()
+            unlearning = type(loaded.unlearning)
+            assert "mixed_precision" not in unlearning().model_dump()
+            assert unlearning(mixed_precision="bf16").model_dump()["mixed_precision"] == "bf16"
         else:
             with pytest.raises(SafeEditError, match=r"model\.dtype applies to language models only"):
                 load_scenario(path)

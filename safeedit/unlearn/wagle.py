@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_serializer
 from torch import nn
 
 from safeedit.attribution.select import score_mask
+from safeedit.config import stated
 from safeedit.data.chat import chat_loader
 from safeedit.data.prompts import ChatExample
 from safeedit.errors import SafeEditError
@@ -50,6 +51,10 @@ LIMITATIONS = (f"{APPROXIMATE} Hyper-parameters were chosen on other forget sets
                "model or request may need them re-tuned.")
 
 
+# Options for models past one device (issue 22): in a record only when set.
+LARGE_MODEL_OPTIONS = ("gradient_accumulation_steps", "gradient_checkpointing", "mixed_precision")
+
+
 class LMUnlearnOptions(BaseModel):
     """AdamW on the paired forget/retain batches; the mask options apply when the method names a score."""
 
@@ -66,6 +71,10 @@ class LMUnlearnOptions(BaseModel):
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="batches per optimizer step")
     gradient_checkpointing: bool = Field(default=False, description="recompute activations in backward (less memory)")
     mixed_precision: Literal["no", "bf16"] = Field(default="no", description="bf16: forward passes under autocast")
+
+    @model_serializer(mode="wrap")
+    def _stated(self, handler: Any) -> dict[str, Any]:
+        return stated(handler(self), self, LARGE_MODEL_OPTIONS)
 
 
 class NPOOptions(LMUnlearnOptions):
