@@ -7,8 +7,9 @@ resident). `TensorWriter` writes one safetensors file whose tensors are declared
 header is written first) and whose bytes then arrive in order; `write_sharded` splits a declared list into
 save_pretrained shards with their index. The safetensors library has no incremental writer (`save_file` takes
 every tensor at once), hence `TensorWriter`: it writes the documented layout (8-byte little-endian header length,
-a JSON header with sorted keys padded with spaces to 8 bytes, the raw tensors in order), the canonical header that
-`safeedit.io.save_safetensors` also writes, and its files are read back by `safetensors.safe_open`.
+a JSON header with sorted keys padded with spaces to 8 bytes, the raw tensors in order), the header of
+`safeedit.io.canonical_header` that `safeedit.io.save_safetensors` also writes, and its files are read back by
+`safetensors.safe_open`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,7 @@ from typing import BinaryIO
 import torch
 
 from safeedit.errors import SafeEditError
-from safeedit.io import open_safetensors
+from safeedit.io import canonical_header, open_safetensors
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -111,9 +111,7 @@ def _header(specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata:
         size = math.prod(shape) * dtype.itemsize
         header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text
+    return canonical_header(header)
 
 
 class TensorWriter:

@@ -296,13 +296,17 @@ def save_safetensors(
             raw.unlink(missing_ok=True)
 
 
+def canonical_header(header: Mapping[str, Any]) -> bytes:
+    """A safetensors header as written to disk: the 8-byte little-endian length, then the JSON with sorted keys,
+    padded with spaces to 8 bytes (equal content, equal bytes)."""
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
 def _write_canonical_header(source: Path, target: Path) -> None:
-    """Copy a safetensors file with its JSON header re-serialised with sorted keys (8-byte aligned)."""
+    """Copy a safetensors file with its JSON header re-serialised by `canonical_header`."""
     with open(source, "rb") as reader, open(target, "wb") as writer:
         (length,) = struct.unpack("<Q", reader.read(8))
-        header = json.loads(reader.read(length))
-        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)
-        writer.write(struct.pack("<Q", len(text)))
-        writer.write(text)
+        writer.write(canonical_header(json.loads(reader.read(length))))
         shutil.copyfileobj(reader, writer, 1 << 24)
