@@ -9,7 +9,7 @@ chunk) finds the exact k-th largest value, so the extra memory is a few chunk-si
 size. The row scope finds each row's k-th largest key with `torch.kthvalue` (no sort), a block of rows at a time.
 
 On disk a mask is packed bits (`pack_bits`, `PACKED_FORMAT`), read lazily (`MaskFile`); files of one bool byte per
-weight (`MASK_FORMAT`, written before) still load. `streamed_top_k` and `save_streamed` select and write a global
+weight (`MASK_FORMAT`, written before) still load. `StreamedSelection` and `save_streamed` select and write a global
 mask from scores read one tensor at a time (`safeedit.streaming`), for models larger than memory.
 
 Ties are broken deterministically: among equal scores, the entry that comes first wins, where entries are
@@ -280,6 +280,33 @@ class _Reads(Sequence[torch.Tensor]):
         return self.read(self.names[index])
 
 
+NAN_FIX = "NaN; check the model weights and the data"
+
+
+def _check_selection(ratio: float, rounding: Rounding, scores: Mapping) -> None:
+    """The checks every top-k selection makes before reading a score: ratio, rounding, something to select."""
+    _check_ratio(ratio)
+    if rounding not in ROUNDINGS:
+        raise SafeEditError(f"unknown mask rounding {rounding!r}; choose one of: {', '.join(ROUNDINGS)}")
+    if not scores:
+        raise SafeEditError("no scores to select from; check the parameter patterns")
+
+
+def _check_floating(name: str, scores: torch.Tensor) -> None:
+    if not torch.is_floating_point(scores):
+        raise SafeEditError(f"scores for {name!r} have dtype {scores.dtype}; scores must be floating point")
+
+
+def _has_nan(scores: torch.Tensor) -> bool:
+    return any(torch.isnan(chunk).any() for _, chunk in _chunks(scores))  # chunked: no full-size temporary
+
+
+def selection_metadata(ratio: float, scope: Scope, rounding: Rounding) -> dict[str, str]:
+    """What a top-k mask's metadata says of its selection (`rounding` only when floor: half-up masks keep their
+    bytes as before)."""
+    return {"ratio": repr(float(ratio)), "scope": scope, **({"rounding": rounding} if rounding == "floor" else {})}
+
+
 class StreamedSelection:
     """`Mask.top_k(scores, ratio, "global")` for scores too large to hold: `read(name)` gives one score tensor (of
     `shapes[name]`) at a time. The threshold takes two passes over the scores (high and low histograms, checking
@@ -288,11 +315,7 @@ class StreamedSelection:
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]], read: Callable[[str], torch.Tensor], ratio: float,
                  rounding: Rounding = "half_up") -> None:
-        _check_ratio(ratio)
-        if rounding not in ROUNDINGS:
-            raise SafeEditError(f"unknown mask rounding {rounding!r}; choose one of: {', '.join(ROUNDINGS)}")
-        if not shapes:
-            raise SafeEditError("no scores to select from; check the parameter patterns")
+        _check_selection(ratio, rounding, shapes)
         self.shapes, self.read = shapes, read
         names = sorted(shapes)
         self.total = sum(math.prod(shape) for shape in shapes.values())
@@ -314,13 +337,12 @@ class StreamedSelection:
 
     def _checked(self, name: str) -> torch.Tensor:
         tensor = self.read(name)
-        if not torch.is_floating_point(tensor):
-            raise SafeEditError(f"scores for {name!r} have dtype {tensor.dtype}; scores must be floating point")
+        _check_floating(name, tensor)
         if tuple(tensor.shape) != tuple(self.shapes[name]):
             raise SafeEditError(f"scores for {name!r} have shape {tuple(tensor.shape)}, not "
                                 f"{tuple(self.shapes[name])}")
-        if any(torch.isnan(c).any() for _, c in _chunks(tensor)):
-            raise SafeEditError(f"scores for {name!r} contain NaN; check the model weights and the data")
+        if _has_nan(tensor):
+            raise SafeEditError(f"scores for {name!r} contain {NAN_FIX}")
         return tensor
 
     def mask(self, name: str, scores: torch.Tensor | None = None) -> torch.Tensor:
@@ -331,15 +353,6 @@ class StreamedSelection:
         mask = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
         _fill_mask(mask, scores, self.threshold, self.ties_at[name])
         return mask
-
-
-def streamed_top_k(shapes: Mapping[str, tuple[int, ...]], read: Callable[[str], torch.Tensor], ratio: float,
-                   rounding: Rounding = "half_up") -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, mask) of `StreamedSelection` in name order, one at a time (three passes over the scores, four when
-    tied entries straddle the threshold)."""
-    selection = StreamedSelection(shapes, read, ratio, rounding)
-    for name in sorted(shapes):
-        yield name, selection.mask(name)
 
 
 def save_streamed(path: str | os.PathLike, shapes: Mapping[str, tuple[int, ...]],
@@ -389,22 +402,16 @@ class Mask:
 
         FSDP2-sharded scores (`DTensor`) give the single-process mask sharded like them; every process of the
         mesh must call this (it communicates)."""
-        _check_ratio(ratio)
         if scope not in SCOPES:
             raise SafeEditError(f"unknown mask scope {scope!r}; choose one of: {', '.join(SCOPES)}")
-        if rounding not in ROUNDINGS:
-            raise SafeEditError(f"unknown mask rounding {rounding!r}; choose one of: {', '.join(ROUNDINGS)}")
-        if not scores:
-            raise SafeEditError("no scores to select from; check the parameter patterns")
+        _check_selection(ratio, rounding, scores)
         for name, tensor in scores.items():
-            if not torch.is_floating_point(tensor):
-                raise SafeEditError(f"scores for {name!r} have dtype {tensor.dtype}; scores must be floating point")
+            _check_floating(name, tensor)
         shards = Shards.of(scores)
-        # chunked: no full-size temporary
-        nan = [name for name, t in scores.items() if any(torch.isnan(c).any() for _, c in _chunks(local(t)))]
+        nan = [name for name, t in scores.items() if _has_nan(local(t))]
         if found_anywhere(nan, shards):
             where = f"scores for {nan[0]!r}" if nan else "scores on another process"
-            raise SafeEditError(f"{where} contain NaN; check the model weights and the data")
+            raise SafeEditError(f"{where} contain {NAN_FIX}")
 
         def top(name: str, t: torch.Tensor, k: int) -> torch.Tensor:
             return _select_top_k({name: t}, k, shards)[name]
@@ -422,8 +429,7 @@ class Mask:
             }
         if shards is not None:
             selected = {name: wrap_like(part, scores[name]) for name, part in selected.items()}
-        info = {"ratio": repr(float(ratio)), "scope": scope, **({"rounding": rounding} if rounding == "floor" else {}),
-                **(metadata or {})}
+        info = {**selection_metadata(ratio, scope, rounding), **(metadata or {})}
         return cls({name: selected[name] for name in scores}, info)
 
     @classmethod

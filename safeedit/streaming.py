@@ -2,14 +2,13 @@
 
 Only scores that read the weights alone stream this way (`magnitude`, `random`: registered scores with no data
 statistic); scores that need gradients or activations need the model. Each score tensor is computed from its
-weight tensor when a pass asks for it (`masks.streamed_top_k` makes three passes), and the mask is written as a
+weight tensor when a pass asks for it (`masks.StreamedSelection` makes three passes), and the mask is written as a
 packed mask file tensor by tensor (`masks.save_streamed`), so the peak memory is a few tensors, not the model. The
 mask is exactly `Mask.top_k` of the in-memory scores (same selection, same tie rule: name, then flat index).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
@@ -21,7 +20,7 @@ from safeedit.attribution import get_score
 from safeedit.attribution.params import select_parameters
 from safeedit.checkpoint import Checkpoint
 from safeedit.errors import SafeEditError
-from safeedit.masks import Rounding, save_streamed, streamed_top_k, target_count
+from safeedit.masks import Rounding, StreamedSelection, save_streamed, selection_metadata
 
 
 def checkpoint_tensors(checkpoint: Checkpoint, include: str | Sequence[str] | None = None,
@@ -50,10 +49,8 @@ def checkpoint_mask(path: str | os.PathLike, out: str | os.PathLike, ratio: floa
     def read(name: str) -> torch.Tensor:
         return spec.function({name: checkpoint.tensor(name)}, **score_options)[name]
 
-    total = sum(math.prod(shape) for shape in shapes.values())
-    selected = target_count(ratio, total, rounding) if isinstance(ratio, int | float) and 0 < ratio <= 1 else 0
-    metadata = {"ratio": repr(float(ratio)), "scope": "global", **({"rounding": rounding} if rounding == "floor"
-                                                                    else {}),
-                "score": score, "selected": str(selected), "total": str(total)}
-    save_streamed(out, shapes, streamed_top_k(shapes, read, ratio, rounding), metadata)
-    return {"selected": selected, "total": total}
+    selection = StreamedSelection(shapes, read, ratio, rounding)  # the threshold: the passes before the mask's
+    metadata = {**selection_metadata(ratio, "global", rounding), "score": score, "selected": str(selection.k),
+                "total": str(selection.total)}
+    save_streamed(out, shapes, ((name, selection.mask(name)) for name in sorted(shapes)), metadata)
+    return {"selected": selection.k, "total": selection.total}
