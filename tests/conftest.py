@@ -26,3 +26,13 @@ def cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SAFEEDIT_CACHE", str(path))
         yield path
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """The own-files example's tiny model, reference and files, built once per module (tests/tiny_llmfiles.py)."""
+    from tiny_llmfiles import build
+
+    root = tmp_path_factory.mktemp("llmfiles")
+    build(root)
+    return root

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from test_bad_input_matrix import Case, Ctx, check_case
-from tiny_llmfiles import FOLDER, build
+from tiny_llmfiles import FOLDER
 
 from safeedit.cli import main
 from safeedit.data.qa_files import read_qa_files, read_rows, spec_chat_examples
@@ -28,12 +28,6 @@ from safeedit.scenario import load_scenario
 SCENARIO = Path(__file__).parents[1] / "scenarios" / "examples" / "llm-forget-files.yaml"
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    """The example's tiny model, reference and files, built once (tests/tiny_llmfiles.py)."""
-    root = tmp_path_factory.mktemp("llmfiles")
-    build(root)
-    return root
 
 
 def sha256(path: Path) -> str:

@@ -10,7 +10,8 @@ import helpers as H
 import pytest
 import yaml
 from test_llm_scenario import AUTHORS, scenario_text, tiny_folder  # noqa: F401 (tiny_folder: a fixture)
-from tiny_llmfiles import FOLDER, build
+from test_own_llm_files import SCENARIO
+from tiny_llmfiles import FOLDER
 
 from safeedit.cli import main
 from safeedit.data.authors import FACTS, QAItem, author_questions, generate_authors, question_variants
@@ -29,15 +30,6 @@ from safeedit.robustness.language import (
 from safeedit.robustness.language_names import PROBES, language_metric_names, measured_metric_names
 from safeedit.runners import run_scenario
 from safeedit.scenario import load_scenario
-
-EXAMPLE = Path(__file__).parents[1] / "scenarios" / "examples" / "llm-forget-files.yaml"
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("llmfiles")
-    build(root)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +170,7 @@ def test_every_probe_runs_on_fictitious_authors(tmp_path):
 
 
 def scenario(built: Path, tmp_path: Path, **changes) -> Path:
-    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc = yaml.safe_load(SCENARIO.read_text())
     folder = built / FOLDER
     doc["model"]["name"] = str(folder / "model")
     doc["reference"]["model"] = str(folder / "reference")
