@@ -28,8 +28,6 @@ from safeedit.scenario import load_scenario
 SCENARIO = Path(__file__).parents[1] / "scenarios" / "examples" / "llm-forget-files.yaml"
 
 
-
-
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
