@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from measure import adamw_step, reset_peak_rss, status_kib  # benchmarks/measure.py, next to this script
 from torch import nn
 
 import safeedit
@@ -56,22 +57,11 @@ MiB = 1 << 20
 
 
 def proc_status_kib(field: str) -> int:
-    """A KiB field of /proc/self/status: VmRSS (resident now) or VmHWM (peak resident of this address space)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux ≥ 4.0, writing 5 to clear_refs); False where not permitted."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
+    """A KiB field of /proc/self/status (`measure.status_kib`), which these measurements cannot do without."""
+    value = status_kib(field)
+    if value is None:
+        raise RuntimeError(f"{field} not found in /proc/self/status")
+    return value
 
 
 def max_rss_kib() -> int:
@@ -458,14 +448,6 @@ def step_workload(quick: bool) -> tuple[Callable[[], nn.Module], dict[str, torch
 
     ids = torch.randint(0, config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(SEED))
     return build, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-
-
-def adamw_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> None:
-    """One training step as the unlearning loop takes it: forward, backward, clipping, AdamW."""
-    optimizer.zero_grad(set_to_none=True)
-    model(**batch).loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
 
 
 def masked_step_case(args: argparse.Namespace, fused: bool, weight_decay: float) -> dict[str, Any]:

@@ -30,7 +30,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure import GiB, Peak, device_name, forward_backward, median, peak_memory, random_llama, timed, token_batches
+from measure import (
+    GiB,
+    Peak,
+    adamw_step,
+    device_name,
+    forward_backward,
+    median,
+    peak_memory,
+    random_llama,
+    timed,
+    token_batches,
+)
 
 from safeedit import Mask, compute_scores
 from safeedit.unlearn.masked import masked_training
@@ -41,12 +52,6 @@ RATIO = 0.5
 TARGET_SCORE_THROUGHPUT = 0.8
 TARGET_MASKED_STEP = 1.05
 STAGES = ("forward+backward", "scores (saliency)", "top-k (global, 50%)", "AdamW step", "masked AdamW step")
-
-
-def adamw_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict) -> None:
-    model(**batch).loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 @dataclass

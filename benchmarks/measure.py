@@ -100,11 +100,20 @@ def timed(device: torch.device, function: Callable[[], object]) -> tuple[float, 
     return clock(device) - start, result
 
 
+def adamw_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> None:
+    """One training step as the unlearning loop takes it: forward, backward, clipping at norm 1, the step."""
+    optimizer.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def _status_kib(key: str) -> int | None:
+def status_kib(key: str) -> int | None:
+    """A KiB field of /proc/self/status: VmRSS (resident now) or VmHWM (peak resident); None where there is none."""
     with contextlib.suppress(OSError), open("/proc/self/status", encoding="ascii") as status:
         for line in status:
             if line.startswith(key + ":"):
@@ -112,7 +121,8 @@ def _status_kib(key: str) -> int | None:
     return None
 
 
-def _reset_cpu_peak() -> bool:
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0, writing 5 to clear_refs); False where not permitted."""
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
             clear.write("5")
@@ -142,10 +152,10 @@ def peak_memory(device: torch.device) -> Iterator[Peak]:
         result.peak = torch.cuda.max_memory_allocated(device)
         result.extra = result.peak - start
         return
-    start = _status_kib("VmRSS")
-    resettable = _reset_cpu_peak()
+    start = status_kib("VmRSS")
+    resettable = reset_peak_rss()
     yield result
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     if resettable and start is not None and peak is not None:
         result.peak, result.extra = peak * 1024, (peak - start) * 1024
 
