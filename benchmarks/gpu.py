@@ -9,8 +9,8 @@ Stages, each against the same model and token batches:
 - scores: `compute_scores(model, "saliency")` over the same batches (fp32 accumulators of a bf16 model); its
   throughput ratio is bare time / scoring time (target >= 0.8: attribution costs at most 25% over a bare pass);
 - top-k: `Mask.top_k(scores, 0.5)`, global, over all 1.1B scores;
-- AdamW step / masked AdamW step: forward, backward, `AdamW.step()` on the bf16 weights, without and within
-  `masked_training` with the 50% mask (the ratio masked / unmasked; target <= 1.05).
+- AdamW step / masked AdamW step: forward, backward, clipping at norm 1, `AdamW.step()` on the bf16 weights,
+  without and within `masked_training` with the 50% mask (the ratio masked / unmasked; target <= 1.05).
 Timed stages are interleaved (bare and scoring, unmasked and masked) and medians reported. Peak memory per stage is
 `torch.cuda.max_memory_allocated` on CUDA and the peak resident set on the CPU (see benchmarks/measure.py); "extra"
 is the peak minus what was allocated when the stage started, in bytes per model parameter (at the small CPU size
