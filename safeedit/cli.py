@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import json
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -25,6 +24,7 @@ from safeedit.errors import SafeEditError, first_problem, os_problem
 from safeedit.io import check_output_path, load_safetensors, save_safetensors, sha256_file
 from safeedit.masks import SCOPES, Mask
 from safeedit.progress import configure as configure_output
+from safeedit.sharding import process_group
 
 ROLE_HELP = {
     "forget": "data to forget (saliency, wagle)",
@@ -408,28 +408,9 @@ def _check_disjoint(forget, retain) -> None:
             )
 
 
-@contextlib.contextmanager
-def _process_group(device: torch.device) -> Iterator[bool]:
-    """Join the process group that `torchrun` / `accelerate launch` describe in the environment, if any.
-
-    Yields whether this process writes outputs (rank 0, or the only process)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 or dist.is_initialized():
-        yield not dist.is_initialized() or dist.get_rank() == 0
-        return
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield dist.get_rank() == 0
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def cmd_scores(args: argparse.Namespace) -> None:
     check_output_path(args.out)  # before the scores are computed
-    with _process_group(_device(args.device)) as writes:
+    with process_group(_device(args.device)) as writes:
         scores, metadata = _compute(args)
         if writes:
             _write_scores(scores, metadata, args)
@@ -464,7 +445,7 @@ def cmd_mask(args: argparse.Namespace) -> None:
             Mask({n: torch.zeros(t.shape, dtype=torch.bool) for n, t in scores.items()}).check_matches(
                 loaded.model, f"{args.scores}: scores")
     else:
-        with _process_group(_device(args.device)) as writes:
+        with process_group(_device(args.device)) as writes:
             scores, metadata = _compute(args)
         if not writes:
             return
@@ -507,6 +488,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     record_path = run_scenario(args.scenario, args.out, progress=not args.quiet, overwrite=args.overwrite,
                                then=render, allow_long=args.allow_long)
+    if int(os.environ.get("RANK", "0")) != 0:  # another process of a sharded run: the first one prints
+        return EXIT_FAIL if json.loads(record_path.read_text())["verdict"]["passed"] is False else EXIT_OK
     record = json.loads(record_path.read_text())
     human = sys.stderr if args.json else sys.stdout
     _print_results(record["results"], record["kind"], human)

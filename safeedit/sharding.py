@@ -13,7 +13,9 @@ tensor to a shard's layout without communication, and the process group of a set
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +29,29 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def launched_processes() -> int:
+    """How many processes `torchrun` / `accelerate launch` started (their WORLD_SIZE; 1 when not launched)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextmanager
+def process_group(device: torch.device) -> Iterator[bool]:
+    """Join the process group that `torchrun` / `accelerate launch` describe in the environment, if any (NCCL on
+    CUDA, each process on the GPU of its LOCAL_RANK; gloo on CPU). Yields whether this process writes outputs (rank
+    0, or the only process)."""
+    if launched_processes() == 1 or dist.is_initialized():
+        yield not dist.is_initialized() or dist.get_rank() == 0
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield dist.get_rank() == 0
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(tensors: Iterable[torch.Tensor], group: dist.ProcessGroup | None = None) -> None:

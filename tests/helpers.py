@@ -467,3 +467,30 @@ def changed_tensors_of_loaded_folder(record: dict, run_dir, method: str, auto_cl
     before = getattr(transformers, auto_class).from_pretrained(original).state_dict()
     assert loaded.keys() == before.keys()
     return sum(not torch.equal(loaded[name], before[name]) for name in loaded)
+
+
+def launch(command: list[str], timeout_s: float, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run a launcher command (torchrun, accelerate launch) in its own process group, so that a hang kills the
+    workers too, not only the launcher; returns exit code, stdout and stderr."""
+    import os
+    import signal
+    import subprocess
+
+    launched = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, env=None if env is None else {**os.environ, **env})
+    try:
+        stdout, stderr = launched.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(launched.pid, signal.SIGKILL)
+        launched.communicate()
+        raise
+    return launched.returncode, stdout, stderr
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a launcher's rendezvous."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

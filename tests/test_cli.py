@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 
+import helpers as H
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -225,21 +223,10 @@ def test_scores_under_torchrun_equal_single_process(cache, tmp_path, capsys):
     single = tmp_path / "single.safetensors"
     assert run([*common, "--out", single], capsys)[0] == 0
     double = tmp_path / "double.safetensors"
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={port}", "-m", "safeedit", *common, "--out", str(double)]
-    # Own process group, so a hang kills the workers too, not only the launcher.
-    launched = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-    try:
-        stdout, stderr = launched.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(launched.pid, signal.SIGKILL)
-        launched.communicate()
-        raise
-    assert launched.returncode == 0, stderr[-2000:]
+               f"--master_port={H.free_port()}", "-m", "safeedit", *common, "--out", str(double)]
+    code, stdout, stderr = H.launch(command, timeout_s=120)
+    assert code == 0, stderr[-2000:]
     assert stdout.count("wrote ") == 1  # rank 0 alone writes
     expected, _ = load_safetensors(single)
     got, _ = load_safetensors(double)

@@ -10,13 +10,15 @@ from torch import nn
 
 from safeedit.errors import SafeEditError
 from safeedit.masks import Mask
+from safeedit.sharding import count_nonzero
 
 
 @torch.no_grad()
 def weight_changes(original: nn.Module, edited: nn.Module, mask: Mask | None = None) -> dict[str, Any]:
     """Count parameters whose value differs (bitwise, `!=`) between `original` and `edited`.
 
-    Returns ``changed``, ``total``, ``share`` (= changed / total), ``changed_outside_mask`` (None without a mask)
+    Sharded models (FSDP2, every process calls this) are counted over all shards. Returns ``changed``, ``total``,
+    ``share`` (= changed / total), ``changed_outside_mask`` (None without a mask)
     and ``layers``: one entry per parameter tensor with its name, changed count and size. Buffers (e.g. batch-norm
     running statistics) are not parameters and are not counted.
     """
@@ -27,10 +29,11 @@ def weight_changes(original: nn.Module, edited: nn.Module, mask: Mask | None = N
         if name not in before or before[name].shape != after.shape:
             raise SafeEditError(f"parameter {name!r} differs in name or shape between the original and the edit")
         differs = before[name].detach().to(after.device) != after.detach()
-        layers.append({"name": name, "changed": int(differs.sum()), "total": after.numel()})
+        changed = count_nonzero(differs)  # (FSDP2 shards: over every process)
+        layers.append({"name": name, "changed": changed, "total": after.numel()})
         if mask is not None:
             selected = mask.tensors.get(name)
-            outside += int(differs.sum()) if selected is None else int((differs & ~selected.to(differs.device)).sum())
+            outside += changed if selected is None else count_nonzero(differs & ~selected.to(differs.device))
     changed = sum(layer["changed"] for layer in layers)
     total = sum(layer["total"] for layer in layers)
     return {

@@ -7,6 +7,7 @@ transaction: everything is written into a fresh temporary folder that replaces t
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from safeedit.scenario import (
     Scenario,
     load_scenario,
 )
+from safeedit.sharding import launched_processes, process_group
 
 RUNNERS: dict[type, type[Job]] = {
     Scenario: ClassificationJob, GenerationScenario: GenerationJob, SafetyScenario: SafetyJob,
@@ -45,7 +47,11 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, progress: 
     The outputs are a transaction: a non-empty `out_dir` is refused unless `overwrite` (which replaces it as a
     whole), and nothing appears under `out_dir` until the run, and `then(record_path, out_dir)` (e.g. rendering
     the report next to the record, which is still in the temporary folder), succeeded. Epochs or steps beyond
-    `runners.job.WORK_LIMITS` are refused before any work unless `allow_long`."""
+    `runners.job.WORK_LIMITS` are refused before any work unless `allow_long`.
+
+    Started by `torchrun` / `accelerate launch` (several processes), every process runs the job on the model
+    sharded by FSDP2 (the kinds that can: `Job.check_sharded`); the first writes the outputs, the others write
+    nothing."""
     path = Path(path)
     scenario = load_scenario(path)
     try:
@@ -57,10 +63,24 @@ def run_scenario(path: str | Path, out_dir: str | Path | None = None, progress: 
     if scenario.threads:
         torch.set_num_threads(scenario.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with atomic_dir(out, overwrite=overwrite, progress=progress) as work:
-        record = run_job(RUNNERS[type(scenario)](scenario, path, work, device, progress, final_out=out))
-        if then is not None:
-            then(record, out)
+    job = RUNNERS[type(scenario)]
+    sharded = launched_processes() > 1
+    if sharded:
+        try:
+            job.check_sharded(scenario)
+        except SafeEditError as error:
+            raise SafeEditError(f"{path}: {error}") from None
+    with process_group(device) as first:
+        if device.type == "cuda" and sharded:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if not first:  # the same collectives as the first process; what they would write is dropped
+            with tempfile.TemporaryDirectory(prefix="safeedit-rank-") as scratch:
+                run_job(job(scenario, path, Path(scratch), device, False, final_out=out, sharded=True))
+            return out / "record.json"
+        with atomic_dir(out, overwrite=overwrite, progress=progress) as work:
+            record = run_job(job(scenario, path, work, device, progress, final_out=out, sharded=sharded))
+            if then is not None:
+                then(record, out)
     return out / record.name
 
 

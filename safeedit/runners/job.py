@@ -29,6 +29,7 @@ from safeedit.report.model_card import MethodFacts, RunFacts
 from safeedit.robustness import AttackSurface, attack
 from safeedit.runners.common import OutputWriter, common_record
 from safeedit.runners.references import REFERENCES
+from safeedit.sharding import rank_and_world
 
 
 class Job:
@@ -37,16 +38,24 @@ class Job:
     kind: str  # the record's `kind`, e.g. "classification-unlearning"
 
     def __init__(self, scenario: Any, path: Path, out: Path, device: torch.device, progress: bool,
-                 final_out: Path | None = None) -> None:
-        """`out` is the folder written into; `final_out`, where it ends up (the record's command names it)."""
+                 final_out: Path | None = None, sharded: bool = False) -> None:
+        """`out` is the folder written into; `final_out`, where it ends up (the record's command names it);
+        `sharded`: every process started by `torchrun` / `accelerate launch` runs this job on the model sharded by
+        FSDP2 (kinds that can: `check_sharded`)."""
         self.scenario, self.path, self.out, self.device, self.progress = scenario, path, out, device, progress
-        self.final_out = final_out or out
+        self.final_out, self.sharded = final_out or out, sharded
         self.results: dict[str, dict[str, Any]] = {}
         self.references = REFERENCES[scenario.method_kind]  # the `about` of the kind's reference rows
         self.evaluation_s = self.robustness_s = 0.0
         self.writer: OutputWriter  # set by `prepare`, once the source weights' SHA-256 is known
 
     # --- what each kind supplies -------------------------------------------------------------------------------
+    @classmethod
+    def check_sharded(cls, scenario: Any) -> None:
+        """Raise unless this kind can run `scenario` with its model sharded over several processes."""
+        raise SafeEditError(f"{cls.kind} scenarios run in one process; start `safeedit run` without torchrun or "
+                            "accelerate launch (llm-unlearning scenarios can run sharded)")
+
     def prepare(self) -> None:
         """Load the model and data, build the setting, add the reference entries to `results`, set `writer`."""
         raise NotImplementedError
@@ -141,14 +150,30 @@ class Job:
         return None
 
     def load_language_model(self) -> Any:
-        """The scenario's language model, moved to the job's device; sets `loaded` (files, hashes) and `tokenizer`."""
+        """The scenario's language model, moved to the job's device (sharded: its shards); sets `loaded` (files,
+        hashes) and `tokenizer`."""
         from safeedit.models.language import load_language_model  # transformers: only the LM kinds need it
 
         model = self.scenario.model
         say(f"scenario {self.scenario.name}: loading {model.name}", self.progress)
         self.loaded = load_language_model(model.name, model.trust_remote_code, self.progress, model.dtype)
         self.tokenizer = self.loaded.tokenizer
-        return self.loaded.model.to(self.device)
+        if self.sharded:
+            self.loaded.weights_sha256  # noqa: B018 (hashed whole, before the model is cut into shards)
+        return self.placed(self.loaded.model)
+
+    def placed(self, model: Any) -> Any:
+        """A loaded model on the job's device or, in a sharded job, sharded over its processes."""
+        if not self.sharded:
+            return model.to(self.device)
+        from safeedit.models.fsdp import shard_model
+
+        return shard_model(model, self.device)
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the outputs (the first of a sharded job's processes, or the only one)."""
+        return not self.sharded or rank_and_world()[0] == 0
 
     @contextmanager
     def timed_evaluation(self) -> Iterator[None]:

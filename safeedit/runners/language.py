@@ -19,6 +19,7 @@ from torch import nn
 from safeedit.data.authors import fictitious_authors, qa_fingerprint, retain_subset
 from safeedit.data.capitals import CAPITAL_ANSWER_TOKENS, capital_facts, capitals_setting, known_capitals
 from safeedit.data.qa_files import QAFiles
+from safeedit.errors import SafeEditError
 from safeedit.eval.qa import QAEvaluation, QASets, capitals_metrics, metric_note, qa_metrics, utility_parts
 from safeedit.eval.weights import weight_changes
 from safeedit.io import sha256_file
@@ -42,6 +43,16 @@ class LanguageJob(Job):
     kind = KIND
     scenario: LMScenario
 
+    @classmethod
+    def check_sharded(cls, scenario: LMScenario) -> None:
+        """Sharded runs edit the user's own model (files or capitals); the battery copies models FSDP2 cannot."""
+        if isinstance(scenario.data, AuthorsSection):
+            raise SafeEditError("the fictitious-authors setting fine-tunes its own models first and runs in one "
+                                "process; run your own files (data: forget/retain) sharded, or drop torchrun")
+        if scenario.robustness is not None:
+            raise SafeEditError("the robustness battery (robustness:) runs in one process; remove it to run "
+                                "sharded, or drop torchrun / accelerate launch")
+
     def prepare(self) -> None:
         scenario = self.scenario
         base = self.load_language_model()
@@ -56,6 +67,12 @@ class LanguageJob(Job):
         else:
             source_sha = self.prepare_capitals(base, scenario.data)
         self.examples_per_epoch = len(self.forget_chats)  # an epoch passes over the forget set
+        if self.sharded:
+            import torch.distributed as dist
+
+            self.notes.append(f"Run by {dist.get_world_size()} processes ({dist.get_backend()}), the model sharded "
+                              "by FSDP2; every process ran every step on the same data, so the results are those "
+                              "of one process, to float tolerance.")
         self.original_metrics = self.measure(self.original, "the original model")
         self.results["original"] = {"metrics": {"after": self.original_metrics}, "wall_time_s": None,
                                     "about": self.references["original"]}
@@ -125,9 +142,9 @@ class LanguageJob(Job):
         say(f"loading the reference {folder}", self.progress)
         loaded = load_language_model(folder, self.scenario.model.trust_remote_code, self.progress,
                                      self.scenario.model.dtype)
-        check_same_architecture(self.original, loaded.model, f"reference.model {folder}")
+        check_same_architecture(self.original, loaded.model, f"reference.model {folder}")  # (DTensors: whole shapes)
         self.inputs["reference model (reference.model)"] = loaded.files
-        evaluated = self.qa_evaluation(loaded.model.to(self.device), "the reference", None)
+        evaluated = self.qa_evaluation(self.placed(loaded.model), "the reference", None)
         self.reference_ratios = evaluated.forget_ratios
         self.keep_reference(loaded.model)
         return {"metrics": {"after": evaluated.metrics}, "wall_time_s": None, "about": GIVEN_REFERENCE}
@@ -188,16 +205,31 @@ class LanguageJob(Job):
                                     capitals.fluency, CAPITAL_ANSWER_TOKENS, evaluation.batch_size)[0]
 
     def setting_for(self, name: str) -> LMUnlearnSetting:
-        """The setting of method `name`: its mask score is part of its name (`npo+wagle`)."""
+        """The setting of method `name`: its mask score is part of its name (`npo+wagle`). Sharded, the method edits
+        a fresh sharded copy in place (FSDP2 models cannot be deep-copied) and reads the original as its reference."""
+        target = None
+        if self.sharded:
+            from safeedit.models.fsdp import sharded_copy
+
+            target = sharded_copy(self.original)
         return LMUnlearnSetting(self.original, self.tokenizer, self.forget_chats, self.retain_chats,
-                                resolve(KIND, name).mask_score)
+                                resolve(KIND, name).mask_score, target=target)
 
     def evaluate(self, name: str, result: EditResult, wall_s: float) -> dict[str, Any]:
         return {"metrics": {"before": self.original_metrics, "after": self.measure(result.model, name)},
                 "weight_changes": weight_changes(self.original, result.model, result.mask)}
 
     def save(self, name: str, result: EditResult) -> dict[str, Any]:
-        """The weights of the methods `save_weights` names (default: the first); the mask of every masked method."""
+        """The weights of the methods `save_weights` names (default: the first); the mask of every masked method.
+        Sharded, the model and mask are gathered whole on the first process, which writes them (the others, none)."""
+        if self.sharded:
+            from safeedit.models.fsdp import gathered_model
+
+            whole = gathered_model(result.model) if name in self.scenario.weights_to_save() else None
+            mask = result.mask.full_tensor() if result.mask is not None else None
+            if not self.writes:
+                return {"mask": None}
+            result = EditResult(model=whole, masks={"mask": mask} if mask is not None else {})
         if name in self.scenario.weights_to_save():
             return {"mask": self.writer.save_model(name, result.model, result.mask)}
         return {"mask": self.writer.save_mask(name, result.mask) if result.mask is not None else None}
