@@ -17,7 +17,7 @@ from safeedit.batches import to_device
 from safeedit.errors import SafeEditError
 from safeedit.masks import Mask
 from safeedit.progress import bars_off
-from safeedit.sharding import is_sharded
+from safeedit.sharding import is_sharded, local
 from safeedit.unlearn.masked import masked_training
 from safeedit.unlearn.objectives import Objective, Phase
 
@@ -33,7 +33,8 @@ class TrainingOptions(BaseModel):
     weight_decay: float = Field(default=5e-4, ge=0)
     batch_size: int = Field(default=64, ge=1)
     grad_clip: float | None = Field(default=None, gt=0)
-    optimizer: Literal["sgd", "adam"] = Field(default="sgd", description="adam: Adam(W) with betas (0.9, 0.999)")
+    optimizer: Literal["sgd", "adam"] = Field(default="sgd", description="adam: AdamW with betas (0.9, 0.999), "
+                                                                           "torch's fused kernel where it has one")
     gradient_accumulation_steps: int = Field(
         default=1, ge=1, description="micro-batches per optimizer step, each loss scaled by 1/(micro-batches in the "
                                      "step); a phase's last step takes the micro-batches left")
@@ -43,6 +44,21 @@ class TrainingOptions(BaseModel):
     mixed_precision: Literal["no", "bf16"] = Field(
         default="no", description="bf16: forward passes under torch.autocast(bfloat16) on the model's device; "
                                   "weights, gradients and optimizer state stay in the model's dtype")
+
+
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+FUSED_ADAMW_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel where it has one (every parameter on the CPU or CUDA in a float dtype; the
+    default of Hugging Face's Trainer, `adamw_torch_fused`), else the default kernel. Measured on this project's CPU
+    (27M entries, one thread): a step takes 33 ms fused against 166 ms, and the default kernel slows to 306 ms when
+    half the second moments are exactly zero, as they stay for masked-out entries (torch's CPU sqrt is about 4x
+    slower on zeros), while the fused one does not. The kernels agree to the last bits (not bit for bit)."""
+    fused = bool(params) and all(local(p).device.type in FUSED_ADAMW_DEVICES and p.dtype in FUSED_ADAMW_DTYPES
+                                 for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def unlearn(
@@ -86,7 +102,7 @@ def unlearn(
             masked_training(edited, mask.to(device)) as masked:
         trainable = masked.trainable_parameters
         if options.optimizer == "adam":
-            optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
+            optimizer = adamw(trainable, options.lr, options.weight_decay)
         else:
             optimizer = torch.optim.SGD(trainable, lr=options.lr, momentum=options.momentum,
                                         weight_decay=options.weight_decay)
