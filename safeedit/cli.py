@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"{_score_list()}\n\n{DATA_SPEC_HELP}\n\nexamples:\n"
         '  safeedit mask --model digits-cnn --score saliency --forget "digits:train[label=3]" '
         "--ratio 0.5 --out mask.safetensors\n"
-        "  safeedit mask --scores scores.safetensors --ratio 0.1 --scope row --out mask.safetensors",
+        "  safeedit mask --scores scores.safetensors --ratio 0.1 --scope row --out mask.safetensors\n"
+        "  safeedit mask --stream --model my-70b-folder --score magnitude --ratio 0.01 --out mask.safetensors",
     )
     _add_attribution_arguments(mask)
     mask.add_argument("--scores", help="read scores written by `safeedit scores` instead of computing them")
@@ -180,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="global",
         help="count the top-k over all parameters, per tensor, or per output row (default global)",
     )
+    mask.add_argument("--stream", action="store_true",
+                      help="read the --model checkpoint (a safetensors file, or a folder of one or of shards) one "
+                           "tensor at a time: a checkpoint larger than memory (magnitude or random; global scope)")
     mask.add_argument("--out", required=True, help="where to write the mask (.safetensors)")
     mask.set_defaults(func=cmd_mask)
 
@@ -435,6 +439,9 @@ def _read_scores(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def cmd_mask(args: argparse.Namespace) -> None:
     check_output_path(args.out)
+    if args.stream:
+        _streamed_mask(args)
+        return
     if args.scores:
         scores, metadata = _read_scores(args.scores)
         metadata["scores_sha256"] = sha256_file(args.scores)
@@ -452,6 +459,23 @@ def cmd_mask(args: argparse.Namespace) -> None:
     mask = Mask.top_k(scores, args.ratio, args.scope, metadata)
     mask.save(args.out)
     _print_summary(mask, args.out)
+
+
+def _streamed_mask(args: argparse.Namespace) -> None:
+    """`mask --stream`: the global top-k of a data-free score over a checkpoint read one tensor at a time."""
+    from safeedit.streaming import checkpoint_mask
+
+    if args.scores or not args.model:
+        raise SafeEditError("--stream reads a checkpoint: give --model (a safetensors file or folder), not --scores")
+    if args.scope != "global":
+        raise SafeEditError(f"--stream selects over the whole checkpoint (--scope global), not --scope {args.scope}; "
+                            "drop --scope or --stream")
+    if args.weights or any(getattr(args, role) for role in ROLE_HELP):
+        raise SafeEditError("--stream computes a score without data or separate weights: drop --weights and the "
+                            "data options, or --stream")
+    score = args.score or "magnitude"
+    checkpoint_mask(args.model, args.out, args.ratio, score, args.include, args.exclude, _options(args.option))
+    _print_summary(Mask.load(args.out), args.out)
 
 
 def _print_summary(mask: Mask, path: str, limit: int = 12) -> None:

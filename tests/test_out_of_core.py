@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from safeedit.checkpoint import INDEX, Checkpoint
+from safeedit.cli import main
 from safeedit.errors import SafeEditError
 from safeedit.io import save_safetensors, sha256_file
 from safeedit.masks import PACKED_FORMAT, Mask, MaskFile, pack_bits, unpack_bits
@@ -76,7 +77,6 @@ def test_damaged_packed_metadata_is_one_clear_line(tmp_path, change, message):
 
 
 def test_inspect_reads_both_formats(tmp_path, capsys):
-    from safeedit.cli import main
 
     mask = Mask.top_k({"w": torch.randn(10, 3)}, 0.5)
     mask.save(tmp_path / "new.safetensors")
@@ -128,7 +128,6 @@ def _tensors(folder) -> dict[str, torch.Tensor]:
     "mergekit",
 ])
 def test_streamed_merge_equals_the_in_memory_merge(llama_folders, tmp_path, capsys, arguments):
-    from safeedit.cli import main
 
     if arguments == "mergekit":  # dare_ties with weights and per-model densities: L1 rescale, sign election
         config = {"merge_method": "dare_ties", "base_model": str(llama_folders / "base"),
@@ -176,7 +175,6 @@ def test_streamed_merge_writes_shards_transformers_loads(llama_folders, tmp_path
 
 
 def test_streamed_merge_refuses_what_it_cannot_stream(llama_folders, tmp_path):
-    from safeedit.cli import main
 
     base, task = str(llama_folders / "base"), str(llama_folders / "t1")
     code = main(["merge", base, task, "--stream", "--pdf", "--out", str(tmp_path / "g")])
@@ -222,6 +220,35 @@ def test_streamed_mask_refuses_scores_that_need_data(llama_folders, tmp_path):
     with pytest.raises(SafeEditError, match="NaN"):
         checkpoint_mask(tmp_path / "nan.safetensors", tmp_path / "m.safetensors", 0.5)
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_mask_stream_on_the_command_line_equals_the_in_memory_mask(llama_folders, tmp_path, capsys):
+    """`safeedit mask --stream` writes the mask `safeedit mask` computes in memory from the same weights."""
+    from safeedit.attribution import compute_scores
+
+    out = tmp_path / "streamed.safetensors"
+    assert main(["mask", "--stream", "--model", str(llama_folders / "t1"), "--score", "random", "--option",
+                 "seed=4", "--exclude", "norm", "--ratio", "0.2", "--out", str(out)]) == 0
+    assert "scope global" in capsys.readouterr().out
+    model = make_llama(0).to(torch.bfloat16)
+    model.load_state_dict(_tensors(llama_folders / "t1"))
+    expected = Mask.top_k(compute_scores(model, "random", exclude="norm", options={"seed": 4}, progress=False), 0.2)
+    streamed = Mask.load(out)
+    assert streamed.tensors.keys() == expected.tensors.keys() and not any("norm" in n for n in expected.tensors)
+    assert all(torch.equal(streamed.tensors[n], expected.tensors[n]) for n in expected.tensors)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--scope", "row"], "--stream selects over the whole checkpoint (--scope global)"),
+    (["--score", "saliency"], "needs data"),
+    (["--forget", "digits:train"], "--stream computes a score without data"),
+])
+def test_mask_stream_refuses_what_it_cannot_stream_in_one_line(llama_folders, tmp_path, capsys, extra, words):
+    out = tmp_path / "m.safetensors"
+    assert main(["mask", "--stream", "--model", str(llama_folders / "base"), "--out", str(out), *extra]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and words in error, error
+    assert not out.exists()
 
 
 # --- row scope without a sort ------------------------------------------------------------------------------------
