@@ -3,6 +3,8 @@ row-scope selection against a plain `torch.sort`.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/out_of_core.py                 # ~89M-parameter Llama, 2 tasks
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/out_of_core.py --hidden 256 --layers 4 --rows-only
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/out_of_core.py --hidden 2048 --layers 22 --vocab 32000 \
+        --stream-only                                           # ~1.3B parameters: streamed steps only (~21 GB disk)
 
 A random-init Llama (fp32, save_pretrained in 100 MB shards) and two perturbed copies are written to a temporary
 folder; each measured step runs in its own process, whose peak resident memory (`ru_maxrss`) is reported, next to
@@ -103,6 +105,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rows-only", action="store_true")
+    parser.add_argument("--stream-only", action="store_true",
+                        help="skip the in-memory steps (at 1B+ parameters in fp32 they need more than 24 GiB)")
     args = parser.parse_args()
     rows(args.repeats)
     if args.rows_only:
@@ -124,6 +128,8 @@ def main() -> None:
             "magnitude top-1% mask, in memory": ("mask-memory", models[0], str(folder / "k1.safetensors"), "0.01"),
             "magnitude top-1% mask, streamed": ("mask-stream", models[0], str(folder / "k2.safetensors"), "0.01"),
         }
+        if args.stream_only:
+            steps = {label: step for label, step in steps.items() if "in memory" not in label}
         for label, (step, *step_args) in steps.items():
             rss, cpu = measure(step, *step_args)
             print(f"{label:34s}{rss / 2**20:14.0f}{(rss - imports) / 2**20:15.0f}{(rss - imports) / size:14.2f}"
