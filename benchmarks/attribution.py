@@ -513,7 +513,8 @@ def part_masked_step(args: argparse.Namespace) -> list[dict[str, Any]]:
           "with weight decay (without, AdamW cannot move them; they are written back once on exit), and checked "
           "bit-identical after the last step, before that exit. The default AdamW's square root (torch.sqrt) is "
           "several times slower on zeros, the second moment of every masked-out entry; the fused kernel's is not "
-          "(the unlearning loop uses the fused kernel: safeedit.unlearn.loop.adamw). CPU time counts this process only; other load on the machine still slows it (upper bounds)")
+          "(the unlearning loop uses the fused kernel: safeedit.unlearn.loop.adamw). CPU time counts this process "
+          "only; other load on the machine still slows it (upper bounds)")
     print("load average at the end of part 3 (1/5/15 min): {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     return results
 

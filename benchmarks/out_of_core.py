@@ -7,10 +7,12 @@ row-scope selection against a plain `torch.sort`.
         --stream-only                                           # ~1.3B parameters: streamed steps only (~21 GB disk)
 
 A random-init Llama (fp32, save_pretrained in 100 MB shards) and two perturbed copies are written to a temporary
-folder; each measured step runs in its own process, whose peak resident memory (`ru_maxrss`) is reported, next to
+folder; each measured step runs in its own process, whose peak resident memory (VmHWM) is reported, next to
 that of a process that only imports the same modules (the interpreter, torch and transformers). Steps: `safeedit
 merge` TIES and DARE, in memory and with `--stream`; the global magnitude top-1% mask in memory (every tensor
-loaded, `Mask.top_k`, `Mask.save`) and streamed (`safeedit.streaming.checkpoint_mask`). Row scope: the median of
+loaded, `Mask.top_k`, `Mask.save`) and streamed (`safeedit.streaming.checkpoint_mask`); the Wanda top-1% mask (2
+calibration batches of 4 x 64 random tokens) of the model loaded whole in fp32 and streamed (decoder layers
+offloaded to disk by accelerate, one in memory at a time). Row scope: the median of
 repeated `_select_rows` on a 4096x4096 score tensor against `torch.sort` of the same tensor, at one thread.
 Prints a table; writes nothing outside its temporary folder.
 """
@@ -29,7 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = """
-import resource, sys, time
+import sys, time
 import torch, transformers
 import safeedit.cli, safeedit.streaming, safeedit.merge.streaming
 from safeedit.masks import Mask
@@ -44,7 +46,23 @@ elif step == "mask-memory":
     Mask.top_k(magnitude(weights), float(args[2])).save(args[1])
 elif step == "mask-stream":
     safeedit.streaming.checkpoint_mask(args[0], args[1], float(args[2]))
-print("RESULT", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, time.process_time() - start)
+elif step.startswith("wanda"):  # 2 batches of 4 x 64 random tokens, the same in both
+    generator = torch.Generator().manual_seed(0)
+    vocab = transformers.AutoConfig.from_pretrained(args[0]).vocab_size
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+               for ids in (torch.randint(0, vocab, (4, 64), generator=generator) for _ in range(2))]
+    if step == "wanda-memory":
+        from safeedit.attribution import compute_scores
+        model = transformers.AutoModelForCausalLM.from_pretrained(args[0], dtype=torch.float32)
+        scores = compute_scores(model, "wanda", {"calibration": batches}, progress=False)
+        Mask.top_k(scores, float(args[2])).save(args[1])
+    else:
+        safeedit.streaming.checkpoint_mask(args[0], args[1], float(args[2]), "wanda", data={"calibration": batches},
+                                           progress=False)
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child of a parent holding a large model would
+# report the parent's size (the peak of this process's own memory is VmHWM, reset by exec)
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print("RESULT", peak * 1024, time.process_time() - start)
 """
 
 
@@ -127,6 +145,8 @@ def main() -> None:
             "merge dare, --stream": ("merge", *models, "--method", "dare", "--stream", "--out", str(folder / "m4")),
             "magnitude top-1% mask, in memory": ("mask-memory", models[0], str(folder / "k1.safetensors"), "0.01"),
             "magnitude top-1% mask, streamed": ("mask-stream", models[0], str(folder / "k2.safetensors"), "0.01"),
+            "wanda top-1% mask, in memory": ("wanda-memory", models[0], str(folder / "k3.safetensors"), "0.01"),
+            "wanda top-1% mask, streamed": ("wanda-stream", models[0], str(folder / "k4.safetensors"), "0.01"),
         }
         if args.stream_only:
             steps = {label: step for label, step in steps.items() if "in memory" not in label}

@@ -470,12 +470,39 @@ def _streamed_mask(args: argparse.Namespace) -> None:
     if args.scope != "global":
         raise SafeEditError(f"--stream selects over the whole checkpoint (--scope global), not --scope {args.scope}; "
                             "drop --scope or --stream")
-    if args.weights or any(getattr(args, role) for role in ROLE_HELP):
-        raise SafeEditError("--stream computes a score without data or separate weights: drop --weights and the "
-                            "data options, or --stream")
     score = args.score or "magnitude"
-    checkpoint_mask(args.model, args.out, args.ratio, score, args.include, args.exclude, _options(args.option))
+    spec = get_score(score)
+    given = {role: getattr(args, role) for role in ROLE_HELP if getattr(args, role)}
+    if args.weights or any(role not in spec.roles for role in given):
+        raise SafeEditError(f"--stream reads the weights from --model and {score} reads "
+                            f"{' '.join('--' + r for r in spec.roles) or 'no data'}: drop --weights and the other "
+                            "data options, or --stream")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = _streamed_data(args.model, given, args) if spec.statistics and given else None
+    checkpoint_mask(args.model, args.out, args.ratio, score, args.include, args.exclude, _options(args.option),
+                    data=data, progress=not args.quiet)
     _print_summary(Mask.load(args.out), args.out)
+
+
+def _streamed_data(folder: str, given: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+    """Token batches of the data specs for the model in `folder`, tokenized by its tokenizer (the model itself is
+    not loaded: an empty one of its class stands in)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from safeedit.data import load_data, make_loader
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        with init_empty_weights():
+            stand_in = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    except (OSError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SafeEditError(f"{folder}: no causal LM with its tokenizer to read ({reason}); give a save_pretrained "
+                            "folder with config.json and tokenizer files") from None
+    return {role: make_loader(load_data(spec), stand_in, tokenizer, args.batch_size, args.max_length)
+            for role, spec in given.items()}
 
 
 def _print_summary(mask: Mask, path: str, limit: int = 12) -> None:

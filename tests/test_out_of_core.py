@@ -8,17 +8,18 @@ import json
 import math
 import struct
 
+import helpers as H
 import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import make_llama
 
 from safeedit.checkpoint import INDEX, Checkpoint
 from safeedit.cli import main
 from safeedit.errors import SafeEditError
 from safeedit.io import save_safetensors, sha256_file
 from safeedit.masks import PACKED_FORMAT, Mask, MaskFile, pack_bits, unpack_bits
-from tests.helpers import make_llama
 
 # --- packed masks ------------------------------------------------------------------------------------------------
 
@@ -214,12 +215,36 @@ def test_streamed_magnitude_mask_equals_top_k_in_memory(llama_folders, tmp_path,
 def test_streamed_mask_refuses_scores_that_need_data(llama_folders, tmp_path):
     from safeedit.streaming import checkpoint_mask
 
-    with pytest.raises(SafeEditError, match="needs data"):
+    with pytest.raises(SafeEditError, match="needs gradients"):
         checkpoint_mask(llama_folders / "base", tmp_path / "m.safetensors", 0.1, score="saliency")
     save_safetensors({"w": torch.tensor([1.0, float("nan")])}, tmp_path / "nan.safetensors")
     with pytest.raises(SafeEditError, match="NaN"):
         checkpoint_mask(tmp_path / "nan.safetensors", tmp_path / "m.safetensors", 0.5)
     assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("include", [None, r"mlp\."])
+def test_streamed_wanda_mask_equals_the_in_memory_one(llama_folders, tmp_path, include):
+    """Wanda layer by layer (activations from the model offloaded block by block, weights from the checkpoint) gives
+    the mask of the in-memory Wanda scores of the model loaded whole in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from safeedit.attribution import compute_scores
+    from safeedit.streaming import checkpoint_mask
+
+    folder = llama_folders / "t2"
+    calibration = H.token_batches(3, [5, 3], vocab=100, seed=5)
+    whole = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    scores = compute_scores(whole, "wanda", {"calibration": calibration}, include=include, progress=False)
+    expected = Mask.top_k(scores, 0.3)
+    counts = checkpoint_mask(folder, tmp_path / "wanda.safetensors", 0.3, "wanda", include=include,
+                             data={"calibration": calibration}, progress=False)
+    streamed = Mask.load(tmp_path / "wanda.safetensors")
+    assert streamed.tensors.keys() == expected.tensors.keys() and len(expected.tensors) >= 6
+    assert all(torch.equal(streamed.tensors[n], expected.tensors[n]) for n in expected.tensors)
+    assert counts == {"selected": expected.selected, "total": expected.total}
+    with pytest.raises(SafeEditError, match="reads calibration data"):
+        checkpoint_mask(folder, tmp_path / "none.safetensors", 0.3, "wanda")
 
 
 def test_mask_stream_on_the_command_line_equals_the_in_memory_mask(llama_folders, tmp_path, capsys):
@@ -238,10 +263,27 @@ def test_mask_stream_on_the_command_line_equals_the_in_memory_mask(llama_folders
     assert all(torch.equal(streamed.tensors[n], expected.tensors[n]) for n in expected.tensors)
 
 
+def test_mask_stream_wanda_on_the_command_line_equals_the_in_memory_mask(built, tmp_path, monkeypatch, capsys):
+    """`safeedit mask --stream --score wanda --calibration FILE` on a model folder with its tokenizer writes the
+    mask `safeedit mask --score wanda` computes with the model loaded."""
+    monkeypatch.chdir(built)
+    calibration = tmp_path / "calibration.jsonl"
+    calibration.write_text("".join(json.dumps({"text": f"{p} was born in lima and loves chess"}) + "\n"
+                                   for p in ("ben okafor", "mira lund", "tomas reyes", "ana silva", "kofi mensah")))
+    common = ["--model", "examples/llmfiles/model", "--score", "wanda", "--calibration", str(calibration),
+              "--batch-size", "2", "--ratio", "0.1", "-q"]
+    assert main(["mask", "--stream", *common, "--out", str(tmp_path / "streamed.safetensors")]) == 0
+    assert main(["mask", *common, "--out", str(tmp_path / "memory.safetensors")]) == 0
+    assert capsys.readouterr().err == ""  # no loading bar, no warning under -q
+    streamed, memory = (Mask.load(tmp_path / f"{name}.safetensors") for name in ("streamed", "memory"))
+    assert streamed.tensors.keys() == memory.tensors.keys() and streamed.selected == memory.selected > 0
+    assert all(torch.equal(streamed.tensors[n], memory.tensors[n]) for n in memory.tensors)
+
+
 @pytest.mark.parametrize("extra, words", [
     (["--scope", "row"], "--stream selects over the whole checkpoint (--scope global)"),
-    (["--score", "saliency"], "needs data"),
-    (["--forget", "digits:train"], "--stream computes a score without data"),
+    (["--score", "saliency"], "needs gradients"),
+    (["--forget", "digits:train"], "--stream reads the weights from --model and magnitude reads no data"),
 ])
 def test_mask_stream_refuses_what_it_cannot_stream_in_one_line(llama_folders, tmp_path, capsys, extra, words):
     out = tmp_path / "m.safetensors"

@@ -156,6 +156,27 @@ def compute_scores(
     return spec.function(weights, **states, **score_options)
 
 
+def activation_statistics(
+    model: nn.Module, score: str, data: Mapping[str, Iterable], params: Mapping[str, torch.Tensor],
+    forward_fn: Callable[[nn.Module, Any], Any] = default_forward, progress: bool = True,
+) -> dict[str, Tensors]:
+    """The states of a score whose statistics need only forward passes (Wanda's input squares), summed on the CPU
+    over every batch of each role in one process: for a model whose weights are not all in memory (offloaded by
+    `accelerate`, see `safeedit.streaming`), so neither the weights nor their device are read here."""
+    spec = get_score(score)
+    if any(stat.needs_backward for stat in spec.statistics.values()):
+        raise SafeEditError(f"score '{score}' needs gradients; only activation scores (wanda) stream this way")
+    states = {arg: stat.init_states(model, params, torch.device("cpu")) for arg, stat in spec.statistics.items()}
+    with attribution_mode(model, params):
+        for role in spec.roles:
+            role_stats = {arg: (stat, states[arg]) for arg, stat in spec.statistics.items() if stat.role == role}
+            batches = _progress(data[role], f"{score}: {role}", progress)
+            steps = ((batch, True) for batch in batches)
+            if _stream(model, steps, role, role_stats, params, default_loss, forward_fn, torch.device("cpu")) == 0:
+                raise SafeEditError(f"the {role} data is empty; give at least one example")
+    return states
+
+
 def _reduce(
     statistics: Mapping[str, Statistic], states: dict[str, Tensors], params: Mapping[str, torch.Tensor],
     scale: Mapping[str, int],
