@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def bars_off(progress: bool) -> bool | None:
@@ -46,3 +48,16 @@ def configure(quiet: bool = False, verbose: bool = False) -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         transformers.utils.logging.set_verbosity_info()
         datasets.utils.logging.set_verbosity_info()
+
+
+@contextmanager
+def quiet_logger(name: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Only records of `level` and above from logger `name` inside the block (for messages safeedit says itself, in
+    its own words, or that report what was intended)."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)

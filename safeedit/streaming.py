@@ -12,7 +12,6 @@ flat index).
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 import unittest.mock
@@ -31,7 +30,7 @@ from safeedit.attribution.stream import activation_statistics
 from safeedit.checkpoint import Checkpoint
 from safeedit.errors import SafeEditError
 from safeedit.masks import Rounding, StreamedSelection, save_streamed, selection_metadata
-from safeedit.progress import bars_off
+from safeedit.progress import bars_off, quiet_logger
 
 
 def checkpoint_tensors(checkpoint: Checkpoint, include: str | Sequence[str] | None = None,
@@ -111,18 +110,7 @@ def offloaded_model(folder: str | os.PathLike, progress: bool = True) -> Iterato
         return tqdm(*args, **{**kwargs, "disable": bars_off(progress)})
 
     with tempfile.TemporaryDirectory(prefix="safeedit-offload-") as offload, \
-            unittest.mock.patch.object(accelerate.utils.modeling, "tqdm", bar), quiet_logger("accelerate.big_modeling"):
+            unittest.mock.patch.object(accelerate.utils.modeling, "tqdm", bar), \
+            quiet_logger("accelerate.big_modeling"):  # (it warns that offloaded weights are on the meta device)
         yield load_checkpoint_and_dispatch(model, str(folder), device_map=device_map, offload_folder=offload,
                                            dtype=torch.float32)  # (as the in-memory scores load it)
-
-
-@contextmanager
-def quiet_logger(name: str) -> Iterator[None]:
-    """Errors only from logger `name` (accelerate warns that offloaded weights are on the meta device: intended)."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)

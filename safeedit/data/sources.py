@@ -11,11 +11,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from datasets import Dataset, DatasetDict
 
 from safeedit.data.diagnose import diagnose
 from safeedit.errors import SafeEditError
+from safeedit.progress import quiet_logger
 
 EMBEDDED: dict[str, Callable[[], DatasetDict]] = {}
 
@@ -129,18 +129,6 @@ def _no_rows_check(dataset: Dataset, where: str | Path) -> Dataset:
     return dataset
 
 
-@contextlib.contextmanager
-def _builder_logs_off() -> Iterator[None]:
-    """The builders log a parse error at ERROR level before raising it: our message says it once, in one line."""
-    logger = logging.getLogger("datasets.packaged_modules")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def _build(
     path: Path,
     build: Callable[[], Dataset | DatasetDict],
@@ -151,7 +139,7 @@ def _build(
     the line and the fix. The builders convert everything to Arrow before returning, so no parse error is left to
     surface later, when batches are drawn."""
     try:
-        with _builder_logs_off():
+        with quiet_logger("datasets.packaged_modules", logging.CRITICAL):  # (its parse errors: ours say it once)
             return build()
     except errors as error:
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in FILE_KINDS) if path.is_dir() else [path]
