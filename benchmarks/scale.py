@@ -17,6 +17,10 @@ is the process's CPU time. A job that would not fit the memory this machine has 
   twice as many: its extra memory must not grow with the data (flat), its time per batch must not either.
 - top-k: `Mask.top_k(scores, 0.5)` over one random fp32 score per parameter (global scope).
 - merge: `task_vectors` + `task_arithmetic` (safeedit.merge) of two task models over the base, all in memory.
+- AdamW step, unmasked and masked: two steps of the unlearning loop's step (forward, backward, clipping, the loop's
+  fused AdamW, weight decay 0) on the first batch, without and under `masked_training` with a 50% random mask
+  (each in its own process); the extra memory is gradients, optimizer state and, masked, the mask and the saved
+  masked-out bits; the masked row's ratio is to the unmasked step.
 Ratios of top-k and merge are to one batch of the bare loop. The machine's load inflates CPU times less than wall
 times, but a shared machine still makes them upper bounds.
 """
@@ -102,12 +106,38 @@ def job_merge(args: argparse.Namespace) -> dict:
     return {"params": params, "held": held, "seconds": seconds, "extra": memory.extra}
 
 
-JOBS = {"score": job_score, "select": job_select, "merge": job_merge}
+def job_step(args: argparse.Namespace, masked: bool = False) -> dict:
+    """Two AdamW steps as the unlearning loop takes them (the first allocates the optimizer state), optionally
+    under `masked_training` with a seeded 50% random mask."""
+    from measure import adamw_step
+
+    from safeedit import Mask, compute_scores, masked_training
+    from safeedit.unlearn.loop import adamw
+
+    model = random_llama(args.size, DTYPES[args.dtype], CPU)
+    params = sum(p.numel() for p in model.parameters())
+    batch = token_batches(1, args.batch_size, args.length, model.config.vocab_size, CPU)[0]
+    mask = Mask.top_k(compute_scores(model, "random", progress=False), RATIO) if masked else None
+    held = _held(params)
+    with peak_memory(CPU) as memory:
+        if mask is None:
+            optimizer = adamw(list(model.parameters()), 1e-5, 0.0)
+            seconds, _ = timed(CPU, lambda: [adamw_step(model, optimizer, batch) for _ in range(2)])
+        else:
+            with masked_training(model, mask) as session:
+                optimizer = adamw(session.trainable_parameters, 1e-5, 0.0)
+                session.restore_after_steps_of(optimizer)
+                seconds, _ = timed(CPU, lambda: [adamw_step(model, optimizer, batch) for _ in range(2)])
+    return {"params": params, "held": held, "seconds": seconds, "extra": memory.extra}
+
+
+JOBS = {"score": job_score, "select": job_select, "merge": job_merge, "step": job_step,
+        "masked-step": lambda args: job_step(args, masked=True)}
 # A job's resident set per parameter (what it holds plus its extra, from the 10M-50M runs, rounded up; scores are fp32
 # whatever the model's dtype) and the interpreter with torch and transformers: a job that would not fit what this
 # machine has free is skipped.
-NEEDS = {"float32": {"score": 12.0, "select": 9.0, "merge": 28.0},
-         "bfloat16": {"score": 10.0, "select": 9.0, "merge": 15.0}}
+NEEDS = {"float32": {"score": 12.0, "select": 9.0, "merge": 28.0, "step": 24.0, "masked-step": 30.0},
+         "bfloat16": {"score": 10.0, "select": 9.0, "merge": 15.0, "step": 14.0, "masked-step": 18.0}}
 BASE_RSS = 600 << 20
 
 
@@ -149,7 +179,8 @@ def report(args: argparse.Namespace) -> str:
     for size in args.sizes:
         params = parameter_count(size)
         results = {}
-        for job, batches in (("score", args.batches), ("score2", 2 * args.batches), ("select", 1), ("merge", 1)):
+        for job, batches in (("score", args.batches), ("score2", 2 * args.batches), ("select", 1), ("merge", 1),
+                             ("step", 1), ("masked-step", 1)):
             ok, why = fits(job.rstrip("2"), params, args.dtype)
             results[job] = spawn(job.rstrip("2"), size, args, batches) if ok else {"skipped": why}
             if not ok:
@@ -163,6 +194,9 @@ def report(args: argparse.Namespace) -> str:
         one_batch = results["score"].get("bare_seconds", 0.0) / args.batches
         rows.append(("top-k (global)", results["select"], "seconds", one_batch, "extra"))
         rows.append(("merge (task arithmetic)", results["merge"], "seconds", one_batch, "extra"))
+        rows.append(("AdamW step x2", results["step"], "seconds", None, "extra"))
+        rows.append(("masked AdamW step x2", results["masked-step"], "seconds", results["step"].get("seconds"),
+                     "extra"))
         for stage, result, time_key, bare, extra_key in rows:
             if "skipped" in result:
                 lines.append(f"{size:>5} {params:>13,} {stage:<24} {result['skipped']}")
