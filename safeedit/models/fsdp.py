@@ -59,8 +59,9 @@ def sharded_copy(model: nn.Module) -> nn.Module:
     shard_model(copy, device)
     copy.to_empty(device=device)
     with torch.no_grad():
-        for target, source in zip(copy.parameters(), model.parameters(), strict=True):
-            local(target).copy_(local(source))
+        sources = dict(model.named_parameters())
+        for name, target in copy.named_parameters():
+            local(target).copy_(local(sources[name]))
         sources = dict(model.named_buffers())
         for name, buffer in copy.named_buffers():
             buffer.copy_(sources[name])
