@@ -25,6 +25,7 @@ from safeedit.io import check_output_path, load_safetensors, save_safetensors, s
 from safeedit.masks import SCOPES, Mask
 from safeedit.progress import configure as configure_output
 from safeedit.sharding import process_group
+from safeedit.streaming import SCORES_FORMAT
 
 ROLE_HELP = {
     "forget": "data to forget (saliency, wagle)",
@@ -102,6 +103,10 @@ def _add_attribution_arguments(parser: argparse.ArgumentParser, scores_optional:
     run.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code (off by default)")
 
 
+STREAM_HELP = ("read the --model checkpoint (a safetensors file, or a folder of one or of shards) one tensor at a "
+               "time, for a checkpoint larger than memory: magnitude, random, or wanda with --calibration (a model "
+               "folder; its layers offloaded to disk)")
+
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 3, 130, 141
 EXIT_CODES_HELP = """exit status:
   0    success (for `run`: the verdict is PASS, or the scenario declares no criteria)
@@ -158,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         '--score saliency --forget "digits:train[label=3]" --out scores.safetensors',
     )
     _add_attribution_arguments(scores)
+    scores.add_argument("--stream", action="store_true", help=STREAM_HELP)
     scores.add_argument("--out", required=True, help="where to write the scores (.safetensors)")
     scores.set_defaults(func=cmd_scores)
 
@@ -181,9 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="global",
         help="count the top-k over all parameters, per tensor, or per output row (default global)",
     )
-    mask.add_argument("--stream", action="store_true",
-                      help="read the --model checkpoint (a safetensors file, or a folder of one or of shards) one "
-                           "tensor at a time: a checkpoint larger than memory (magnitude or random; global scope)")
+    mask.add_argument("--stream", action="store_true", help=STREAM_HELP + "; global scope")
     mask.add_argument("--out", required=True, help="where to write the mask (.safetensors)")
     mask.set_defaults(func=cmd_mask)
 
@@ -414,6 +418,16 @@ def _check_disjoint(forget, retain) -> None:
 
 def cmd_scores(args: argparse.Namespace) -> None:
     check_output_path(args.out)  # before the scores are computed
+    if args.stream:
+        from safeedit.streaming import write_checkpoint_scores
+
+        score, given, data = _streamed_arguments(args)
+        count = write_checkpoint_scores(args.model, args.out, score, args.include, args.exclude,
+                                        _options(args.option), data, not args.quiet,
+                                        {f"data_{role}": text for role, text in given.items()})
+        print(f"wrote {args.out}: {score} scores for {count:,} weights, streamed from {args.model} "
+              f"(sha256 {sha256_file(args.out)[:16]}…)")
+        return
     with process_group(_device(args.device)) as writes:
         scores, metadata = _compute(args)
         if writes:
@@ -421,7 +435,7 @@ def cmd_scores(args: argparse.Namespace) -> None:
 
 
 def _write_scores(scores: dict[str, torch.Tensor], metadata: dict[str, str], args: argparse.Namespace) -> None:
-    save_safetensors(scores, args.out, {"format": "safeedit.scores/1", **metadata})
+    save_safetensors(scores, args.out, {"format": SCORES_FORMAT, **metadata})
     count = sum(t.numel() for t in scores.values())
     print(
         f"wrote {args.out}: {args.score} scores for {count:,} weights in {len(scores)} tensors "
@@ -431,7 +445,7 @@ def _write_scores(scores: dict[str, torch.Tensor], metadata: dict[str, str], arg
 
 def _read_scores(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors, metadata = load_safetensors(path)
-    if metadata.get("format") != "safeedit.scores/1":
+    if metadata.get("format") != SCORES_FORMAT:
         raise SafeEditError(f"{path}: not a scores file written by `safeedit scores`")
     metadata.pop("format")
     return tensors, metadata
@@ -465,11 +479,21 @@ def _streamed_mask(args: argparse.Namespace) -> None:
     """`mask --stream`: the global top-k of a data-free score over a checkpoint read one tensor at a time."""
     from safeedit.streaming import checkpoint_mask
 
-    if args.scores or not args.model:
+    if args.scores:
         raise SafeEditError("--stream reads a checkpoint: give --model (a safetensors file or folder), not --scores")
     if args.scope != "global":
         raise SafeEditError(f"--stream selects over the whole checkpoint (--scope global), not --scope {args.scope}; "
                             "drop --scope or --stream")
+    score, _, data = _streamed_arguments(args)
+    checkpoint_mask(args.model, args.out, args.ratio, score, args.include, args.exclude, _options(args.option),
+                    data=data, progress=not args.quiet)
+    _print_summary(Mask.load(args.out), args.out)
+
+
+def _streamed_arguments(args: argparse.Namespace) -> tuple[str, dict[str, str], dict[str, Any] | None]:
+    """`--stream`'s score (default magnitude), its data specs and their token batches (Wanda's calibration)."""
+    if not args.model:
+        raise SafeEditError("--stream reads a checkpoint: give --model (a safetensors file or a model folder)")
     score = args.score or "magnitude"
     spec = get_score(score)
     given = {role: getattr(args, role) for role in ROLE_HELP if getattr(args, role)}
@@ -479,10 +503,7 @@ def _streamed_mask(args: argparse.Namespace) -> None:
                             "data options, or --stream")
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = _streamed_data(args.model, given, args) if spec.statistics and given else None
-    checkpoint_mask(args.model, args.out, args.ratio, score, args.include, args.exclude, _options(args.option),
-                    data=data, progress=not args.quiet)
-    _print_summary(Mask.load(args.out), args.out)
+    return score, given, _streamed_data(args.model, given, args) if spec.statistics and given else None
 
 
 def _streamed_data(folder: str, given: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:

@@ -12,10 +12,12 @@ flat index).
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 import unittest.mock
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,10 +29,13 @@ from tqdm.auto import tqdm
 from safeedit.attribution import get_score
 from safeedit.attribution.params import select_parameters
 from safeedit.attribution.stream import activation_statistics
-from safeedit.checkpoint import Checkpoint
+from safeedit.checkpoint import Checkpoint, TensorWriter
 from safeedit.errors import SafeEditError
+from safeedit.io import atomic_path
 from safeedit.masks import Rounding, StreamedSelection, save_streamed, selection_metadata
 from safeedit.progress import bars_off, quiet_logger
+
+SCORES_FORMAT = "safeedit.scores/1"  # the format of a scores file (`safeedit scores`)
 
 
 def checkpoint_tensors(checkpoint: Checkpoint, include: str | Sequence[str] | None = None,
@@ -43,14 +48,14 @@ def checkpoint_tensors(checkpoint: Checkpoint, include: str | Sequence[str] | No
     return {name: tuple(t.shape) for name, t in select_parameters(stand_in, include, exclude).items()}
 
 
-def checkpoint_mask(path: str | os.PathLike, out: str | os.PathLike, ratio: float, score: str = "magnitude",
-                    include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
-                    options: Mapping[str, Any] | None = None, rounding: Rounding = "half_up",
-                    data: Mapping[str, Iterable] | None = None, progress: bool = True) -> dict[str, int]:
-    """Write the global top-`ratio` mask of `score` over the chosen tensors of checkpoint `path` to `out` (a packed
-    mask file), reading one tensor at a time. `wanda` needs `data={"calibration": batches}` and a model folder (its
-    config.json); its activations come from the model offloaded block by block. Returns the selected and total
-    counts."""
+def checkpoint_scores(path: str | os.PathLike, score: str = "magnitude", include: str | Sequence[str] | None = None,
+                      exclude: str | Sequence[str] | None = None, options: Mapping[str, Any] | None = None,
+                      data: Mapping[str, Iterable] | None = None,
+                      progress: bool = True) -> tuple[dict[str, tuple[int, ...]], Callable[[str], torch.Tensor]]:
+    """The scores of checkpoint `path` as (shapes, read): `read(name)` computes one tensor's fp32 score from its
+    weight when asked, so no pass holds more than a tensor. `wanda` needs `data={"calibration": batches}` and a model
+    folder (its config.json): its activation statistics are collected first, from the model offloaded block by
+    block; the other streamable scores (magnitude, random) read the weights alone."""
     spec = get_score(score)
     if any(stat.needs_backward for stat in spec.statistics.values()):
         raise SafeEditError(f"score {score!r} needs gradients of data ({', '.join(spec.roles)}), so it cannot be "
@@ -74,6 +79,35 @@ def checkpoint_mask(path: str | os.PathLike, out: str | os.PathLike, ratio: floa
         own = {arg: {name: state[name].clone()} for arg, state in states.items()}  # (score functions may
         return spec.function({name: checkpoint.tensor(name)}, **own, **score_options)[name]  # work in place)
 
+    return shapes, read
+
+
+def write_checkpoint_scores(path: str | os.PathLike, out: str | os.PathLike, score: str = "magnitude",
+                            include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
+                            options: Mapping[str, Any] | None = None, data: Mapping[str, Iterable] | None = None,
+                            progress: bool = True, metadata: Mapping[str, str] | None = None) -> int:
+    """Write the scores of checkpoint `path` to `out` (the scores file `safeedit scores` writes: fp32, in name
+    order, format safeedit.scores/1, `metadata` added) one tensor at a time, atomically; returns the number of
+    scores."""
+    shapes, read = checkpoint_scores(path, score, include, exclude, options, data, progress)
+    names = sorted(shapes)
+    metadata = {"format": SCORES_FORMAT, "score": score, "options": json.dumps(dict(options or {}), sort_keys=True),
+                "model": str(path), "streamed": "true", **(metadata or {})}
+    with atomic_path(out) as tmp, open(tmp, "wb") as handle:
+        writer = TensorWriter(handle, [(name, torch.float32, shapes[name]) for name in names], metadata)
+        for name in names:
+            writer.write(name, read(name).float())
+        writer.close()
+    return sum(math.prod(shape) for shape in shapes.values())
+
+
+def checkpoint_mask(path: str | os.PathLike, out: str | os.PathLike, ratio: float, score: str = "magnitude",
+                    include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
+                    options: Mapping[str, Any] | None = None, rounding: Rounding = "half_up",
+                    data: Mapping[str, Iterable] | None = None, progress: bool = True) -> dict[str, int]:
+    """Write the global top-`ratio` mask of `score` over the chosen tensors of checkpoint `path` to `out` (a packed
+    mask file), reading one tensor at a time (`checkpoint_scores`). Returns the selected and total counts."""
+    shapes, read = checkpoint_scores(path, score, include, exclude, options, data, progress)
     selection = StreamedSelection(shapes, read, ratio, rounding)  # the threshold: the passes before the mask's
     metadata = {**selection_metadata(ratio, "global", rounding), "score": score, "selected": str(selection.k),
                 "total": str(selection.total)}

@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import struct
+from pathlib import Path
 
 import helpers as H
 import numpy as np
@@ -18,7 +19,7 @@ from helpers import make_llama
 from safeedit.checkpoint import INDEX, Checkpoint
 from safeedit.cli import main
 from safeedit.errors import SafeEditError
-from safeedit.io import save_safetensors, sha256_file
+from safeedit.io import load_safetensors, save_safetensors, sha256_file
 from safeedit.masks import PACKED_FORMAT, Mask, MaskFile, pack_bits, unpack_bits
 
 # --- packed masks ------------------------------------------------------------------------------------------------
@@ -263,21 +264,43 @@ def test_mask_stream_on_the_command_line_equals_the_in_memory_mask(llama_folders
     assert all(torch.equal(streamed.tensors[n], expected.tensors[n]) for n in expected.tensors)
 
 
+def _calibration_file(tmp_path) -> Path:
+    calibration = tmp_path / "calibration.jsonl"
+    calibration.write_text("".join(json.dumps({"text": f"{p} was born in lima and loves chess"}) + "\n"
+                                   for p in ("ben okafor", "mira lund", "tomas reyes", "ana silva", "kofi mensah")))
+    return calibration
+
+
 def test_mask_stream_wanda_on_the_command_line_equals_the_in_memory_mask(built, tmp_path, monkeypatch, capsys):
     """`safeedit mask --stream --score wanda --calibration FILE` on a model folder with its tokenizer writes the
     mask `safeedit mask --score wanda` computes with the model loaded."""
     monkeypatch.chdir(built)
-    calibration = tmp_path / "calibration.jsonl"
-    calibration.write_text("".join(json.dumps({"text": f"{p} was born in lima and loves chess"}) + "\n"
-                                   for p in ("ben okafor", "mira lund", "tomas reyes", "ana silva", "kofi mensah")))
-    common = ["--model", "examples/llmfiles/model", "--score", "wanda", "--calibration", str(calibration),
-              "--batch-size", "2", "--ratio", "0.1", "-q"]
+    common = ["--model", "examples/llmfiles/model", "--score", "wanda", "--calibration",
+              str(_calibration_file(tmp_path)), "--batch-size", "2", "--ratio", "0.1", "-q"]
     assert main(["mask", "--stream", *common, "--out", str(tmp_path / "streamed.safetensors")]) == 0
     assert main(["mask", *common, "--out", str(tmp_path / "memory.safetensors")]) == 0
     assert capsys.readouterr().err == ""  # no loading bar, no warning under -q
     streamed, memory = (Mask.load(tmp_path / f"{name}.safetensors") for name in ("streamed", "memory"))
     assert streamed.tensors.keys() == memory.tensors.keys() and streamed.selected == memory.selected > 0
     assert all(torch.equal(streamed.tensors[n], memory.tensors[n]) for n in memory.tensors)
+
+
+@pytest.mark.parametrize("score", ["wanda", "magnitude"])
+def test_scores_stream_writes_the_in_memory_scores_file(built, tmp_path, monkeypatch, capsys, score):
+    """`safeedit scores --stream` writes, tensor by tensor, the scores `safeedit scores` computes in memory, in a
+    file `safeedit mask --scores` reads."""
+    monkeypatch.chdir(built)
+    data = ["--calibration", str(_calibration_file(tmp_path)), "--batch-size", "2"] if score == "wanda" else []
+    common = ["--model", "examples/llmfiles/model", "--score", score, *data, "-q"]
+    assert main(["scores", "--stream", *common, "--out", str(tmp_path / "streamed.safetensors")]) == 0
+    assert main(["scores", *common, "--out", str(tmp_path / "memory.safetensors")]) == 0
+    (streamed, info), (memory, _) = (load_safetensors(tmp_path / f"{n}.safetensors") for n in ("streamed", "memory"))
+    assert streamed.keys() == memory.keys() and len(memory) >= 6
+    assert all(torch.equal(streamed[n], memory[n]) for n in memory)
+    assert info["format"] == "safeedit.scores/1" and info["score"] == score and info["streamed"] == "true"
+    assert main(["mask", "--scores", str(tmp_path / "streamed.safetensors"), "--ratio", "0.2",
+                 "--out", str(tmp_path / "mask.safetensors")]) == 0
+    capsys.readouterr()
 
 
 @pytest.mark.parametrize("extra, words", [
