@@ -33,8 +33,9 @@ class TrainingOptions(BaseModel):
     weight_decay: float = Field(default=5e-4, ge=0)
     batch_size: int = Field(default=64, ge=1)
     grad_clip: float | None = Field(default=None, gt=0)
-    optimizer: Literal["sgd", "adam"] = Field(default="sgd", description="adam: AdamW with betas (0.9, 0.999), "
-                                                                           "torch's fused kernel where it has one")
+    optimizer: Literal["sgd", "adam", "adamw_fused"] = Field(
+        default="sgd", description="adam: AdamW with betas (0.9, 0.999); adamw_fused: the same with torch's fused "
+                                   "kernel where it has one (LLM unlearning)")
     gradient_accumulation_steps: int = Field(
         default=1, ge=1, description="micro-batches per optimizer step, each loss scaled by 1/(micro-batches in the "
                                      "step); a phase's last step takes the micro-batches left")
@@ -50,14 +51,15 @@ FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 FUSED_ADAMW_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with torch's fused kernel where it has one (every parameter on the CPU or CUDA in a float dtype; the
-    default of Hugging Face's Trainer, `adamw_torch_fused`), else the default kernel. Measured on this project's CPU
-    (27M entries, one thread): a step takes 33 ms fused against 166 ms, and the default kernel slows to 306 ms when
-    half the second moments are exactly zero, as they stay for masked-out entries (torch's CPU sqrt is about 4x
-    slower on zeros), while the fused one does not. The kernels agree to the last bits (not bit for bit)."""
-    fused = bool(params) and all(local(p).device.type in FUSED_ADAMW_DEVICES and p.dtype in FUSED_ADAMW_DTYPES
-                                 for p in params)
+def adamw(params: list[nn.Parameter], lr: float, weight_decay: float, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW; with `fused`, torch's fused kernel where it has one (every parameter on the CPU or CUDA in a float
+    dtype; the default of Hugging Face's Trainer, `adamw_torch_fused`), else the default kernel. Measured on this
+    project's CPU (27M entries, one thread): a step takes 33 ms fused against 166 ms, and the default kernel slows
+    to 306 ms when half the second moments are exactly zero, as they stay for masked-out entries (torch's CPU sqrt
+    is about 4x slower on zeros), while the fused one does not. The kernels agree to the last bits, not bit for bit,
+    so the fine-tunes that build settings (cached) keep the default kernel and LLM unlearning takes the fused one."""
+    fused = fused and bool(params) and all(
+        local(p).device.type in FUSED_ADAMW_DEVICES and p.dtype in FUSED_ADAMW_DTYPES for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
@@ -101,8 +103,8 @@ def unlearn(
     with checkpointing(edited, options.gradient_checkpointing, description), \
             masked_training(edited, mask.to(device)) as masked:
         trainable = masked.trainable_parameters
-        if options.optimizer == "adam":
-            optimizer = adamw(trainable, options.lr, options.weight_decay)
+        if options.optimizer in ("adam", "adamw_fused"):
+            optimizer = adamw(trainable, options.lr, options.weight_decay, fused=options.optimizer == "adamw_fused")
         else:
             optimizer = torch.optim.SGD(trainable, lr=options.lr, momentum=options.momentum,
                                         weight_decay=options.weight_decay)

@@ -143,7 +143,7 @@ def masked_unlearn(name: str, objective: Callable[[LMUnlearnData], Objective], s
                          seed)
     mask = lm_mask(setting.model, setting.mask_score, data, options, progress) if setting.mask_score else None
     training = TrainingOptions(epochs=options.epochs, lr=options.lr, weight_decay=0.0, batch_size=options.batch_size,
-                               grad_clip=options.grad_clip, optimizer="adam",
+                               grad_clip=options.grad_clip, optimizer="adamw_fused",
                                gradient_accumulation_steps=options.gradient_accumulation_steps,
                                gradient_checkpointing=options.gradient_checkpointing,
                                mixed_precision=options.mixed_precision)
