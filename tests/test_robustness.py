@@ -184,3 +184,27 @@ def test_a_scenario_without_robustness_cannot_check_its_figures(tmp_path):
     path.write_text(text + "robustness: {results: [salun, nobody]}\n")
     with pytest.raises(SafeEditError, match=r"robustness\.results names 'nobody'"):
         load_scenario(path)
+
+
+def _attacked(curve: list[float], int4: float) -> dict:
+    """A result's record entry as the battery writes it, for the report's reading."""
+    budget = {"relearn_steps": [0, 10], "lr": 1e-5, "seed": 0, "primary": "backdoor_asr", "forgotten": "low"}
+    return {"metrics": {"after": {}}, "robustness": {
+        "budget": budget, "attacks": {},
+        "relearning": {"forget": {"about": "12 poisoned examples", "steps": [0, 10],
+                                  "metrics": {"backdoor_asr": curve}}},
+        "quantization": {"int4": {"metrics": {"backdoor_asr": int4}}}}}
+
+
+@pytest.mark.parametrize("reference", ["retrain", "frozen_encoder"])
+def test_report_reads_each_curve_against_the_kinds_reference(reference):
+    from safeedit.report.robustness import robustness_view
+
+    results = {reference: _attacked([0.02, 0.28], 0.02), "dam": _attacked([0.10, 0.51], 0.13),
+               "ties": _attacked([0.43, 0.30], 0.60)}
+    view = robustness_view(results, lambda metric: "ASR", lambda metric, value: f"{100 * value:.1f}%")
+    relearning, rounding = view.reading
+    assert f"the reference ({reference}) goes 2.0% → 28.0% ASR" in relearning
+    assert "ties holds as well at every step" in relearning  # 30% vs 28%: within 5 points
+    assert "dam (51.0% after 10 steps against the reference's 28.0%)" in relearning
+    assert rounding == "Rounding to int4: forgetting weakened by more than 5 points for ties (43.0% → 60.0%)."

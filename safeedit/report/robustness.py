@@ -10,6 +10,9 @@ from typing import Any
 # Within this many points of the reference, a method "holds as well as the reference" (the relearning curves of
 # two references trained with different seeds differ by a few points on the embedded data).
 TOLERANCE = 0.05
+# The result each kind's curves are read against: a model retrained without the forget data, or, for merges, the
+# frozen encoder (a shared body that never had the backdoor: the pretrained one, with each task's own head).
+REFERENCES = ("retrain", "frozen_encoder")
 
 
 @dataclass
@@ -64,8 +67,9 @@ def _reading(attacked: dict[str, Any], primary: str, forgotten: str, label: Any,
     def _pct(value: float | None, metric: str = primary) -> str:
         return fmt(metric, value)
 
-    reference = attacked.get("retrain")
-    methods = {n: r for n, r in attacked.items() if n not in ("original", "retrain")}
+    reference_name = next((n for n in REFERENCES if n in attacked), None)
+    reference = attacked.get(reference_name) if reference_name else None
+    methods = {n: r for n, r in attacked.items() if n not in ("original", reference_name)}
     for relearn_set, data in next(iter(attacked.values()))["relearning"].items():
         steps = data["steps"]
 
@@ -75,7 +79,7 @@ def _reading(attacked: dict[str, Any], primary: str, forgotten: str, label: Any,
         parts = [f"Relearning on {data['about']} ({', '.join(map(str, steps))} steps):"]
         base = curve(reference) if reference else None
         if base:
-            parts.append(f"the reference goes {' → '.join(_pct(v) for v in base)} {name};")
+            parts.append(f"the reference ({reference_name}) goes {' → '.join(_pct(v) for v in base)} {name};")
             held, weaker = [], []
             for n, r in methods.items():
                 values = curve(r)
@@ -96,7 +100,7 @@ def _reading(attacked: dict[str, Any], primary: str, forgotten: str, label: Any,
                 parts.append("forgetting lost faster than the reference's: " + "; ".join(weaker) + ".")
         else:
             parts.append("; ".join(f"{n} {' → '.join(_pct(v) for v in values)}" for n, r in methods.items()
-                                   if (values := curve(r))) + f" ({name}; no retrained reference to compare with).")
+                                   if (values := curve(r))) + f" ({name}; no reference to compare with).")
         lines.append(" ".join(parts))
     for scheme in next(iter(attacked.values()))["quantization"]:
         moved = []
