@@ -177,9 +177,14 @@ def protocol_table(rows: list[dict], protocol: str, meta: dict) -> list[str]:
     options = meta.get("options", {})
     steps = options.get("relearn_steps", [0, 10, 50])
     last = max(steps)
+    mine = [r for r in rows if r["protocol"] == protocol]
+    names = {r["row"] for r in mine}
+    # a seed counts only once every row has it (a run stopped by --deadline leaves the last seed part-measured)
+    seeds = sorted(seed for seed in {r["seed"] for r in mine} if {r["row"] for r in mine if r["seed"] == seed} == names)
+    partial = sorted({r["seed"] for r in mine} - set(seeds))
     by_row: dict[str, list[dict]] = {}
-    for r in rows:
-        if r["protocol"] == protocol:
+    for r in mine:
+        if r["seed"] in seeds:
             by_row.setdefault(r["row"], []).append(r)
     order = [name for name in ("original", "retrain", *METHODS) if name in by_row]
     order += sorted(set(by_row) - set(order))
@@ -191,9 +196,9 @@ def protocol_table(rows: list[dict], protocol: str, meta: dict) -> list[str]:
     probes = [(probe, next((m for m in (f"forget_accuracy_{probe}", f"probability_forget_{probe}")
                             if any(m in r["metrics"] for r in rows)), f"forget_accuracy_{probe}"))
               for probe in PROBES]
-    seeds = sorted({r["seed"] for r in rows if r["protocol"] == protocol})
+    left_out = f" (seeds {partial} not measured for every row: left out)" if partial else ""
     lines = [f"{protocol}: {primary} (low = forgotten) measured on the forget pairs the attacker does not hold; "
-             f"seeds {seeds}; attack: {options.get('forget_share', 0):.0%} of the forget pairs, AdamW lr "
+             f"seeds {seeds}{left_out}; attack: {options.get('forget_share', 0):.0%} of the forget pairs, AdamW lr "
              f"{options.get('lr')}, batch {options.get('batch_size')}; unlearning lr {meta.get('lr')}, "
              f"{meta.get('epochs')} epochs",
              f"util = {utility}; <½ step: share of the edited weights of the int4 layers that moved less than half "
@@ -211,6 +216,16 @@ def protocol_table(rows: list[dict], protocol: str, meta: dict) -> list[str]:
         entries = by_row[name]
         lines.append(f"{name:12s}" + "".join(
             f"{_mean([r['metrics'][key] for r in entries if key in r['metrics']]):>13s}" for _, key in probes))
+    quality = [(("edited" if k == 0 else f"relearn {k}"), f"relearn_forget_quality@{k}") for k in steps]
+    quality += [(f"related {last}", f"relearn_related_forget_quality@{last}"), ("int8", "forget_quality_int8"),
+                ("int4", "forget_quality_int4")]
+    if any(key in r["metrics"] for entries in by_row.values() for r in entries for _, key in quality):
+        lines += ["", "forget quality against the reference (TOFU's KS-test p-value of the forget truth ratios; high = "
+                  "indistinguishable from the model never trained on them):",
+                  f"{'row':12s}" + "".join(f"{label:>13s}" for label, _ in quality)]
+        for name in order:
+            cells = [_mean([r["metrics"][key] for r in by_row[name] if key in r["metrics"]]) for _, key in quality]
+            lines.append(f"{name:12s}" + "".join(f"{cell:>13s}" for cell in cells))
     lines += ["", *ranking(by_row, primary, last)]
     return lines
 
