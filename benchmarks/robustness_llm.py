@@ -208,7 +208,9 @@ def protocol_table(rows: list[dict], protocol: str, meta: dict) -> list[str]:
     for name in order:
         entries = by_row[name]
         cells = [_mean([r["metrics"][key] for r in entries if key in r["metrics"]]) for _, key in columns]
-        cells += [_mean([edit_figure(r, key) for r in entries if edit_figure(r, key) is not None]) for _, key in edits]
+        # the reference is trained anew, not an edit of the original: no edit figures (as in the scenarios' reports)
+        cells += [_mean([] if name == "retrain" else [edit_figure(r, key) for r in entries
+                                                      if edit_figure(r, key) is not None]) for _, key in edits]
         lines.append(f"{name:12s}" + "".join(f"{cell:>13s}" for cell in cells))
     lines += ["", "probes (forget accuracy: share of greedy answers naming the fact; mc: true option most likely):",
               f"{'row':12s}" + "".join(f"{label:>13s}" for label, _ in probes)]
