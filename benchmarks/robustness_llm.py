@@ -206,18 +206,12 @@ def protocol_table(rows: list[dict], protocol: str, meta: dict) -> list[str]:
              "(embeddings, tied to the output head, and norms stay in full precision)",
              f"{'row':12s}" + "".join(f"{label:>13s}" for label, _ in columns + edits)]
     for name in order:
-        entries = by_row[name]
-        cells = [_mean([r["metrics"][key] for r in entries if key in r["metrics"]]) for _, key in columns]
-        # the reference is trained anew, not an edit of the original: no edit figures (as in the scenarios' reports)
-        cells += [_mean([] if name == "retrain" else [edit_figure(r, key) for r in entries
-                                                      if edit_figure(r, key) is not None]) for _, key in edits]
-        lines.append(f"{name:12s}" + "".join(f"{cell:>13s}" for cell in cells))
+        edited = [_mean([value for r in by_row[name] if (value := edit_figure(r, key)) is not None])
+                  for _, key in edits]
+        lines.append(_line(name, _cells(by_row[name], columns) + edited))
     lines += ["", "probes (forget accuracy: share of greedy answers naming the fact; mc: true option most likely):",
               f"{'row':12s}" + "".join(f"{label:>13s}" for label, _ in probes)]
-    for name in order:
-        entries = by_row[name]
-        lines.append(f"{name:12s}" + "".join(
-            f"{_mean([r['metrics'][key] for r in entries if key in r['metrics']]):>13s}" for _, key in probes))
+    lines += [_line(name, _cells(by_row[name], probes)) for name in order]
     quality = [(("edited" if k == 0 else f"relearn {k}"), f"relearn_forget_quality@{k}") for k in steps]
     quality += [(f"related {last}", f"relearn_related_forget_quality@{last}"), ("int8", "forget_quality_int8"),
                 ("int4", "forget_quality_int4")]
@@ -225,15 +219,25 @@ def protocol_table(rows: list[dict], protocol: str, meta: dict) -> list[str]:
         lines += ["", "forget quality against the reference (TOFU's KS-test p-value of the forget truth ratios; high = "
                   "indistinguishable from the model never trained on them):",
                   f"{'row':12s}" + "".join(f"{label:>13s}" for label, _ in quality)]
-        for name in order:
-            cells = [_mean([r["metrics"][key] for r in by_row[name] if key in r["metrics"]]) for _, key in quality]
-            lines.append(f"{name:12s}" + "".join(f"{cell:>13s}" for cell in cells))
+        lines += [_line(name, _cells(by_row[name], quality)) for name in order]
     lines += ["", *ranking(by_row, primary, last)]
     return lines
 
 
+def _cells(entries: list[dict], columns: list[tuple[str, str]]) -> list[str]:
+    """Each column's metric as mean ± sd over the row's seeds."""
+    return [_mean([r["metrics"][key] for r in entries if key in r["metrics"]]) for _, key in columns]
+
+
+def _line(name: str, cells: list[str]) -> str:
+    return f"{name:12s}" + "".join(f"{cell:>13s}" for cell in cells)
+
+
 def edit_figure(row: dict, key: str) -> float | None:
-    """An edit-location figure of a row: int4 revival shares (battery entry) or the L2 share (`edit_spread`)."""
+    """An edit-location figure of a row: int4 revival shares (battery entry) or the L2 share (`edit_spread`). The
+    reference is trained anew, not an edit of the original: it has none (as in the scenarios' reports)."""
+    if row["row"] == "retrain":
+        return None
     if key == "share_in_rounded_layers":
         return (row.get("edit") or {}).get(key)
     return row["robustness"]["quantization"].get("int4", {}).get("revival", {}).get(key)

@@ -68,7 +68,7 @@ def _reading(attacked: dict[str, Any], primary: str, forgotten: str, label: Any,
         return fmt(metric, value)
 
     reference_name = next((n for n in REFERENCES if n in attacked), None)
-    reference = attacked.get(reference_name) if reference_name else None
+    reference = attacked.get(reference_name)
     methods = {n: r for n, r in attacked.items() if n not in ("original", reference_name)}
     for relearn_set, data in next(iter(attacked.values()))["relearning"].items():
         steps = data["steps"]
